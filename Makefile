@@ -1,0 +1,42 @@
+# One entry point per job. Each creates .venv and installs what it needs first.
+PY      ?= python3
+VENV    := .venv
+BIN     := $(VENV)/bin
+STAMP   := $(VENV)/.installed
+export PIP_DISABLE_PIP_VERSION_CHECK := 1
+
+.PHONY: help venv test lint typecheck pytest bench demo clean
+
+help:
+	@echo "make test   - install into .venv, then ruff + mypy --strict + the whole test suite"
+	@echo "make demo   - multi-process demonstration against a redis-server it starts itself"
+	@echo "make bench  - benchmarks side by side; figures go to benchmarks/results/"
+
+$(STAMP): pyproject.toml
+	$(PY) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q -e '.[dev]'
+	@touch $(STAMP)
+
+venv: $(STAMP)
+
+lint: $(STAMP)
+	$(BIN)/ruff check limiter tests benchmarks
+	$(BIN)/ruff format --check limiter tests benchmarks
+
+typecheck: $(STAMP)
+	$(BIN)/mypy --strict limiter
+
+pytest: $(STAMP)
+	$(BIN)/python -m pytest -q
+
+test: lint typecheck pytest
+
+bench: $(STAMP)
+	$(BIN)/python -m benchmarks.run
+
+demo: $(STAMP)
+	$(BIN)/python -m limiter.demo
+
+clean:
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

@@ -1,0 +1,24 @@
+"""fleetlimit: a Redis-backed distributed rate limiter for outbound API calls.
+
+Every admission is decided atomically in Redis by Lua scripts, for all replicas at once:
+concurrency slots (leases), exact rolling windows, token budgets and provider cooldowns.
+"""
+
+from ._config import DEFAULT_LIMITS, APILimits, Rate
+from ._errors import AcquireTimeout, ConfigError, LeaseLost, LimiterError, LimiterUnavailable
+from ._limiter import Limiter, Slot
+
+__all__ = [
+    "DEFAULT_LIMITS",
+    "APILimits",
+    "AcquireTimeout",
+    "ConfigError",
+    "LeaseLost",
+    "Limiter",
+    "LimiterError",
+    "LimiterUnavailable",
+    "Rate",
+    "Slot",
+]
+
+__version__ = "0.1.0"

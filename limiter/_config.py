@@ -1,0 +1,210 @@
+"""Limits as plain, validated values: no I/O here."""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from types import MappingProxyType
+from typing import Final
+
+from ._errors import ConfigError
+
+__all__ = ["DEFAULT_LIMITS", "APILimits", "Rate", "check_api_name", "format_period"]
+
+_API_NAME = re.compile(r"^[A-Za-z0-9_.:\-]{1,100}$")
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _positive_int(name: str, value: object, *, optional: bool = False) -> None:
+    if value is None and optional:
+        return
+    if not _is_int(value) or value <= 0:  # type: ignore[operator]
+        kind = "a positive integer or None" if optional else "a positive integer"
+        raise ConfigError(f"{name}={value!r}: must be {kind}", field=name, value=value)
+
+
+def _positive_float(name: str, value: object, *, optional: bool = False) -> None:
+    if value is None and optional:
+        return
+    ok = isinstance(value, int | float) and not isinstance(value, bool)
+    if not ok or not math.isfinite(value) or value <= 0:  # type: ignore[arg-type, operator]
+        kind = "a finite number of seconds > 0 or None" if optional else "a finite number > 0"
+        raise ConfigError(f"{name}={value!r}: must be {kind}", field=name, value=value)
+
+
+def format_period(period: float) -> str:
+    """``60.0`` -> ``"60s"``, ``1.5`` -> ``"1.5s"``: the period as it appears in reasons."""
+    return f"{period:g}s"
+
+
+def check_api_name(api: object) -> str:
+    """Return ``api`` if it can name an API (it becomes a Redis hash tag), else raise."""
+    if not isinstance(api, str) or not _API_NAME.match(api):
+        raise ConfigError(
+            f"API name {api!r}: must be 1-100 characters of letters, digits, '_', '.', ':' or '-'",
+            field="api",
+            value=api,
+        )
+    return api
+
+
+@dataclass(frozen=True, slots=True)
+class Rate:
+    """At most ``limit`` admissions in any rolling ``period`` seconds (an exact sliding log)."""
+
+    #: Admissions allowed in any window of ``period`` seconds.
+    limit: int
+    #: The window's length, seconds (at least a millisecond).
+    period: float
+
+    def __post_init__(self) -> None:
+        _positive_int("Rate.limit", self.limit)
+        _positive_float("Rate.period", self.period)
+        if self.period < 0.001:
+            raise ConfigError(
+                f"Rate.period={self.period!r}: must be at least 0.001 seconds",
+                field="Rate.period",
+                value=self.period,
+            )
+
+    @property
+    def reason(self) -> str:
+        """The refusal reason this window reports: ``"rate:<period>s"``."""
+        return f"rate:{format_period(self.period)}"
+
+
+@dataclass(frozen=True, slots=True)
+class APILimits:
+    """The limits of one API, shared by every replica that uses the same namespace.
+
+    Every replica must use the same limits for an API: the Lua scripts take them from
+    the caller, and a replica with larger limits would admit more.
+    """
+
+    #: Slots in flight across the whole cluster (``None``: unlimited).
+    max_concurrent: int | None = None
+    #: Sugar for ``Rate(n, 60)``.
+    requests_per_minute: int | None = None
+    #: Sugar for ``Rate(n, 3600)``.
+    requests_per_hour: int | None = None
+    #: Any further rolling windows, e.g. ``(Rate(5, 1.0),)``.
+    rates: Sequence[Rate] = ()
+    #: Weighted budget of LLM tokens per rolling minute, reserved then reconciled.
+    tokens_per_minute: int | None = None
+    #: Attempts in ``Limiter.call``, the first one included.
+    retry_attempts: int = 3
+    #: Exponential backoff with jitter between attempts: lower bound, seconds.
+    backoff_min: float = 1.0
+    #: Upper bound of one backoff sleep, seconds.
+    backoff_max: float = 60.0
+    #: A crashed holder's slot comes back after this many seconds.
+    lease_ttl: float = 30.0
+    #: Default bound of a wait in ``slot()``/``acquire()``/``call()``; ``None``: no bound.
+    acquire_timeout: float | None = 60.0
+    #: The windows in force, requests_per_minute/hour included (derived).
+    windows: tuple[Rate, ...] = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        _positive_int("APILimits.max_concurrent", self.max_concurrent, optional=True)
+        _positive_int("APILimits.requests_per_minute", self.requests_per_minute, optional=True)
+        _positive_int("APILimits.requests_per_hour", self.requests_per_hour, optional=True)
+        _positive_int("APILimits.tokens_per_minute", self.tokens_per_minute, optional=True)
+        _positive_int("APILimits.retry_attempts", self.retry_attempts)
+        _positive_float("APILimits.backoff_min", self.backoff_min)
+        _positive_float("APILimits.backoff_max", self.backoff_max)
+        _positive_float("APILimits.lease_ttl", self.lease_ttl)
+        _positive_float("APILimits.acquire_timeout", self.acquire_timeout, optional=True)
+        if self.backoff_min > self.backoff_max:
+            raise ConfigError(
+                f"APILimits.backoff_min={self.backoff_min!r} is greater than "
+                f"backoff_max={self.backoff_max!r}",
+                field="APILimits.backoff_min",
+                value=self.backoff_min,
+            )
+        if self.lease_ttl < 0.1:
+            raise ConfigError(
+                f"APILimits.lease_ttl={self.lease_ttl!r}: must be at least 0.1 seconds",
+                field="APILimits.lease_ttl",
+                value=self.lease_ttl,
+            )
+        if isinstance(self.rates, str | bytes) or not isinstance(self.rates, Sequence):
+            raise ConfigError(
+                f"APILimits.rates={self.rates!r}: must be a sequence of Rate",
+                field="APILimits.rates",
+                value=self.rates,
+            )
+        windows: list[Rate] = []
+        if self.requests_per_minute is not None:
+            windows.append(Rate(self.requests_per_minute, 60.0))
+        if self.requests_per_hour is not None:
+            windows.append(Rate(self.requests_per_hour, 3600.0))
+        for i, rate in enumerate(self.rates):
+            if not isinstance(rate, Rate):
+                raise ConfigError(
+                    f"APILimits.rates[{i}]={rate!r}: must be a Rate(limit, period)",
+                    field=f"APILimits.rates[{i}]",
+                    value=rate,
+                )
+            windows.append(rate)
+        seen: dict[int, Rate] = {}
+        for rate in windows:
+            key = round(rate.period * 1_000_000)
+            if key in seen:
+                raise ConfigError(
+                    f"APILimits.rates: two windows of {format_period(rate.period)} "
+                    f"({seen[key]!r} and {rate!r}); keep one",
+                    field="APILimits.rates",
+                    value=rate,
+                )
+            seen[key] = rate
+        object.__setattr__(self, "rates", tuple(self.rates))
+        object.__setattr__(self, "windows", tuple(windows))
+
+
+def validate_limits(limits: Mapping[str, APILimits]) -> dict[str, APILimits]:
+    """Check a ``{api: APILimits}`` mapping and return a plain copy of it."""
+    if not isinstance(limits, Mapping):
+        raise ConfigError(
+            f"limits={limits!r}: must be a mapping of API name to APILimits",
+            field="limits",
+            value=limits,
+        )
+    out: dict[str, APILimits] = {}
+    for api, lim in limits.items():
+        check_api_name(api)
+        if not isinstance(lim, APILimits):
+            raise ConfigError(
+                f"limits[{api!r}]={lim!r}: must be an APILimits",
+                field=f"limits[{api!r}]",
+                value=lim,
+            )
+        out[api] = lim
+    return out
+
+
+#: The two APIs of the original chatbot, with its limits.
+DEFAULT_LIMITS: Final[Mapping[str, APILimits]] = MappingProxyType(
+    {
+        "openai": APILimits(
+            max_concurrent=8,
+            requests_per_minute=500,
+            requests_per_hour=10_000,
+            retry_attempts=5,
+            backoff_min=1.0,
+            backoff_max=60.0,
+        ),
+        "zapier": APILimits(
+            max_concurrent=3,
+            requests_per_minute=60,
+            requests_per_hour=75,
+            retry_attempts=3,
+            backoff_min=2.0,
+            backoff_max=30.0,
+        ),
+    }
+)

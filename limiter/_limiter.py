@@ -1,0 +1,660 @@
+"""The Limiter: cluster-wide admission through the Lua scripts, fair waiting, lease renewal."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import logging
+import math
+import uuid
+from collections.abc import Mapping
+from types import TracebackType
+from typing import Any, Literal, Self
+
+from redis.exceptions import NoScriptError, RedisError
+
+from ._config import APILimits, check_api_name, validate_limits
+from ._errors import AcquireTimeout, ConfigError, LeaseLost, LimiterUnavailable
+from ._scripts import KeyPlan, Scripts
+
+__all__ = ["Limiter", "Slot"]
+
+log = logging.getLogger("limiter")
+
+_OUTCOME_NONE, _OUTCOME_SUCCESS, _OUTCOME_FAILURE = 0, 1, 2
+
+
+def _text(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+def _redact(exc: BaseException) -> str:
+    """A Redis error as text for our messages (redis-py never puts passwords in them)."""
+    return f"{type(exc).__name__}: {exc}"
+
+
+class Slot:
+    """One admission: a concurrency slot (a lease in Redis) plus one hit in every window.
+
+    Release it exactly once, with ``await slot.release()`` or by leaving ``async with``.
+    """
+
+    __slots__ = (
+        "_actual_tokens",
+        "_limiter",
+        "_lost",
+        "_released",
+        "acquired_at",
+        "api",
+        "cost",
+        "id",
+        "tokens",
+    )
+
+    def __init__(
+        self, limiter: Limiter, api: str, slot_id: str, acquired_at: int, cost: int, tokens: int
+    ) -> None:
+        self._limiter = limiter
+        #: The API this slot admits a call to.
+        self.api = api
+        #: Unique id of the slot ("<process id>.<n>").
+        self.id = slot_id
+        #: Admission time, microseconds of Redis TIME (the cluster's one clock).
+        self.acquired_at = acquired_at
+        #: Weight of this admission in the request windows.
+        self.cost = cost
+        #: Tokens reserved at admission.
+        self.tokens = tokens
+        self._actual_tokens = -1
+        self._released = False
+        self._lost = False
+
+    def __repr__(self) -> str:
+        state = "released" if self._released else ("lost" if self._lost else "held")
+        return f"<Slot {self.api} {self.id} {state}>"
+
+    @property
+    def held(self) -> bool:
+        """True until released, and while no renewal has found the lease gone."""
+        return not self._released and not self._lost
+
+    def report_tokens(self, n: int) -> None:
+        """Report the tokens really used; the reservation is corrected on release."""
+        if not isinstance(n, int) or isinstance(n, bool) or n < 0:
+            raise ConfigError(
+                f"report_tokens(n={n!r}): must be an integer >= 0", field="tokens", value=n
+            )
+        self._actual_tokens = n
+
+    async def release(self, *, success: bool = True) -> None:
+        """Free the slot for the next waiter; counts a success or failure in ``stats()``.
+
+        Idempotent. Raises :class:`LeaseLost` if the lease was found gone.
+        """
+        if self._released:
+            return
+        self._released = True
+        await self._limiter._release(self, _OUTCOME_SUCCESS if success else _OUTCOME_FAILURE)
+
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        if self._released:
+            return
+        self._released = True
+        outcome = _OUTCOME_SUCCESS if exc is None else _OUTCOME_FAILURE
+        task = asyncio.ensure_future(self._limiter._release(self, outcome))
+        try:
+            await asyncio.shield(task)
+        except asyncio.CancelledError:
+            # Cancelled while releasing: the release still completes in the background.
+            self._limiter._keep(task)
+            raise
+        except LeaseLost as lost:
+            if exc is None:
+                raise
+            exc.add_note(str(lost))
+
+
+class _SlotContext:
+    """``async with lim.slot(...) as slot``: acquire on enter, release on exit."""
+
+    __slots__ = ("_args", "_limiter", "_slot")
+
+    def __init__(self, limiter: Limiter, args: tuple[str, float | None, int, int]) -> None:
+        self._limiter = limiter
+        self._args = args
+        self._slot: Slot | None = None
+
+    async def __aenter__(self) -> Slot:
+        api, timeout, cost, tokens = self._args
+        self._slot = await self._limiter.acquire(api, timeout=timeout, cost=cost, tokens=tokens)
+        return self._slot
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        if self._slot is not None:
+            await self._slot.__aexit__(exc_type, exc, tb)
+
+
+class _Waiter:
+    __slots__ = ("api", "future", "ticket")
+
+    def __init__(self, api: str, ticket: str) -> None:
+        self.api = api
+        self.ticket = ticket
+        #: Resolved with ("admitted", time), ("hint", wait us) or ("retry", 0).
+        self.future: asyncio.Future[tuple[str, int]] = asyncio.get_running_loop().create_future()
+
+
+class Limiter:
+    """Admission for outbound API calls, decided in Redis for every replica at once.
+
+    ``redis`` is a ``redis.asyncio`` client (``Redis``, ``RedisCluster``, a Sentinel
+    master, or fakeredis). ``limits`` maps API names to :class:`APILimits`. All
+    replicas sharing a ``namespace`` share the limits; they must configure them alike.
+    """
+
+    def __init__(
+        self,
+        redis: Any,
+        limits: Mapping[str, APILimits],
+        *,
+        namespace: str = "limiter",
+        on_redis_error: Literal["fail_closed", "fail_open"] = "fail_closed",
+        ticket_ttl: float = 5.0,
+        stats_ttl: float = 86_400.0,
+    ) -> None:
+        self._limits = validate_limits(limits)
+        if not isinstance(namespace, str) or not namespace or any(c in namespace for c in "{} "):
+            raise ConfigError(
+                f"namespace={namespace!r}: must be a non-empty string without braces or spaces",
+                field="namespace",
+                value=namespace,
+            )
+        if on_redis_error not in ("fail_closed", "fail_open"):
+            raise ConfigError(
+                f"on_redis_error={on_redis_error!r}: must be 'fail_closed' or 'fail_open'",
+                field="on_redis_error",
+                value=on_redis_error,
+            )
+        if on_redis_error == "fail_open":
+            raise ConfigError(
+                "on_redis_error='fail_open' is not available yet in this version; "
+                "use 'fail_closed'",
+                field="on_redis_error",
+                value=on_redis_error,
+            )
+        for name, value in (("ticket_ttl", ticket_ttl), ("stats_ttl", stats_ttl)):
+            if not isinstance(value, int | float) or not math.isfinite(value) or value < 0.1:
+                raise ConfigError(
+                    f"{name}={value!r}: must be a finite number of seconds >= 0.1",
+                    field=name,
+                    value=value,
+                )
+        self._redis = redis
+        self._owns_client = False
+        self.namespace = namespace
+        self.on_redis_error = on_redis_error
+        self._ticket_ttl = float(ticket_ttl)
+        self._plans = {
+            api: KeyPlan.build(namespace, api, lim, ticket_ttl=ticket_ttl, stats_ttl=stats_ttl)
+            for api, lim in self._limits.items()
+        }
+        self._scripts = Scripts(redis)
+        self._process_id = uuid.uuid4().hex[:16]
+        self._channel = f"{namespace}:wake:{self._process_id}"
+        self._ids = itertools.count(1)
+        self._held: dict[str, Slot] = {}
+        self._waiting: dict[str, _Waiter] = {}
+        self._background: set[asyncio.Future[Any]] = set()
+        self._work = asyncio.Event()
+        self._renewer: asyncio.Task[None] | None = None
+        self._listener: asyncio.Task[None] | None = None
+        self._pubsub: Any = None
+        self._listen_lock = asyncio.Lock()
+        self._ready = False
+        self._closed = False
+        shortest_lease = min((lim.lease_ttl for lim in self._limits.values()), default=30.0)
+        self._renew_every = min(shortest_lease, self._ticket_ttl) / 3
+
+    # -- construction -------------------------------------------------------------------
+
+    @classmethod
+    def from_url(
+        cls,
+        url: str,
+        limits: Mapping[str, APILimits],
+        *,
+        socket_timeout: float = 2.0,
+        socket_connect_timeout: float = 1.0,
+        **kwargs: Any,
+    ) -> Limiter:
+        """A Limiter on a new ``redis.asyncio`` client for ``url``, closed by :meth:`aclose`."""
+        import redis.asyncio as aioredis
+
+        client = aioredis.from_url(
+            url, socket_timeout=socket_timeout, socket_connect_timeout=socket_connect_timeout
+        )
+        lim = cls(client, limits, **kwargs)
+        lim._owns_client = True
+        return lim
+
+    def __repr__(self) -> str:
+        return f"<Limiter namespace={self.namespace!r} apis={sorted(self._limits)}>"
+
+    @property
+    def limits(self) -> Mapping[str, APILimits]:
+        """The configured limits, by API."""
+        return dict(self._limits)
+
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.aclose()
+
+    # -- public operations --------------------------------------------------------------
+
+    def slot(
+        self, api: str, timeout: float | None = None, cost: int = 1, tokens: int = 0
+    ) -> _SlotContext:
+        """``async with lim.slot("openai") as slot:`` one admission, released on exit."""
+        return _SlotContext(self, (api, timeout, cost, tokens))
+
+    async def acquire(
+        self, api: str, timeout: float | None = None, cost: int = 1, tokens: int = 0
+    ) -> Slot:
+        """Wait fairly (FIFO across the cluster) for one admission and return its slot.
+
+        ``timeout`` bounds the wait (``None``: the API's ``acquire_timeout``; ``0``: try
+        once, never queue). Raises :class:`AcquireTimeout` when it runs out.
+        """
+        plan, limits = self._lookup(api)
+        self._check_request(plan, cost, tokens)
+        if timeout is None:
+            timeout = limits.acquire_timeout
+        if timeout is not None and (
+            not isinstance(timeout, int | float) or math.isnan(timeout) or timeout < 0
+        ):
+            raise ConfigError(
+                f"timeout={timeout!r}: must be a number of seconds >= 0 or None",
+                field="timeout",
+                value=timeout,
+            )
+        await self._ensure_ready()
+        loop = asyncio.get_running_loop()
+        start = loop.time()
+        deadline = math.inf if timeout is None else start + timeout
+        slot_id = f"{self._process_id}.{next(self._ids)}"
+        ticket = f"{slot_id}|{cost}|{tokens}"
+        mode = "try" if timeout == 0 else "wait"
+        extra = (slot_id, str(cost), str(tokens), mode)
+        waiter: _Waiter | None = None
+        reason = "concurrency"
+        try:
+            while True:
+                res = await self._run(self._scripts.acquire, plan, extra, "acquire")
+                if int(res[0]) == 1:
+                    return self._admitted(api, slot_id, int(res[1]), cost, tokens)
+                reason = plan.reasons[_text(res[1])]
+                wait_us = int(res[2])
+                remaining = deadline - loop.time()
+                if mode == "try" or remaining <= 0:
+                    raise AcquireTimeout(api, reason, loop.time() - start)
+                if waiter is None:
+                    # Listen before waiting, then ask again at once: a hand-off that
+                    # happened before the subscription is then seen by the script.
+                    waiter = _Waiter(api, ticket)
+                    self._waiting[slot_id] = waiter
+                    self._work.set()
+                    await self._ensure_listener()
+                    continue
+                delay = remaining if wait_us < 0 else min(remaining, wait_us / 1_000_000)
+                while True:
+                    if not waiter.future.done():
+                        await asyncio.wait({waiter.future}, timeout=delay)
+                    if not waiter.future.done():
+                        break  # the wait is over: ask the script again
+                    kind, value = waiter.future.result()
+                    waiter.future = loop.create_future()
+                    if kind == "admitted":
+                        return self._admitted(api, slot_id, value, cost, tokens)
+                    if kind == "retry":
+                        break  # our ticket expired (this process stalled): queue again
+                    # "hint": we are at the head; the limit that holds us ends in `value` us.
+                    delay = min(deadline - loop.time(), value / 1_000_000)
+                    if delay <= 0:
+                        break
+        except BaseException:
+            if waiter is not None:
+                await self._withdraw(plan, slot_id, ticket)
+            raise
+        finally:
+            self._waiting.pop(slot_id, None)
+
+    async def release(self, slot: Slot, *, success: bool = True) -> None:
+        """Release ``slot`` (same as ``await slot.release()``)."""
+        await slot.release(success=success)
+
+    async def cooldown(self, api: str, seconds: float) -> float:
+        """Pause ``api`` for every replica for ``seconds``; returns the pause now in force.
+
+        A cooldown only grows: a shorter one never cuts a longer one short.
+        """
+        plan, _ = self._lookup(api)
+        if not isinstance(seconds, int | float) or not math.isfinite(seconds) or seconds <= 0:
+            raise ConfigError(
+                f"cooldown seconds={seconds!r}: must be a finite number > 0",
+                field="seconds",
+                value=seconds,
+            )
+        await self._ensure_ready()
+        ms = max(1, math.ceil(seconds * 1000))
+        left = await self._call(
+            self._scripts.cooldown, [plan.cooldown_key], [str(ms)], api, "cooldown"
+        )
+        return int(left) / 1000
+
+    async def stats(self, api: str | None = None) -> dict[str, Any]:
+        """Cluster-wide counters of ``api``, or ``{api: counters}`` for every API."""
+        if api is None:
+            return {name: await self.stats(name) for name in self._plans}
+        plan, limits = self._lookup(api)
+        await self._ensure_ready()
+        res = await self._call(
+            self._scripts.stats,
+            plan.stats_keys,
+            [str(p) for p in plan.window_periods],
+            api,
+            "stats",
+        )
+        in_flight, waiting, cooldown_ms, flat, used = res
+        counters = {_text(flat[i]): int(flat[i + 1]) for i in range(0, len(flat), 2)}
+        ok = counters.get("successful_requests", 0)
+        failed = counters.get("failed_requests", 0)
+        done = ok + failed
+        refusals: dict[str, int] = {}
+        for key, n in counters.items():
+            if key.startswith("refused:"):
+                code = key.removeprefix("refused:")
+                name = plan.reasons.get(code, code)
+                refusals[name] = refusals.get(name, 0) + n
+        windows = {
+            name: {"used": int(u), "limit": lim}
+            for name, u, lim in zip(plan.window_names, used, plan.window_limits, strict=True)
+        }
+        return {
+            "total_requests": counters.get("total_requests", 0),
+            "successful_requests": ok,
+            "failed_requests": failed,
+            "success_rate": (100.0 * ok / done) if done else 0.0,
+            "average_response_time": (counters.get("response_time_us", 0) / 1e6 / done)
+            if done
+            else 0.0,
+            "concurrent_requests": int(in_flight),
+            "max_concurrent": limits.max_concurrent,
+            "waiting": int(waiting),
+            "refusals": refusals,
+            "cooldown_remaining": int(cooldown_ms) / 1000,
+            "windows": windows,
+        }
+
+    async def aclose(self) -> None:
+        """Stop the background tasks, give back held slots, close an owned client."""
+        if self._closed:
+            return
+        self._closed = True
+        for waiter in list(self._waiting.values()):
+            if not waiter.future.done():
+                waiter.future.set_exception(
+                    LimiterUnavailable(waiter.api, "acquire", "the limiter was closed")
+                )
+        for slot in list(self._held.values()):
+            with contextlib.suppress(Exception):
+                await slot.release(success=True)
+        tasks = [t for t in (self._renewer, self._listener) if t is not None]
+        for task in tasks:
+            task.cancel()
+        for task in tasks:
+            with contextlib.suppress(BaseException):
+                await task
+        if self._pubsub is not None:
+            with contextlib.suppress(Exception):
+                await self._pubsub.aclose()
+        if self._background:
+            await asyncio.gather(*self._background, return_exceptions=True)
+        if self._owns_client:
+            with contextlib.suppress(Exception):
+                await self._redis.aclose()
+
+    # -- internals ----------------------------------------------------------------------
+
+    def _lookup(self, api: str) -> tuple[KeyPlan, APILimits]:
+        plan = self._plans.get(api)
+        if plan is None:
+            check_api_name(api)
+            known = ", ".join(repr(a) for a in sorted(self._plans)) or "none"
+            raise ConfigError(
+                f"unknown API {api!r}: configured APIs are {known}", field="api", value=api
+            )
+        if self._closed:
+            raise LimiterUnavailable(api, "acquire", "the limiter was closed")
+        return plan, self._limits[api]
+
+    @staticmethod
+    def _check_request(plan: KeyPlan, cost: int, tokens: int) -> None:
+        if not isinstance(cost, int) or isinstance(cost, bool) or cost < 1:
+            raise ConfigError(f"cost={cost!r}: must be an integer >= 1", field="cost", value=cost)
+        if not isinstance(tokens, int) or isinstance(tokens, bool) or tokens < 0:
+            raise ConfigError(
+                f"tokens={tokens!r}: must be an integer >= 0", field="tokens", value=tokens
+            )
+        for name, limit, kind in zip(
+            plan.window_names, plan.window_limits, plan.window_kinds, strict=True
+        ):
+            weight, what = (tokens, "tokens") if kind == "t" else (cost, "cost")
+            if weight > limit:
+                raise ConfigError(
+                    f"{what}={weight} for API {plan.api!r} can never pass: "
+                    f"the {name} limit is {limit}",
+                    field=what,
+                    value=weight,
+                )
+
+    async def _ensure_ready(self) -> None:
+        if self._ready:
+            return
+        # redis-py's asyncio RedisCluster must be initialized before concurrent use.
+        init = getattr(self._redis, "initialize", None)
+        if init is not None and type(self._redis).__name__ == "RedisCluster":
+            try:
+                await init()
+            except RedisError as exc:
+                raise LimiterUnavailable(None, "connect", _redact(exc)) from exc
+        self._ready = True
+
+    async def _call(
+        self, script: Any, keys: list[str] | tuple[str, ...], args: list[str], api: str, op: str
+    ) -> Any:
+        try:
+            return await script(keys=keys, args=args)
+        except RedisError as exc:
+            raise LimiterUnavailable(api, op, _redact(exc)) from exc
+
+    async def _run(self, script: Any, plan: KeyPlan, extra: tuple[str, ...], op: str) -> Any:
+        return await self._call(script, plan.keys, [*plan.args, *extra], plan.api, op)
+
+    def _admitted(self, api: str, slot_id: str, at: int, cost: int, tokens: int) -> Slot:
+        slot = Slot(self, api, slot_id, at, cost, tokens)
+        self._held[slot_id] = slot
+        self._start_renewer()
+        return slot
+
+    async def _release(self, slot: Slot, outcome: int) -> None:
+        plan = self._plans[slot.api]
+        self._held.pop(slot.id, None)
+        extra = (
+            slot.id,
+            "",
+            str(outcome),
+            str(slot.acquired_at),
+            str(slot.tokens),
+            str(slot._actual_tokens),
+        )
+        res = await self._run(self._scripts.release, plan, extra, "release")
+        if int(res[0]) == 0 or slot._lost:
+            slot._lost = True
+            log.warning("lease of slot %s for %s was lost before release", slot.id, slot.api)
+            raise LeaseLost(slot.api, slot.id)
+
+    async def _withdraw(self, plan: KeyPlan, slot_id: str, ticket: str) -> None:
+        """Take a waiter's ticket out of the queue (and free a slot handed to it meanwhile)."""
+        extra = (slot_id, ticket, str(_OUTCOME_NONE), "0", "0", "-1")
+        task = asyncio.ensure_future(self._run(self._scripts.release, plan, extra, "withdraw"))
+        try:
+            await asyncio.shield(task)
+        except asyncio.CancelledError:
+            self._keep(task)
+            raise
+        except LimiterUnavailable as exc:
+            # The ticket expires by itself within ticket_ttl.
+            log.warning("could not withdraw ticket %s: %s", slot_id, exc)
+
+    def _keep(self, task: asyncio.Future[Any]) -> None:
+        self._background.add(task)
+        task.add_done_callback(self._finished)
+
+    def _finished(self, task: asyncio.Future[Any]) -> None:
+        self._background.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.warning("background release failed: %s", task.exception())
+
+    # -- wake-ups -----------------------------------------------------------------------
+
+    async def _ensure_listener(self) -> None:
+        if self._listener is not None and not self._listener.done():
+            return
+        async with self._listen_lock:
+            if self._listener is not None and not self._listener.done():
+                return
+            pubsub = self._redis.pubsub()
+            try:
+                await pubsub.subscribe(self._channel)
+            except RedisError as exc:
+                with contextlib.suppress(Exception):
+                    await pubsub.aclose()
+                raise LimiterUnavailable(None, "subscribe", _redact(exc)) from exc
+            self._pubsub = pubsub
+            self._listener = asyncio.create_task(self._listen(pubsub), name="limiter-listener")
+
+    async def _listen(self, pubsub: Any) -> None:
+        try:
+            while True:
+                msg = await pubsub.get_message(ignore_subscribe_messages=True, timeout=None)
+                if msg is None or msg.get("type") != "message":
+                    continue
+                kind, slot_id, value = _text(msg["data"]).split(" ")
+                waiter = self._waiting.get(slot_id)
+                if waiter is None:
+                    continue
+                if waiter.future.done():
+                    if kind != "A":
+                        continue
+                    waiter.future = asyncio.get_running_loop().create_future()
+                waiter.future.set_result(("admitted" if kind == "A" else "hint", int(value)))
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # connection lost: the renewer covers missed wake-ups
+            log.warning("wake-up listener stopped (%s); falling back to renewals", _redact(exc))
+            with contextlib.suppress(Exception):
+                await pubsub.aclose()
+            # _ensure_listener starts a new one on the next wait.
+
+    # -- lease renewal ------------------------------------------------------------------
+
+    def _start_renewer(self) -> None:
+        self._work.set()
+        if self._renewer is None or self._renewer.done():
+            self._renewer = asyncio.create_task(self._renew_loop(), name="limiter-renewer")
+
+    async def _renew_loop(self) -> None:
+        while not self._closed:
+            if not self._held and not self._waiting:
+                self._work.clear()
+                await self._work.wait()
+                continue
+            await asyncio.sleep(self._renew_every)
+            try:
+                await self.renew()
+            except LimiterUnavailable as exc:
+                log.warning("lease renewal failed: %s", exc)
+
+    async def renew(self) -> None:
+        """Renew every lease and ticket this process holds, one round trip for all APIs.
+
+        Runs by itself in the background; public for tests and tools.
+        """
+        by_api: dict[str, tuple[list[str], list[str]]] = {}
+        for slot in self._held.values():
+            by_api.setdefault(slot.api, ([], []))[0].append(slot.id)
+        for waiter in self._waiting.values():
+            by_api.setdefault(waiter.api, ([], []))[1].append(waiter.ticket)
+        if not by_api:
+            return
+        apis = list(by_api)
+        sha = self._scripts.renew.sha
+        results: list[Any] = []
+        for _attempt in range(2):
+            pipe = self._redis.pipeline(transaction=False)
+            for api in apis:
+                plan = self._plans[api]
+                slots, tickets = by_api[api]
+                args = [*plan.args, str(len(slots)), *slots, *tickets]
+                pipe.evalsha(sha, len(plan.keys), *plan.keys, *args)
+            try:
+                results = await pipe.execute(raise_on_error=False)
+            except RedisError as exc:
+                raise LimiterUnavailable(None, "renew", _redact(exc)) from exc
+            if not any(isinstance(r, NoScriptError) for r in results):
+                break
+            try:
+                sha = await self._redis.script_load(self._scripts.renew.script)
+            except RedisError as exc:
+                raise LimiterUnavailable(None, "renew", _redact(exc)) from exc
+        for api, res in zip(apis, results, strict=True):
+            if isinstance(res, Exception):
+                log.warning("lease renewal for %s failed: %s", api, _redact(res))
+                continue
+            lost, admitted, gone, now = res
+            for sid in map(_text, lost):
+                held = self._held.get(sid)
+                if held is not None and not held._lost:
+                    held._lost = True
+                    log.warning("lease of slot %s for %s was lost", sid, api)
+            for sid in map(_text, admitted):
+                handed = self._waiting.get(sid)
+                if handed is not None:
+                    if handed.future.done():
+                        handed.future = asyncio.get_running_loop().create_future()
+                    handed.future.set_result(("admitted", int(now)))
+            for ticket in map(_text, gone):
+                expired = self._waiting.get(ticket.partition("|")[0])
+                if expired is not None and not expired.future.done():
+                    expired.future.set_result(("retry", 0))

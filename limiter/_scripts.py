@@ -1,0 +1,130 @@
+"""The Lua scripts and the keys and arguments they take: the only place admission is decided.
+
+Scripts ship inside the package (``limiter/lua``), are read once with
+``importlib.resources``, and registered once per Redis client with redis-py's
+``register_script`` (EVALSHA, reloaded on NOSCRIPT).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import cache
+from importlib.resources import files
+from typing import Any
+
+from ._config import APILimits, format_period
+
+__all__ = ["KeyPlan", "Scripts", "lua_source"]
+
+_OPERATIONS = ("acquire", "release", "renew")
+_STANDALONE = ("cooldown", "stats")
+
+
+@cache
+def lua_source(name: str) -> str:
+    """The full text of script ``name`` (the shared prelude prepended for the admission ones)."""
+    base = files("limiter").joinpath("lua")
+    text = base.joinpath(f"{name}.lua").read_text(encoding="utf-8")
+    if name in _OPERATIONS:
+        text = base.joinpath("_common.lua").read_text(encoding="utf-8") + "\n" + text
+    return text
+
+
+class Scripts:
+    """The scripts registered on one Redis client."""
+
+    __slots__ = ("acquire", "cooldown", "release", "renew", "stats")
+
+    def __init__(self, redis: Any) -> None:
+        self.acquire = redis.register_script(lua_source("acquire"))
+        self.release = redis.register_script(lua_source("release"))
+        self.renew = redis.register_script(lua_source("renew"))
+        self.cooldown = redis.register_script(lua_source("cooldown"))
+        self.stats = redis.register_script(lua_source("stats"))
+
+
+@dataclass(frozen=True, slots=True)
+class KeyPlan:
+    """The keys of one API and the arguments every admission script takes for it."""
+
+    api: str
+    #: holders, queue, qexp, cooldown, stats, sums, then one key per window.
+    keys: tuple[str, ...]
+    #: The common ARGV of _common.lua.
+    args: tuple[str, ...]
+    #: Script reason code -> public reason ("w1" -> "rate:60s").
+    reasons: dict[str, str]
+    #: Window periods (microseconds) and public names, in ARGV order.
+    window_periods: tuple[int, ...]
+    window_names: tuple[str, ...]
+    #: Largest weight each window can ever admit (a request above it can never pass).
+    window_limits: tuple[int, ...]
+    window_kinds: tuple[str, ...]
+
+    @classmethod
+    def build(
+        cls,
+        namespace: str,
+        api: str,
+        limits: APILimits,
+        *,
+        ticket_ttl: float,
+        stats_ttl: float,
+    ) -> KeyPlan:
+        prefix = f"{namespace}:{{{api}}}:"
+        keys = [prefix + k for k in ("holders", "queue", "qexp", "cooldown", "stats", "sums")]
+        periods: list[int] = []
+        names: list[str] = []
+        wlimits: list[int] = []
+        kinds: list[str] = []
+        for rate in limits.windows:
+            us = round(rate.period * 1_000_000)
+            keys.append(f"{prefix}w:{us}")
+            periods.append(us)
+            names.append(rate.reason)
+            wlimits.append(rate.limit)
+            kinds.append("r")
+        if limits.tokens_per_minute is not None:
+            keys.append(prefix + "tokens")
+            periods.append(60_000_000)
+            names.append("tokens")
+            wlimits.append(limits.tokens_per_minute)
+            kinds.append("t")
+        args = [
+            namespace,
+            str(limits.max_concurrent or 0),
+            str(round(limits.lease_ttl * 1_000_000)),
+            str(round(ticket_ttl * 1_000_000)),
+            str(round(stats_ttl * 1000)),
+            str(len(periods)),
+        ]
+        for limit, us, kind in zip(wlimits, periods, kinds, strict=True):
+            args += [str(limit), str(us), kind]
+        reasons = {"cooldown": "cooldown", "concurrency": "concurrency"}
+        for i, name in enumerate(names, start=1):
+            reasons[f"w{i}"] = name
+        return cls(
+            api=api,
+            keys=tuple(keys),
+            args=tuple(args),
+            reasons=reasons,
+            window_periods=tuple(periods),
+            window_names=tuple(names),
+            window_limits=tuple(wlimits),
+            window_kinds=tuple(kinds),
+        )
+
+    @property
+    def cooldown_key(self) -> str:
+        return self.keys[3]
+
+    @property
+    def stats_keys(self) -> list[str]:
+        """KEYS of stats.lua: holders, qexp, cooldown, stats, then the windows."""
+        return [self.keys[0], self.keys[2], self.keys[3], self.keys[4], *self.keys[6:]]
+
+    def all_keys(self) -> tuple[str, ...]:
+        return self.keys
+
+    def describe_period(self, i: int) -> str:
+        return format_period(self.window_periods[i] / 1_000_000)

@@ -1,0 +1,213 @@
+-- _common.lua: shared by acquire.lua, release.lua and renew.lua (prepended to
+-- each of them when they are loaded; it is not a script on its own).
+--
+-- Key layout (every key of one API shares the hash tag {api}, so a script
+-- touches a single Redis Cluster slot):
+--   KEYS[1]  holders  ZSET  slot id -> lease expiry (Redis time, microseconds)
+--   KEYS[2]  queue    ZSET  ticket  -> arrival time (microseconds): FIFO order
+--   KEYS[3]  qexp     ZSET  ticket  -> ticket expiry (microseconds)
+--   KEYS[4]  cooldown STRING with PX: the provider asked us to wait
+--   KEYS[5]  stats    HASH  cluster-wide counters for stats()
+--   KEYS[6]  sums     HASH  window key -> sum of the weights in that window
+--   KEYS[6+i] window i ZSET "<slot id>|<weight>" -> admission time (microseconds)
+--
+-- Common ARGV (the same for the three scripts, built once per API by the client):
+--   ARGV[1]  namespace (the wake-up channel is <namespace>:wake:<process id>)
+--   ARGV[2]  max_concurrent: slots in flight for the whole cluster, 0 = no limit
+--   ARGV[3]  lease length, microseconds
+--   ARGV[4]  ticket length, microseconds (a waiter that stops refreshing its
+--            ticket for this long is dropped from the queue)
+--   ARGV[5]  stats TTL, milliseconds
+--   ARGV[6]  n: number of windows
+--   then n triples: limit (weight units), period (microseconds),
+--            kind ("r": weighted by the request's cost, "t": by its tokens)
+--   The operation's own ARGV start at index 7 + 3 * n.
+--
+-- A ticket is "<slot id>|<cost>|<tokens>"; a slot id is "<process id>.<n>".
+-- Times are integers of microseconds of Redis TIME: no client clock is used.
+
+local unpack = unpack or table.unpack
+
+local K_HOLDERS, K_QUEUE, K_QEXP = KEYS[1], KEYS[2], KEYS[3]
+local K_COOLDOWN, K_STATS, K_SUMS = KEYS[4], KEYS[5], KEYS[6]
+
+local NS = ARGV[1]
+local MAXC = tonumber(ARGV[2])
+local LEASE = tonumber(ARGV[3])
+local TICKET_TTL = tonumber(ARGV[4])
+local STATS_TTL = tonumber(ARGV[5])
+local NW = tonumber(ARGV[6])
+local W_KEY, W_LIMIT, W_PERIOD, W_KIND = {}, {}, {}, {}
+local LONGEST = LEASE
+for i = 1, NW do
+  W_KEY[i] = KEYS[6 + i]
+  W_LIMIT[i] = tonumber(ARGV[4 + 3 * i])
+  W_PERIOD[i] = tonumber(ARGV[5 + 3 * i])
+  W_KIND[i] = ARGV[6 + 3 * i]
+  if W_PERIOD[i] > LONGEST then LONGEST = W_PERIOD[i] end
+end
+local OP = 7 + 3 * NW -- first operation-specific ARGV
+
+local t = redis.call('TIME')
+local NOW = tonumber(t[1]) * 1000000 + tonumber(t[2])
+
+-- Integers as strings without exponent (Lua 5.1 prints 1.7e+15 otherwise).
+local function int(x) return string.format('%.0f', x) end
+-- PEXPIRE argument for something that lives `us` microseconds, plus a second.
+local function ttl_ms(us) return math.floor(us / 1000) + 1000 end
+
+local function weight_of(member)
+  return tonumber(string.match(member, '|(%d+)$')) or 1
+end
+
+local function parse_ticket(ticket)
+  local slot, cost, tokens = string.match(ticket, '^(.-)|(%d+)|(%d+)$')
+  return slot, tonumber(cost), tonumber(tokens)
+end
+
+-- Drop expired leases and expired tickets.
+local function prune()
+  redis.call('ZREMRANGEBYSCORE', K_HOLDERS, '-inf', NOW)
+  local dead = redis.call('ZRANGEBYSCORE', K_QEXP, '-inf', NOW)
+  for i = 1, #dead, 1000 do
+    redis.call('ZREM', K_QUEUE, unpack(dead, i, math.min(i + 999, #dead)))
+  end
+  if #dead > 0 then redis.call('ZREMRANGEBYSCORE', K_QEXP, '-inf', NOW) end
+end
+
+-- Current sum of window i after dropping what left it, cached per call.
+local SUM = {}
+local function window_sum(i)
+  if SUM[i] then return SUM[i] end
+  local key = W_KEY[i]
+  local sum = 0
+  if redis.call('EXISTS', key) == 1 then
+    local stored = redis.call('HGET', K_SUMS, key)
+    local cutoff = NOW - W_PERIOD[i]
+    if stored then
+      sum = tonumber(stored)
+      local old = redis.call('ZRANGEBYSCORE', key, '-inf', cutoff)
+      if #old > 0 then
+        for _, m in ipairs(old) do sum = sum - weight_of(m) end
+        redis.call('ZREMRANGEBYSCORE', key, '-inf', cutoff)
+        if sum < 0 then sum = 0 end
+        redis.call('HSET', K_SUMS, key, int(sum))
+      end
+    else
+      -- The sum was lost (should not happen): rebuild it from the log.
+      redis.call('ZREMRANGEBYSCORE', key, '-inf', cutoff)
+      for _, m in ipairs(redis.call('ZRANGE', key, 0, -1)) do sum = sum + weight_of(m) end
+      redis.call('HSET', K_SUMS, key, int(sum))
+    end
+  end
+  SUM[i] = sum
+  return sum
+end
+
+-- Microseconds until `need` weight has left window i (oldest entries first).
+local function window_wait(i, need)
+  local key, start = W_KEY[i], 0
+  while true do
+    local batch = redis.call('ZRANGE', key, start, start + 127, 'WITHSCORES')
+    if #batch == 0 then return W_PERIOD[i] end
+    for j = 1, #batch, 2 do
+      need = need - weight_of(batch[j])
+      if need <= 0 then return tonumber(batch[j + 1]) + W_PERIOD[i] - NOW end
+    end
+    start = start + 128
+  end
+end
+
+-- Can a request of this cost and tokens be admitted now?
+-- Returns nil when it can, else reason, wait: reason is "cooldown",
+-- "concurrency" or "w<i>" (window i); wait is microseconds until that limit
+-- could pass (for concurrency: until the oldest lease ends, an upper bound).
+local function check(cost, tokens)
+  local reason, wait = nil, -1
+  local cd = redis.call('PTTL', K_COOLDOWN)
+  if cd > 0 then reason, wait = 'cooldown', cd * 1000 end
+  for i = 1, NW do
+    local w = (W_KIND[i] == 't') and tokens or cost
+    if w > 0 then
+      local over = window_sum(i) + w - W_LIMIT[i]
+      if over > 0 then
+        local wi = window_wait(i, over)
+        if wi > wait then reason, wait = 'w' .. i, wi end
+      end
+    end
+  end
+  if reason then return reason, wait end
+  if MAXC > 0 and redis.call('ZCARD', K_HOLDERS) >= MAXC then
+    local first = redis.call('ZRANGE', K_HOLDERS, 0, 0, 'WITHSCORES')
+    return 'concurrency', tonumber(first[2]) - NOW
+  end
+  return nil
+end
+
+-- Record one admission: a lease and one weighted entry in every window.
+local function admit(slot, cost, tokens)
+  redis.call('ZADD', K_HOLDERS, int(NOW + LEASE), slot)
+  redis.call('PEXPIRE', K_HOLDERS, ttl_ms(LEASE))
+  local touched = false
+  for i = 1, NW do
+    local w = (W_KIND[i] == 't') and tokens or cost
+    if w > 0 then
+      local key = W_KEY[i]
+      SUM[i] = window_sum(i) + w
+      redis.call('ZADD', key, int(NOW), slot .. '|' .. int(w))
+      redis.call('PEXPIRE', key, ttl_ms(W_PERIOD[i]))
+      redis.call('HSET', K_SUMS, key, int(SUM[i]))
+      touched = true
+    end
+  end
+  if touched then redis.call('PEXPIRE', K_SUMS, ttl_ms(LONGEST)) end
+  redis.call('HINCRBY', K_STATS, 'total_requests', 1)
+  redis.call('PEXPIRE', K_STATS, STATS_TTL)
+end
+
+local function count_refusal(reason)
+  redis.call('HINCRBY', K_STATS, 'refused:' .. reason, 1)
+  redis.call('PEXPIRE', K_STATS, STATS_TTL)
+end
+
+-- Wake-up messages go to the waiting process's own channel only:
+--   "A <slot id> <admission time>"  the ticket was admitted (it holds the slot)
+--   "H <slot id> <wait>"            the ticket is at the head, refused for
+--                                   <wait> microseconds: ask again then
+local function tell(slot, msg)
+  local proc = string.match(slot, '^(.-)%.')
+  redis.call('PUBLISH', NS .. ':wake:' .. proc, msg)
+end
+
+-- Tell the head ticket (when it is not `own`) how long it has to wait.
+local function hint_head(head, wait, own)
+  if head and head ~= own and wait >= 0 then
+    local slot = parse_ticket(head)
+    tell(slot, 'H ' .. slot .. ' ' .. int(wait))
+  end
+end
+
+-- Admit waiting tickets from the head of the queue while they fit, FIFO.
+-- Each admitted ticket other than `own` is told on its process's channel.
+-- Returns: own_admitted, head ticket left (or nil), its reason, its wait,
+-- number of others woken.
+local function drain(own)
+  local own_admitted, woken = false, 0
+  while true do
+    local head = redis.call('ZRANGE', K_QUEUE, 0, 0)
+    if #head == 0 then return own_admitted, nil, nil, -1, woken end
+    local ticket = head[1]
+    local slot, cost, tokens = parse_ticket(ticket)
+    local reason, wait = check(cost, tokens)
+    if reason then return own_admitted, ticket, reason, wait, woken end
+    admit(slot, cost, tokens)
+    redis.call('ZREM', K_QUEUE, ticket)
+    redis.call('ZREM', K_QEXP, ticket)
+    if ticket == own then
+      own_admitted = true
+    else
+      tell(slot, 'A ' .. slot .. ' ' .. int(NOW))
+      woken = woken + 1
+    end
+  end
+end
