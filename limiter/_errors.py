@@ -3,7 +3,7 @@
 Every error the limiter raises on purpose is a :class:`LimiterError`::
 
     LimiterError
-    ├── ConfigError          (also ValueError)   bad limits, unknown API, a request that can never pass
+    ├── ConfigError          (also ValueError)   bad limits, unknown API, impossible request
     ├── AcquireTimeout       (also TimeoutError) the wait for admission ran out
     ├── LimiterUnavailable                       Redis unreachable or erroring (fail_closed)
     └── LeaseLost                                a held slot's lease was found gone

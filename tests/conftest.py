@@ -1,0 +1,68 @@
+"""Shared fixtures: a real redis-server per test session, fakeredis, limiter factories.
+
+Every admission test runs twice through ``redis_client``: once on fakeredis (with lupa
+for Lua) and once on a real ``redis-server`` this session started on a free port.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping
+from typing import Any
+
+import fakeredis
+import pytest
+import redis.asyncio as aioredis
+
+from limiter import APILimits, Limiter
+from limiter.testing import RedisServer
+
+
+@pytest.fixture(scope="session")
+def redis_server() -> Iterator[RedisServer]:
+    """One real redis-server for the whole session, stopped at the end."""
+    with RedisServer() as server:
+        yield server
+
+
+@pytest.fixture
+async def real_redis(redis_server: RedisServer) -> AsyncIterator[aioredis.Redis]:
+    """A client of the session's real redis-server, flushed before the test."""
+    client = aioredis.from_url(redis_server.url)
+    await client.flushall()
+    await client.script_flush()
+    yield client
+    await client.aclose()
+
+
+@pytest.fixture(params=["fakeredis", "redis-server"])
+async def redis_client(request: pytest.FixtureRequest) -> AsyncIterator[Any]:
+    """fakeredis, then a real redis-server: each test using this runs on both."""
+    if request.param == "fakeredis":
+        client: Any = fakeredis.FakeAsyncRedis(server=fakeredis.FakeServer())
+        yield client
+        await client.aclose()
+    else:
+        server: RedisServer = request.getfixturevalue("redis_server")
+        client = aioredis.from_url(server.url)
+        await client.flushall()
+        await client.script_flush()
+        yield client
+        await client.aclose()
+
+
+LimiterFactory = Callable[..., Limiter]
+
+
+@pytest.fixture
+async def make_limiter(redis_client: Any) -> AsyncIterator[LimiterFactory]:
+    """Build Limiters on ``redis_client``; all are closed after the test."""
+    made: list[Limiter] = []
+
+    def factory(limits: Mapping[str, APILimits], **kwargs: Any) -> Limiter:
+        lim = Limiter(redis_client, limits, **kwargs)
+        made.append(lim)
+        return lim
+
+    yield factory
+    for lim in made:
+        await lim.aclose()
