@@ -6,6 +6,7 @@ for Lua) and once on a real ``redis-server`` this session started on a free port
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator, Callable, Iterator, Mapping
 from typing import Any
 
@@ -66,3 +67,13 @@ async def make_limiter(redis_client: Any) -> AsyncIterator[LimiterFactory]:
     yield factory
     for lim in made:
         await lim.aclose()
+
+
+async def wait_for_waiters(lim: Limiter, api: str, n: int, within: float = 5.0) -> None:
+    """Return once ``n`` waiters are queued for ``api`` (polls the cluster's state)."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + within
+    while (await lim.stats(api))["waiting"] < n:
+        if loop.time() > deadline:
+            raise AssertionError(f"{n} waiters for {api!r} not queued within {within}s")
+        await asyncio.sleep(0.002)  # polls Redis state: there is no local event to await

@@ -17,7 +17,7 @@ from limiter import (
     LimiterError,
     Rate,
 )
-from tests.conftest import LimiterFactory
+from tests.conftest import LimiterFactory, wait_for_waiters
 
 
 async def test_concurrency_slots_cap_holders(make_limiter: LimiterFactory) -> None:
@@ -61,8 +61,7 @@ async def test_release_wakes_the_next_waiter(make_limiter: LimiterFactory) -> No
     lim = make_limiter({"a": APILimits(max_concurrent=1)})
     held = await lim.acquire("a")
     waiter = asyncio.create_task(lim.acquire("a", timeout=5))
-    while (await lim.stats("a"))["waiting"] == 0:
-        await asyncio.sleep(0.005)
+    await wait_for_waiters(lim, "a", 1)
     assert not waiter.done()
     await held.release()
     slot = await asyncio.wait_for(waiter, 1.0)
@@ -132,8 +131,7 @@ async def test_fifo_within_a_process(make_limiter: LimiterFactory) -> None:
     tasks = []
     for i in range(6):
         tasks.append(asyncio.create_task(wait(i)))
-        while (await lim.stats("a"))["waiting"] < i + 1:
-            await asyncio.sleep(0.002)
+        await wait_for_waiters(lim, "a", i + 1)
     await held.release()
     await asyncio.wait_for(asyncio.gather(*tasks), 5)
     assert order == list(range(6))
@@ -144,8 +142,7 @@ async def test_try_does_not_jump_the_queue(make_limiter: LimiterFactory) -> None
     lim = make_limiter({"a": APILimits(rates=[Rate(1, 0.3)])})
     first = await lim.acquire("a", timeout=0)
     waiter = asyncio.create_task(lim.acquire("a", timeout=5))
-    while (await lim.stats("a"))["waiting"] == 0:
-        await asyncio.sleep(0.005)
+    await wait_for_waiters(lim, "a", 1)
     with pytest.raises(AcquireTimeout):
         await lim.acquire("a", timeout=0)
     second = await asyncio.wait_for(waiter, 2)
@@ -159,8 +156,7 @@ async def test_cancelled_waiter_leaks_nothing(make_limiter: LimiterFactory) -> N
     lim = make_limiter({"a": APILimits(max_concurrent=1)})
     held = await lim.acquire("a")
     doomed = asyncio.create_task(lim.acquire("a", timeout=5))
-    while (await lim.stats("a"))["waiting"] == 0:
-        await asyncio.sleep(0.005)
+    await wait_for_waiters(lim, "a", 1)
     doomed.cancel()
     with pytest.raises(asyncio.CancelledError):
         await doomed
@@ -300,8 +296,7 @@ async def test_every_key_has_a_ttl(make_limiter: LimiterFactory, redis_client: A
     )
     held = await lim.acquire("a", tokens=10)
     waiter = asyncio.create_task(lim.acquire("a", timeout=5, tokens=5))
-    while (await lim.stats("a"))["waiting"] == 0:
-        await asyncio.sleep(0.005)
+    await wait_for_waiters(lim, "a", 1)
     await lim.cooldown("a", 0.01)
     keys = await redis_client.keys("*")
     assert len(keys) >= 7
