@@ -36,7 +36,7 @@ bench: $(STAMP)
 	$(BIN)/python -m benchmarks.run
 
 demo: $(STAMP)
-	$(BIN)/python -m limiter.demo
+	$(BIN)/python examples/multiprocess_demo.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

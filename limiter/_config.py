@@ -106,6 +106,12 @@ class APILimits:
     lease_ttl: float = 30.0
     #: Default bound of a wait in ``slot()``/``acquire()``/``call()``; ``None``: no bound.
     acquire_timeout: float | None = 60.0
+    #: Seconds added to every window when deciding (default 0: exact windows). Admission is
+    #: exact in Redis time, but a request reaches the provider a little later, by a delay
+    #: that varies (scheduling, connection set-up, network). With a margin ``m``, the
+    #: provider sees at most ``limit`` in any ``period`` as long as that delay varies by at
+    #: most ``m``; the price is a throughput of ``period / (period + m)`` of the limit.
+    window_margin: float = 0.0
     #: The windows in force, requests_per_minute/hour included (derived).
     windows: tuple[Rate, ...] = field(init=False, repr=False, compare=False)
 
@@ -119,6 +125,17 @@ class APILimits:
         _positive_float("APILimits.backoff_max", self.backoff_max)
         _positive_float("APILimits.lease_ttl", self.lease_ttl)
         _positive_float("APILimits.acquire_timeout", self.acquire_timeout, optional=True)
+        if (
+            not isinstance(self.window_margin, int | float)
+            or isinstance(self.window_margin, bool)
+            or not math.isfinite(self.window_margin)
+            or self.window_margin < 0
+        ):
+            raise ConfigError(
+                f"APILimits.window_margin={self.window_margin!r}: must be a finite number >= 0",
+                field="APILimits.window_margin",
+                value=self.window_margin,
+            )
         if self.backoff_min > self.backoff_max:
             raise ConfigError(
                 f"APILimits.backoff_min={self.backoff_min!r} is greater than "

@@ -12,7 +12,7 @@ from functools import cache
 from importlib.resources import files
 from typing import Any
 
-from ._config import APILimits, format_period
+from ._config import APILimits
 
 __all__ = ["KeyPlan", "Scripts", "lua_source"]
 
@@ -54,7 +54,7 @@ class KeyPlan:
     args: tuple[str, ...]
     #: Script reason code -> public reason ("w1" -> "rate:60s").
     reasons: dict[str, str]
-    #: Window periods (microseconds) and public names, in ARGV order.
+    #: Window periods as enforced (microseconds, margin included) and names, in ARGV order.
     window_periods: tuple[int, ...]
     window_names: tuple[str, ...]
     #: Largest weight each window can ever admit (a request above it can never pass).
@@ -77,16 +77,17 @@ class KeyPlan:
         names: list[str] = []
         wlimits: list[int] = []
         kinds: list[str] = []
+        margin = round(limits.window_margin * 1_000_000)
         for rate in limits.windows:
             us = round(rate.period * 1_000_000)
             keys.append(f"{prefix}w:{us}")
-            periods.append(us)
+            periods.append(us + margin)
             names.append(rate.reason)
             wlimits.append(rate.limit)
             kinds.append("r")
         if limits.tokens_per_minute is not None:
             keys.append(prefix + "tokens")
-            periods.append(60_000_000)
+            periods.append(60_000_000 + margin)
             names.append("tokens")
             wlimits.append(limits.tokens_per_minute)
             kinds.append("t")
@@ -122,9 +123,3 @@ class KeyPlan:
     def stats_keys(self) -> list[str]:
         """KEYS of stats.lua: holders, qexp, cooldown, stats, then the windows."""
         return [self.keys[0], self.keys[2], self.keys[3], self.keys[4], *self.keys[6:]]
-
-    def all_keys(self) -> tuple[str, ...]:
-        return self.keys
-
-    def describe_period(self, i: int) -> str:
-        return format_period(self.window_periods[i] / 1_000_000)

@@ -408,3 +408,12 @@ async def test_limiter_as_context_manager(redis_client: Any) -> None:
     async with Limiter(redis_client, {"a": APILimits(max_concurrent=1)}) as again:
         slot = await again.acquire("a", timeout=0)
         await slot.release()
+
+
+async def test_window_margin_widens_every_window(make_limiter: LimiterFactory) -> None:
+    """With window_margin m, limit+1 admissions are always at least period + m apart."""
+    lim = make_limiter({"a": APILimits(rates=[Rate(2, 0.2)], window_margin=0.1)})
+    slots = [await lim.acquire("a", timeout=2) for _ in range(3)]
+    assert slots[2].acquired_at - slots[0].acquired_at >= 300_000
+    for s in slots:
+        await s.release()

@@ -34,6 +34,8 @@ from limiter import DEFAULT_LIMITS, APILimits, ConfigError, Limiter, LimiterErro
         ({"acquire_timeout": -1}, "APILimits.acquire_timeout"),
         ({"acquire_timeout": math.nan}, "APILimits.acquire_timeout"),
         ({"rates": [object()]}, "APILimits.rates[0]"),
+        ({"window_margin": -0.1}, "APILimits.window_margin"),
+        ({"window_margin": math.inf}, "APILimits.window_margin"),
         ({"rates": "5/s"}, "APILimits.rates"),
         ({"requests_per_minute": 5, "rates": [Rate(9, 60)]}, "APILimits.rates"),
     ],
