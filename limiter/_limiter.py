@@ -220,14 +220,13 @@ class Limiter:
         self._waiting: dict[str, _Waiter] = {}
         self._background: set[asyncio.Future[Any]] = set()
         self._work = asyncio.Event()
+        self._renew_every = math.inf
         self._renewer: asyncio.Task[None] | None = None
         self._listener: asyncio.Task[None] | None = None
         self._pubsub: Any = None
         self._listen_lock = asyncio.Lock()
         self._ready = False
         self._closed = False
-        shortest_lease = min((lim.lease_ttl for lim in self._limits.values()), default=30.0)
-        self._renew_every = min(shortest_lease, self._ticket_ttl) / 3
 
     # -- construction -------------------------------------------------------------------
 
@@ -323,7 +322,7 @@ class Limiter:
                     # happened before the subscription is then seen by the script.
                     waiter = _Waiter(api, ticket)
                     self._waiting[slot_id] = waiter
-                    self._work.set()
+                    self._start_renewer(self._ticket_ttl)
                     await self._ensure_listener()
                     continue
                 delay = remaining if wait_us < 0 else min(remaining, wait_us / 1_000_000)
@@ -504,7 +503,7 @@ class Limiter:
     def _admitted(self, api: str, slot_id: str, at: int, cost: int, tokens: int) -> Slot:
         slot = Slot(self, api, slot_id, at, cost, tokens)
         self._held[slot_id] = slot
-        self._start_renewer()
+        self._start_renewer(self._limits[api].lease_ttl)
         return slot
 
     async def _release(self, slot: Slot, outcome: int) -> None:
@@ -589,18 +588,35 @@ class Limiter:
 
     # -- lease renewal ------------------------------------------------------------------
 
-    def _start_renewer(self) -> None:
-        self._work.set()
+    def _start_renewer(self, period: float) -> None:
+        """Make sure something renews within ``period / 3`` (a lease or a ticket length)."""
+        if period / 3 < self._renew_every:
+            self._work.set()  # idle, or sleeping too long for this one: re-plan now
         if self._renewer is None or self._renewer.done():
             self._renewer = asyncio.create_task(self._renew_loop(), name="limiter-renewer")
 
     async def _renew_loop(self) -> None:
+        loop = asyncio.get_running_loop()
+        last = loop.time()
         while not self._closed:
             if not self._held and not self._waiting:
+                self._renew_every = math.inf
                 self._work.clear()
                 await self._work.wait()
+                last = loop.time()
                 continue
-            await asyncio.sleep(self._renew_every)
+            # Leases are renewed three times per lease; tickets three times per ticket_ttl.
+            periods = [self._limits[s.api].lease_ttl for s in self._held.values()]
+            if self._waiting:
+                periods.append(self._ticket_ttl)
+            self._renew_every = min(periods) / 3
+            delay = last + self._renew_every - loop.time()
+            if delay > 0:
+                self._work.clear()
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._work.wait(), delay)
+                continue
+            last = loop.time()
             try:
                 await self.renew()
             except LimiterUnavailable as exc:

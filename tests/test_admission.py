@@ -417,3 +417,22 @@ async def test_window_margin_widens_every_window(make_limiter: LimiterFactory) -
     assert slots[2].acquired_at - slots[0].acquired_at >= 300_000
     for s in slots:
         await s.release()
+
+
+async def test_waiting_ticket_is_kept_alive(make_limiter: LimiterFactory) -> None:
+    """A waiter keeps its place in line for longer than ticket_ttl while its process lives."""
+    limits = {"a": APILimits(max_concurrent=1)}
+    holder = make_limiter(limits, ticket_ttl=0.3)
+    first_lim = make_limiter(limits, ticket_ttl=0.3)
+    second_lim = make_limiter(limits, ticket_ttl=0.3)
+    held = await holder.acquire("a")
+    first = asyncio.create_task(first_lim.acquire("a", timeout=5))
+    await wait_for_waiters(holder, "a", 1)
+    await asyncio.sleep(1.0)  # more than three ticket lengths
+    second = asyncio.create_task(second_lim.acquire("a", timeout=5))
+    await wait_for_waiters(holder, "a", 2)
+    await held.release()
+    got = await asyncio.wait_for(first, 1)
+    assert not second.done()
+    await got.release()
+    await (await asyncio.wait_for(second, 1)).release()
