@@ -4,6 +4,7 @@ Every admission is decided atomically in Redis by Lua scripts, for all replicas 
 concurrency slots (leases), exact rolling windows, token budgets and provider cooldowns.
 """
 
+from ._compat import ConcurrencyManager
 from ._config import DEFAULT_LIMITS, APILimits, Rate
 from ._errors import AcquireTimeout, ConfigError, LeaseLost, LimiterError, LimiterUnavailable
 from ._limiter import Limiter, Slot
@@ -12,6 +13,7 @@ __all__ = [
     "DEFAULT_LIMITS",
     "APILimits",
     "AcquireTimeout",
+    "ConcurrencyManager",
     "ConfigError",
     "LeaseLost",
     "Limiter",

@@ -8,12 +8,13 @@ import itertools
 import logging
 import math
 import uuid
-from collections.abc import Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from types import TracebackType
-from typing import Any, Literal, Self
+from typing import Any, Literal, Self, TypeVar
 
 from redis.exceptions import NoScriptError, RedisError
 
+from ._call import call_with_retries
 from ._config import APILimits, check_api_name, validate_limits
 from ._errors import AcquireTimeout, ConfigError, LeaseLost, LimiterUnavailable
 from ._scripts import KeyPlan, Scripts
@@ -21,8 +22,10 @@ from ._scripts import KeyPlan, Scripts
 __all__ = ["Limiter", "Slot"]
 
 log = logging.getLogger("limiter")
+T = TypeVar("T")
 
 _OUTCOME_NONE, _OUTCOME_SUCCESS, _OUTCOME_FAILURE = 0, 1, 2
+_WINDOW_WORDS = {"rate:60s": "minute", "rate:3600s": "hour", "rate:1s": "second"}
 
 
 def _text(value: Any) -> str:
@@ -307,6 +310,7 @@ class Limiter:
         extra = (slot_id, str(cost), str(tokens), mode)
         waiter: _Waiter | None = None
         reason = "concurrency"
+        logged = False
         try:
             while True:
                 res = await self._run(self._scripts.acquire, plan, extra, "acquire")
@@ -326,6 +330,14 @@ class Limiter:
                     await self._ensure_listener()
                     continue
                 delay = remaining if wait_us < 0 else min(remaining, wait_us / 1_000_000)
+                if wait_us >= 0 and reason != "concurrency" and not logged:
+                    logged = True
+                    log.warning(
+                        "Rate limit reached for %s (%s): waiting %.1fs",
+                        api,
+                        _WINDOW_WORDS.get(reason, reason),
+                        wait_us / 1_000_000,
+                    )
                 while True:
                     if not waiter.future.done():
                         await asyncio.wait({waiter.future}, timeout=delay)
@@ -347,6 +359,39 @@ class Limiter:
             raise
         finally:
             self._waiting.pop(slot_id, None)
+
+    async def call(
+        self,
+        api: str,
+        operation: Callable[[], Awaitable[T]],
+        name: str | None = None,
+        timeout: float | None = None,
+        tokens: int = 0,
+        *,
+        idempotent: bool = True,
+    ) -> T:
+        """Run ``operation()`` under a slot of ``api``, retrying what is worth retrying.
+
+        Each attempt holds its own slot, released before any backoff sleep. Retryable
+        failures (429 ``rate_limit_exceeded``, 408, 409, 5xx, timeouts, connection errors)
+        are retried up to ``retry_attempts`` with exponential backoff and jitter between
+        ``backoff_min`` and ``backoff_max``, waiting at least the provider's Retry-After.
+        A 429 pauses the API for every replica. ``timeout`` bounds the whole call, waits
+        and backoff included (``None``: the API's ``acquire_timeout``); a wait that would
+        end past it fails at once with the provider's error. ``idempotent=False`` (calls
+        with side effects) retries only failures that prove the call never ran. If the
+        result has ``usage.total_tokens``, it is reported for the token budget.
+        """
+        self._lookup(api)
+        return await call_with_retries(
+            self,
+            api,
+            operation,
+            name=name,
+            timeout=timeout,
+            tokens=tokens,
+            idempotent=idempotent,
+        )
 
     async def release(self, slot: Slot, *, success: bool = True) -> None:
         """Release ``slot`` (same as ``await slot.release()``)."""

@@ -1,0 +1,165 @@
+"""``Limiter.call``: one slot per attempt, retries with tenacity's own objects."""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING, Any, TypeVar
+
+from tenacity import (
+    AsyncRetrying,
+    RetryCallState,
+    retry_if_exception,
+    stop_after_attempt,
+    stop_before_delay,
+    wait_random_exponential,
+)
+from tenacity.stop import stop_base
+from tenacity.wait import wait_base
+
+from ._retry import Verdict, classify_exception
+
+if TYPE_CHECKING:
+    from ._limiter import Limiter
+
+__all__ = ["call_with_retries", "display_name"]
+
+log = logging.getLogger("limiter")
+T = TypeVar("T")
+
+_DISPLAY = {"openai": "OpenAI", "zapier": "Zapier"}
+
+
+def display_name(api: str) -> str:
+    """``"openai"`` -> ``"OpenAI"``: how the logs name an API."""
+    return _DISPLAY.get(api, api)
+
+
+def _verdict(retry_state: RetryCallState, idempotent: bool) -> Verdict | None:
+    outcome = retry_state.outcome
+    if outcome is None or not outcome.failed:
+        return None
+    exc = outcome.exception()
+    return None if exc is None else classify_exception(exc, idempotent=idempotent)
+
+
+class wait_provider_hint(wait_base):  # lower case like tenacity's own strategies
+    """The larger of the provider's Retry-After hint and a fallback wait (our backoff)."""
+
+    def __init__(self, fallback: wait_base, *, idempotent: bool = True) -> None:
+        self.fallback = fallback
+        self.idempotent = idempotent
+
+    def __call__(self, retry_state: RetryCallState) -> float:
+        ours = self.fallback(retry_state)
+        verdict = _verdict(retry_state, self.idempotent)
+        hint = verdict.retry_after if verdict is not None else None
+        return max(ours, hint or 0.0)
+
+
+async def call_with_retries(
+    limiter: Limiter,
+    api: str,
+    operation: Callable[[], Awaitable[T]],
+    *,
+    name: str | None,
+    timeout: float | None,
+    tokens: int,
+    idempotent: bool,
+) -> T:
+    """Run ``operation`` under a slot of ``api``, retrying retryable failures."""
+    limits = limiter.limits[api]
+    budget = limits.acquire_timeout if timeout is None else timeout
+    start = time.monotonic()
+    label = f"{display_name(api)} call" + (f" ({name})" if name else "")
+
+    def remaining() -> float | None:
+        if budget is None:
+            return None
+        return max(0.0, budget - (time.monotonic() - start))
+
+    stop: stop_base = stop_after_attempt(limits.retry_attempts)
+    if budget is not None and math.isfinite(budget):
+        # The wait is computed before the stop check: a hint or backoff that would end
+        # past the budget stops at once, with the provider's error.
+        stop = stop | stop_before_delay(budget)
+
+    def before_sleep(rs: RetryCallState) -> None:
+        verdict = _verdict(rs, idempotent)
+        log.warning(
+            "%s failed (attempt %d/%d, %s): retrying in %.2fs",
+            label,
+            rs.attempt_number,
+            limits.retry_attempts,
+            verdict.kind if verdict else "error",
+            rs.upcoming_sleep,
+        )
+
+    retrying = AsyncRetrying(
+        stop=stop,
+        wait=wait_provider_hint(
+            wait_random_exponential(
+                multiplier=limits.backoff_min, min=limits.backoff_min, max=limits.backoff_max
+            ),
+            idempotent=idempotent,
+        ),
+        retry=retry_if_exception(lambda exc: classify_exception(exc, idempotent=idempotent).retry),
+        before_sleep=before_sleep,
+        reraise=True,
+    )
+    async for attempt in retrying:
+        with attempt:
+            return await _one_attempt(
+                limiter, api, operation, remaining(), tokens, label, idempotent
+            )
+    raise AssertionError("unreachable: tenacity returns or re-raises")  # pragma: no cover
+
+
+async def _one_attempt(
+    limiter: Limiter,
+    api: str,
+    operation: Callable[[], Awaitable[T]],
+    timeout: float | None,
+    tokens: int,
+    label: str,
+    idempotent: bool,
+) -> T:
+    # timeout=None here means "no bound": pass inf so slot() does not apply acquire_timeout.
+    wait_bound = math.inf if timeout is None else timeout
+    async with limiter.slot(api, timeout=wait_bound, tokens=tokens) as slot:
+        began = time.monotonic()
+        try:
+            result = await operation()
+        except Exception as exc:
+            verdict = classify_exception(exc, idempotent=idempotent)
+            await _pause_if_asked(limiter, api, verdict)
+            raise
+        report: Any = getattr(result, "usage", None)
+        total = getattr(report, "total_tokens", None)
+        if isinstance(total, int) and not isinstance(total, bool) and total >= 0:
+            slot.report_tokens(total)
+    log.info("%s completed successfully in %.2fs", label, time.monotonic() - began)
+    return result
+
+
+async def _pause_if_asked(limiter: Limiter, api: str, verdict: Verdict) -> None:
+    """A 429 pauses the API for every replica; a spent quota pauses it loudly."""
+    limits = limiter.limits[api]
+    if verdict.kind == "quota":
+        seconds = max(verdict.retry_after or 0.0, limits.backoff_max)
+        log.error(
+            "QUOTA EXHAUSTED for %s (%s): pausing it for every replica for %.0fs; "
+            "requests will fail until the quota is raised",
+            display_name(api),
+            verdict.code or "quota",
+            seconds,
+        )
+        await limiter.cooldown(api, seconds)
+    elif verdict.kind == "rate_limited":
+        seconds = verdict.retry_after or limits.backoff_min
+        log.warning(
+            "%s answered 429: pausing it for every replica for %.2fs", display_name(api), seconds
+        )
+        await limiter.cooldown(api, seconds)
