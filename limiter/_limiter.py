@@ -8,7 +8,7 @@ import itertools
 import logging
 import math
 import uuid
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from types import TracebackType
 from typing import Any, Literal, Self, TypeVar
 
@@ -45,6 +45,7 @@ class Slot:
 
     __slots__ = (
         "_actual_tokens",
+        "_handed",
         "_limiter",
         "_lost",
         "_released",
@@ -56,9 +57,17 @@ class Slot:
     )
 
     def __init__(
-        self, limiter: Limiter, api: str, slot_id: str, acquired_at: int, cost: int, tokens: int
+        self,
+        limiter: Limiter,
+        api: str,
+        slot_id: str,
+        acquired_at: int,
+        cost: int,
+        tokens: int,
+        handed: bool = False,
     ) -> None:
         self._limiter = limiter
+        self._handed = handed
         #: The API this slot admits a call to.
         self.api = api
         #: Unique id of the slot ("<process id>.<n>").
@@ -306,20 +315,22 @@ class Limiter:
         deadline = math.inf if timeout is None else start + timeout
         slot_id = f"{self._process_id}.{next(self._ids)}"
         ticket = f"{slot_id}|{cost}|{tokens}"
-        mode = "try" if timeout == 0 else "wait"
-        extra = (slot_id, str(cost), str(tokens), mode)
+        mode = b"try" if timeout == 0 else b"wait"
+        extra: tuple[Any, ...] = (slot_id, cost, tokens, mode, b"1")
         waiter: _Waiter | None = None
         reason = "concurrency"
         logged = False
         try:
             while True:
                 res = await self._run(self._scripts.acquire, plan, extra, "acquire")
+                extra = (slot_id, cost, tokens, mode, b"0")
                 if int(res[0]) == 1:
-                    return self._admitted(api, slot_id, int(res[1]), cost, tokens)
+                    handed = waiter is not None
+                    return self._admitted(api, slot_id, int(res[1]), cost, tokens, handed)
                 reason = plan.reasons[_text(res[1])]
                 wait_us = int(res[2])
                 remaining = deadline - loop.time()
-                if mode == "try" or remaining <= 0:
+                if mode == b"try" or remaining <= 0:
                     raise AcquireTimeout(api, reason, loop.time() - start)
                 if waiter is None:
                     # Listen before waiting, then ask again at once: a hand-off that
@@ -346,7 +357,7 @@ class Limiter:
                     kind, value = waiter.future.result()
                     waiter.future = loop.create_future()
                     if kind == "admitted":
-                        return self._admitted(api, slot_id, value, cost, tokens)
+                        return self._admitted(api, slot_id, value, cost, tokens, True)
                     if kind == "retry":
                         break  # our ticket expired (this process stalled): queue again
                     # "hint": we are at the head; the limit that holds us ends in `value` us.
@@ -411,9 +422,7 @@ class Limiter:
             )
         await self._ensure_ready()
         ms = max(1, math.ceil(seconds * 1000))
-        left = await self._call(
-            self._scripts.cooldown, [plan.cooldown_key], [str(ms)], api, "cooldown"
-        )
+        left = await self._call(self._scripts.cooldown, [plan.cooldown_key], [ms], api, "cooldown")
         return int(left) / 1000
 
     async def stats(self, api: str | None = None) -> dict[str, Any]:
@@ -425,7 +434,7 @@ class Limiter:
         res = await self._call(
             self._scripts.stats,
             plan.stats_keys,
-            [str(p) for p in plan.window_periods],
+            plan.window_periods,
             api,
             "stats",
         )
@@ -445,7 +454,7 @@ class Limiter:
             for name, u, lim in zip(plan.window_names, used, plan.window_limits, strict=True)
         }
         return {
-            "total_requests": counters.get("total_requests", 0),
+            "total_requests": done + int(in_flight),
             "successful_requests": ok,
             "failed_requests": failed,
             "success_rate": (100.0 * ok / done) if done else 0.0,
@@ -535,18 +544,25 @@ class Limiter:
         self._ready = True
 
     async def _call(
-        self, script: Any, keys: list[str] | tuple[str, ...], args: list[str], api: str, op: str
+        self, script: Any, keys: Sequence[bytes], args: Sequence[Any], api: str | None, op: str
     ) -> Any:
+        """EVALSHA ``script``; on NOSCRIPT (a flush, a restart) load it and run it again."""
         try:
-            return await script(keys=keys, args=args)
+            try:
+                return await self._redis.evalsha(script.sha, len(keys), *keys, *args)
+            except NoScriptError:
+                script.sha = await self._redis.script_load(script.script)
+                return await self._redis.evalsha(script.sha, len(keys), *keys, *args)
         except RedisError as exc:
             raise LimiterUnavailable(api, op, _redact(exc)) from exc
 
-    async def _run(self, script: Any, plan: KeyPlan, extra: tuple[str, ...], op: str) -> Any:
-        return await self._call(script, plan.keys, [*plan.args, *extra], plan.api, op)
+    async def _run(self, script: Any, plan: KeyPlan, extra: Sequence[Any], op: str) -> Any:
+        return await self._call(script, plan.keys, (plan.config, *extra), plan.api, op)
 
-    def _admitted(self, api: str, slot_id: str, at: int, cost: int, tokens: int) -> Slot:
-        slot = Slot(self, api, slot_id, at, cost, tokens)
+    def _admitted(
+        self, api: str, slot_id: str, at: int, cost: int, tokens: int, handed: bool
+    ) -> Slot:
+        slot = Slot(self, api, slot_id, at, cost, tokens, handed)
         self._held[slot_id] = slot
         self._start_renewer(self._limits[api].lease_ttl)
         return slot
@@ -556,11 +572,12 @@ class Limiter:
         self._held.pop(slot.id, None)
         extra = (
             slot.id,
-            "",
-            str(outcome),
-            str(slot.acquired_at),
-            str(slot.tokens),
-            str(slot._actual_tokens),
+            b"",
+            outcome,
+            slot.acquired_at,
+            slot.tokens,
+            slot._actual_tokens,
+            b"1" if slot._handed else b"0",
         )
         res = await self._run(self._scripts.release, plan, extra, "release")
         if int(res[0]) == 0 or slot._lost:
@@ -570,7 +587,7 @@ class Limiter:
 
     async def _withdraw(self, plan: KeyPlan, slot_id: str, ticket: str) -> None:
         """Take a waiter's ticket out of the queue (and free a slot handed to it meanwhile)."""
-        extra = (slot_id, ticket, str(_OUTCOME_NONE), "0", "0", "-1")
+        extra = (slot_id, ticket, _OUTCOME_NONE, 0, 0, -1, b"1")
         task = asyncio.ensure_future(self._run(self._scripts.release, plan, extra, "withdraw"))
         try:
             await asyncio.shield(task)
@@ -687,7 +704,7 @@ class Limiter:
             for api in apis:
                 plan = self._plans[api]
                 slots, tickets = by_api[api]
-                args = [*plan.args, str(len(slots)), *slots, *tickets]
+                args = [plan.config, len(slots), *slots, *tickets]
                 pipe.evalsha(sha, len(plan.keys), *plan.keys, *args)
             try:
                 results = await pipe.execute(raise_on_error=False)
@@ -703,18 +720,18 @@ class Limiter:
             if isinstance(res, Exception):
                 log.warning("lease renewal for %s failed: %s", api, _redact(res))
                 continue
-            lost, admitted, gone, now = res
+            lost, admitted, gone = res
             for sid in map(_text, lost):
                 held = self._held.get(sid)
                 if held is not None and not held._lost:
                     held._lost = True
                     log.warning("lease of slot %s for %s was lost", sid, api)
-            for sid in map(_text, admitted):
-                handed = self._waiting.get(sid)
+            for i in range(0, len(admitted), 2):
+                handed = self._waiting.get(_text(admitted[i]))
                 if handed is not None:
                     if handed.future.done():
                         handed.future = asyncio.get_running_loop().create_future()
-                    handed.future.set_result(("admitted", int(now)))
+                    handed.future.set_result(("admitted", int(admitted[i + 1])))
             for ticket in map(_text, gone):
                 expired = self._waiting.get(ticket.partition("|")[0])
                 if expired is not None and not expired.future.done():

@@ -48,10 +48,11 @@ class KeyPlan:
     """The keys of one API and the arguments every admission script takes for it."""
 
     api: str
-    #: holders, queue, qexp, cooldown, stats, sums, then one key per window.
-    keys: tuple[str, ...]
-    #: The common ARGV of _common.lua.
-    args: tuple[str, ...]
+    #: holders, queue, qexp, cooldown, stats, extra, handed, then one key per window
+    #: (encoded once: redis-py sends bytes as they are).
+    keys: tuple[bytes, ...]
+    #: ARGV[1] of the admission scripts: the API's configuration as one string.
+    config: bytes
     #: Script reason code -> public reason ("w1" -> "rate:60s").
     reasons: dict[str, str]
     #: Window periods as enforced (microseconds, margin included) and names, in ARGV order.
@@ -72,7 +73,8 @@ class KeyPlan:
         stats_ttl: float,
     ) -> KeyPlan:
         prefix = f"{namespace}:{{{api}}}:"
-        keys = [prefix + k for k in ("holders", "queue", "qexp", "cooldown", "stats", "sums")]
+        parts = ("holders", "queue", "qexp", "cooldown", "stats", "extra", "handed")
+        keys = [prefix + k for k in parts]
         periods: list[int] = []
         names: list[str] = []
         wlimits: list[int] = []
@@ -91,7 +93,7 @@ class KeyPlan:
             names.append("tokens")
             wlimits.append(limits.tokens_per_minute)
             kinds.append("t")
-        args = [
+        conf = [
             namespace,
             str(limits.max_concurrent or 0),
             str(round(limits.lease_ttl * 1_000_000)),
@@ -100,14 +102,14 @@ class KeyPlan:
             str(len(periods)),
         ]
         for limit, us, kind in zip(wlimits, periods, kinds, strict=True):
-            args += [str(limit), str(us), kind]
+            conf += [str(limit), str(us), kind]
         reasons = {"cooldown": "cooldown", "concurrency": "concurrency"}
         for i, name in enumerate(names, start=1):
             reasons[f"w{i}"] = name
         return cls(
             api=api,
-            keys=tuple(keys),
-            args=tuple(args),
+            keys=tuple(k.encode() for k in keys),
+            config=" ".join(conf).encode(),
             reasons=reasons,
             window_periods=tuple(periods),
             window_names=tuple(names),
@@ -116,10 +118,10 @@ class KeyPlan:
         )
 
     @property
-    def cooldown_key(self) -> str:
+    def cooldown_key(self) -> bytes:
         return self.keys[3]
 
     @property
-    def stats_keys(self) -> list[str]:
+    def stats_keys(self) -> list[bytes]:
         """KEYS of stats.lua: holders, qexp, cooldown, stats, then the windows."""
-        return [self.keys[0], self.keys[2], self.keys[3], self.keys[4], *self.keys[6:]]
+        return [self.keys[0], self.keys[2], self.keys[3], self.keys[4], *self.keys[7:]]

@@ -7,46 +7,53 @@
 --   KEYS[2]  queue    ZSET  ticket  -> arrival time (microseconds): FIFO order
 --   KEYS[3]  qexp     ZSET  ticket  -> ticket expiry (microseconds)
 --   KEYS[4]  cooldown STRING with PX: the provider asked us to wait
---   KEYS[5]  stats    HASH  cluster-wide counters for stats()
---   KEYS[6]  sums     HASH  window key -> sum of the weights in that window
---   KEYS[6+i] window i ZSET "<slot id>|<weight>" -> admission time (microseconds)
+--   KEYS[5]  stats    HASH  cluster-wide counters for stats() (counted at release:
+--                           admissions = successful + failed + in flight)
+--   KEYS[6]  extra    HASH  window key -> sum of (weight - 1) over its entries
+--   KEYS[7]  handed   HASH  slot id -> admission time, for slots a release
+--                           handed to a waiter (read back by that waiter)
+--   KEYS[7+i] window i ZSET "<slot id>|<weight>" -> admission time (microseconds)
 --
--- Common ARGV (the same for the three scripts, built once per API by the client):
---   ARGV[1]  namespace (the wake-up channel is <namespace>:wake:<process id>)
---   ARGV[2]  max_concurrent: slots in flight for the whole cluster, 0 = no limit
---   ARGV[3]  lease length, microseconds
---   ARGV[4]  ticket length, microseconds (a waiter that stops refreshing its
---            ticket for this long is dropped from the queue)
---   ARGV[5]  stats TTL, milliseconds
---   ARGV[6]  n: number of windows
---   then n triples: limit (weight units), period (microseconds),
---            kind ("r": weighted by the request's cost, "t": by its tokens)
---   The operation's own ARGV start at index 7 + 3 * n.
+-- ARGV[1] is the API's configuration as one space-separated string (built once
+-- per API by the client):
+--   namespace (the wake-up channel is <namespace>:wake:<process id>)
+--   max_concurrent (slots in flight for the whole cluster, 0 = no limit)
+--   lease length (microseconds)
+--   ticket length (microseconds: a waiter that stops refreshing its ticket for
+--     this long is dropped from the queue)
+--   stats TTL (milliseconds)
+--   n, the number of windows, then n triples: limit (weight units),
+--     period (microseconds), kind ("r": weighted by the request's cost,
+--     "t": by its tokens)
+-- The operation's own ARGV start at ARGV[2].
 --
 -- A ticket is "<slot id>|<cost>|<tokens>"; a slot id is "<process id>.<n>".
 -- Times are integers of microseconds of Redis TIME: no client clock is used.
+-- A window's used weight is ZCARD + extra: entries of weight 1 (the common
+-- case) cost no bookkeeping beyond the sorted set itself.
 
 local unpack = unpack or table.unpack
 
 local K_HOLDERS, K_QUEUE, K_QEXP = KEYS[1], KEYS[2], KEYS[3]
-local K_COOLDOWN, K_STATS, K_SUMS = KEYS[4], KEYS[5], KEYS[6]
+local K_COOLDOWN, K_STATS, K_EXTRA, K_HANDED = KEYS[4], KEYS[5], KEYS[6], KEYS[7]
 
-local NS = ARGV[1]
-local MAXC = tonumber(ARGV[2])
-local LEASE = tonumber(ARGV[3])
-local TICKET_TTL = tonumber(ARGV[4])
-local STATS_TTL = tonumber(ARGV[5])
-local NW = tonumber(ARGV[6])
+local CONF = {}
+for word in string.gmatch(ARGV[1], '%S+') do CONF[#CONF + 1] = word end
+local NS = CONF[1]
+local MAXC = tonumber(CONF[2])
+local LEASE = tonumber(CONF[3])
+local TICKET_TTL = tonumber(CONF[4])
+local STATS_TTL = tonumber(CONF[5])
+local NW = tonumber(CONF[6])
 local W_KEY, W_LIMIT, W_PERIOD, W_KIND = {}, {}, {}, {}
 local LONGEST = LEASE
 for i = 1, NW do
-  W_KEY[i] = KEYS[6 + i]
-  W_LIMIT[i] = tonumber(ARGV[4 + 3 * i])
-  W_PERIOD[i] = tonumber(ARGV[5 + 3 * i])
-  W_KIND[i] = ARGV[6 + 3 * i]
+  W_KEY[i] = KEYS[7 + i]
+  W_LIMIT[i] = tonumber(CONF[4 + 3 * i])
+  W_PERIOD[i] = tonumber(CONF[5 + 3 * i])
+  W_KIND[i] = CONF[6 + 3 * i]
   if W_PERIOD[i] > LONGEST then LONGEST = W_PERIOD[i] end
 end
-local OP = 7 + 3 * NW -- first operation-specific ARGV
 
 local t = redis.call('TIME')
 local NOW = tonumber(t[1]) * 1000000 + tonumber(t[2])
@@ -65,9 +72,13 @@ local function parse_ticket(ticket)
   return slot, tonumber(cost), tonumber(tokens)
 end
 
--- Drop expired leases and expired tickets.
-local function prune()
+-- Drop expired leases.
+local function prune_leases()
   redis.call('ZREMRANGEBYSCORE', K_HOLDERS, '-inf', NOW)
+end
+
+-- Drop expired tickets (only worth calling when the queue is not empty).
+local function prune_tickets()
   local dead = redis.call('ZRANGEBYSCORE', K_QEXP, '-inf', NOW)
   for i = 1, #dead, 1000 do
     redis.call('ZREM', K_QUEUE, unpack(dead, i, math.min(i + 999, #dead)))
@@ -75,33 +86,35 @@ local function prune()
   if #dead > 0 then redis.call('ZREMRANGEBYSCORE', K_QEXP, '-inf', NOW) end
 end
 
--- Current sum of window i after dropping what left it, cached per call.
-local SUM = {}
+-- Used weight of window i after dropping what left it, cached per call.
+local SUM, EXTRA = {}, {}
+
+local function set_extra(i)
+  redis.call('HSET', K_EXTRA, W_KEY[i], int(EXTRA[i]))
+  redis.call('PEXPIRE', K_EXTRA, ttl_ms(LONGEST))
+end
+
+local STORED = nil -- extra weights as stored, read once for all windows
+
 local function window_sum(i)
   if SUM[i] then return SUM[i] end
+  if not STORED then STORED = NW > 0 and redis.call('HMGET', K_EXTRA, unpack(W_KEY)) or {} end
   local key = W_KEY[i]
-  local sum = 0
-  if redis.call('EXISTS', key) == 1 then
-    local stored = redis.call('HGET', K_SUMS, key)
-    local cutoff = NOW - W_PERIOD[i]
-    if stored then
-      sum = tonumber(stored)
-      local old = redis.call('ZRANGEBYSCORE', key, '-inf', cutoff)
-      if #old > 0 then
-        for _, m in ipairs(old) do sum = sum - weight_of(m) end
-        redis.call('ZREMRANGEBYSCORE', key, '-inf', cutoff)
-        if sum < 0 then sum = 0 end
-        redis.call('HSET', K_SUMS, key, int(sum))
-      end
-    else
-      -- The sum was lost (should not happen): rebuild it from the log.
-      redis.call('ZREMRANGEBYSCORE', key, '-inf', cutoff)
-      for _, m in ipairs(redis.call('ZRANGE', key, 0, -1)) do sum = sum + weight_of(m) end
-      redis.call('HSET', K_SUMS, key, int(sum))
+  local cutoff = NOW - W_PERIOD[i]
+  local stored = tonumber(STORED[i] or '0')
+  local extra = stored
+  if extra > 0 then
+    for _, m in ipairs(redis.call('ZRANGEBYSCORE', key, '-inf', cutoff)) do
+      extra = extra - (weight_of(m) - 1)
     end
   end
-  SUM[i] = sum
-  return sum
+  redis.call('ZREMRANGEBYSCORE', key, '-inf', cutoff)
+  local n = redis.call('ZCARD', key)
+  if n == 0 or extra < 0 then extra = 0 end
+  EXTRA[i] = extra
+  if extra ~= stored then set_extra(i) end
+  SUM[i] = n + extra
+  return SUM[i]
 end
 
 -- Microseconds until `need` weight has left window i (oldest entries first).
@@ -148,7 +161,6 @@ end
 local function admit(slot, cost, tokens)
   redis.call('ZADD', K_HOLDERS, int(NOW + LEASE), slot)
   redis.call('PEXPIRE', K_HOLDERS, ttl_ms(LEASE))
-  local touched = false
   for i = 1, NW do
     local w = (W_KIND[i] == 't') and tokens or cost
     if w > 0 then
@@ -156,13 +168,12 @@ local function admit(slot, cost, tokens)
       SUM[i] = window_sum(i) + w
       redis.call('ZADD', key, int(NOW), slot .. '|' .. int(w))
       redis.call('PEXPIRE', key, ttl_ms(W_PERIOD[i]))
-      redis.call('HSET', K_SUMS, key, int(SUM[i]))
-      touched = true
+      if w > 1 then
+        EXTRA[i] = EXTRA[i] + w - 1
+        set_extra(i)
+      end
     end
   end
-  if touched then redis.call('PEXPIRE', K_SUMS, ttl_ms(LONGEST)) end
-  redis.call('HINCRBY', K_STATS, 'total_requests', 1)
-  redis.call('PEXPIRE', K_STATS, STATS_TTL)
 end
 
 local function count_refusal(reason)
@@ -188,7 +199,8 @@ local function hint_head(head, wait, own)
 end
 
 -- Admit waiting tickets from the head of the queue while they fit, FIFO.
--- Each admitted ticket other than `own` is told on its process's channel.
+-- Each admitted ticket other than `own` is told on its process's channel,
+-- and its admission time kept in `handed` until it is read or released.
 -- Returns: own_admitted, head ticket left (or nil), its reason, its wait,
 -- number of others woken.
 local function drain(own)
@@ -206,8 +218,20 @@ local function drain(own)
     if ticket == own then
       own_admitted = true
     else
+      redis.call('HSET', K_HANDED, slot, int(NOW))
+      redis.call('PEXPIRE', K_HANDED, ttl_ms(LEASE))
       tell(slot, 'A ' .. slot .. ' ' .. int(NOW))
       woken = woken + 1
     end
   end
+end
+
+-- Admission time of a slot handed to its waiter by someone else's drain.
+local function handed_at(slot)
+  local at = redis.call('HGET', K_HANDED, slot)
+  if at then
+    redis.call('HDEL', K_HANDED, slot)
+    return tonumber(at)
+  end
+  return NOW
 end

@@ -1,39 +1,67 @@
 -- acquire.lua: admit one request, or queue it fairly and say why not.
 --
--- KEYS and common ARGV: see _common.lua (holders, queue, qexp, cooldown,
--- stats, sums, then one key per window).
--- Operation ARGV (from index OP = 7 + 3 * n):
---   ARGV[OP]     slot id "<process id>.<n>", unique per request
---   ARGV[OP+1]   cost: weight in request windows (integer >= 1)
---   ARGV[OP+2]   tokens: weight in the token window (integer >= 0)
---   ARGV[OP+3]   mode: "wait" (join the FIFO queue when refused) or
---                "try" (never queue; refuse when anyone is waiting)
+-- KEYS and ARGV[1]: see _common.lua (holders, queue, qexp, cooldown, stats,
+-- extra, handed, then one key per window; the API's configuration).
+-- Operation ARGV:
+--   ARGV[2]  slot id "<process id>.<n>", unique per request
+--   ARGV[3]  cost: weight in request windows (integer >= 1)
+--   ARGV[4]  tokens: weight in the token window (integer >= 0)
+--   ARGV[5]  mode: "wait" (join the FIFO queue when refused) or
+--            "try" (never queue; refuse when anyone is waiting)
+--   ARGV[6]  "1" on a request's first call, "0" when a waiter asks again
 --
 -- All or nothing: concurrency, every window, tokens and the cooldown are
 -- checked together; a refusal records nothing but the ticket (mode "wait")
--- and one refusal count the first time the request is refused.
+-- and one refusal count on the request's first call.
 --
 -- Returns:
 --   {1, admission time (microseconds, Redis TIME)}   admitted; the lease runs
 --                                                    until admission + lease
 --   {0, reason, wait (microseconds), at_head (0/1)}  refused, where reason is
---       "cooldown", "concurrency" or "w<i>" (the i-th window of ARGV); wait is
---       how long until that limit could pass when this ticket is at the head
---       (-1 when it is not: wait for a wake-up on the process channel).
+--       "cooldown", "concurrency" or "w<i>" (the i-th window of ARGV[1]); wait
+--       is how long until that limit could pass when this ticket is at the
+--       head (-1 when it is not: wait for a wake-up on the process channel).
 
-local SLOT = ARGV[OP]
-local COST = tonumber(ARGV[OP + 1])
-local TOKENS = tonumber(ARGV[OP + 2])
-local MODE = ARGV[OP + 3]
+local SLOT = ARGV[2]
+local COST = tonumber(ARGV[3])
+local TOKENS = tonumber(ARGV[4])
+local MODE = ARGV[5]
+local FIRST = ARGV[6] == '1'
 local TICKET = SLOT .. '|' .. int(COST) .. '|' .. int(TOKENS)
 
-prune()
+prune_leases()
+local waiting = redis.call('ZCARD', K_QUEUE)
+if waiting > 0 then prune_tickets() end
 
--- Already admitted by someone else's release (the wake-up may be in flight).
-if redis.call('ZSCORE', K_HOLDERS, SLOT) then
+if not FIRST and redis.call('ZSCORE', K_HOLDERS, SLOT) then
+  -- Admitted by someone else's release meanwhile (its wake-up may be in flight).
   redis.call('ZREM', K_QUEUE, TICKET)
   redis.call('ZREM', K_QEXP, TICKET)
-  return {1, NOW}
+  return {1, handed_at(SLOT)}
+end
+
+local function enqueue()
+  local new = false
+  if not redis.call('ZSCORE', K_QUEUE, TICKET) then
+    redis.call('ZADD', K_QUEUE, int(NOW), TICKET)
+    new = true
+  end
+  redis.call('ZADD', K_QEXP, int(NOW + TICKET_TTL), TICKET)
+  redis.call('PEXPIRE', K_QUEUE, ttl_ms(TICKET_TTL))
+  redis.call('PEXPIRE', K_QEXP, ttl_ms(TICKET_TTL))
+  return new
+end
+
+if waiting == 0 or redis.call('ZCARD', K_QUEUE) == 0 then
+  -- Nobody waits: the common, fast case.
+  local reason, wait = check(COST, TOKENS)
+  if not reason then
+    admit(SLOT, COST, TOKENS)
+    return {1, NOW}
+  end
+  if FIRST then count_refusal(reason) end
+  if MODE == 'wait' then enqueue() end
+  return {0, reason, wait, 1}
 end
 
 if MODE == 'try' then
@@ -43,28 +71,20 @@ if MODE == 'try' then
     count_refusal(reason)
     return {0, reason, -1, 0}
   end
-  local r, wait = check(COST, TOKENS)
+  local r, w = check(COST, TOKENS)
   if not r then
     admit(SLOT, COST, TOKENS)
     return {1, NOW}
   end
   count_refusal(r)
-  return {0, r, wait, 1}
+  return {0, r, w, 1}
 end
 
-local new = false
-if not redis.call('ZSCORE', K_QUEUE, TICKET) then
-  redis.call('ZADD', K_QUEUE, int(NOW), TICKET)
-  new = true
-end
-redis.call('ZADD', K_QEXP, int(NOW + TICKET_TTL), TICKET)
-redis.call('PEXPIRE', K_QUEUE, ttl_ms(TICKET_TTL))
-redis.call('PEXPIRE', K_QEXP, ttl_ms(TICKET_TTL))
-
+local new = enqueue()
 local own, head, reason, wait, woken = drain(TICKET)
 -- A new head (after others were admitted) learns how long it must wait.
 if woken > 0 then hint_head(head, wait, TICKET) end
 if own then return {1, NOW} end
-if new then count_refusal(reason) end
+if new and FIRST then count_refusal(reason) end
 if head == TICKET then return {0, reason, wait, 1} end
 return {0, reason, -1, 0}

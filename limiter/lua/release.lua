@@ -1,62 +1,71 @@
 -- release.lua: free a slot (or withdraw a waiting ticket), reconcile its
 -- tokens, count the outcome, and hand freed room to the head of the queue.
 --
--- KEYS and common ARGV: see _common.lua.
--- Operation ARGV (from index OP = 7 + 3 * n):
---   ARGV[OP]     slot id
---   ARGV[OP+1]   ticket "<slot id>|<cost>|<tokens>" to withdraw from the queue
---                (a waiter that timed out or was cancelled), or ""
---   ARGV[OP+2]   outcome: 0 none (cancelled, not counted), 1 success, 2 failure
---   ARGV[OP+3]   admission time, microseconds (Redis TIME returned by acquire);
---                the response time counted is now - admission
---   ARGV[OP+4]   tokens reserved at admission (integer >= 0)
---   ARGV[OP+5]   tokens really used, or -1 when not reported; the token window
---                entry is corrected to this (over-estimates come back,
---                under-estimates are charged)
+-- KEYS and ARGV[1]: see _common.lua.
+-- Operation ARGV:
+--   ARGV[2]  slot id
+--   ARGV[3]  ticket "<slot id>|<cost>|<tokens>" to withdraw from the queue
+--            (a waiter that timed out or was cancelled), or ""
+--   ARGV[4]  outcome: 0 none (cancelled, not counted), 1 success, 2 failure
+--   ARGV[5]  admission time, microseconds (Redis TIME returned by acquire);
+--            the response time counted is now - admission
+--   ARGV[6]  tokens reserved at admission (integer >= 0)
+--   ARGV[7]  tokens really used, or -1 when not reported; the token window
+--            entry is corrected to this (over-estimates come back,
+--            under-estimates are charged)
+--   ARGV[8]  "1" when the slot was handed over by another call's drain (its
+--            admission time may still be kept in `handed`), else "0"
 --
 -- Returns {held, woken}: held is 1 when the slot's lease was there and is now
 -- released, 0 when it was already gone (expired or lost: the caller raises
 -- LeaseLost); woken is how many waiters this release admitted. The waiter
 -- left at the head of the queue is told how long it must still wait.
 
-local SLOT = ARGV[OP]
-local TICKET = ARGV[OP + 1]
-local OUTCOME = tonumber(ARGV[OP + 2])
-local ADMITTED_AT = tonumber(ARGV[OP + 3])
-local RESERVED = tonumber(ARGV[OP + 4])
-local ACTUAL = tonumber(ARGV[OP + 5])
-
-prune()
+local SLOT = ARGV[2]
+local TICKET = ARGV[3]
+local OUTCOME = tonumber(ARGV[4])
+local ADMITTED_AT = tonumber(ARGV[5])
+local RESERVED = tonumber(ARGV[6])
+local ACTUAL = tonumber(ARGV[7])
+local HANDED = ARGV[8] == '1'
 
 if TICKET ~= '' then
   redis.call('ZREM', K_QUEUE, TICKET)
   redis.call('ZREM', K_QEXP, TICKET)
 end
 
+-- A lease that expired counts as lost even when no script pruned it yet.
+local lease = redis.call('ZSCORE', K_HOLDERS, SLOT)
 local held = 0
-if redis.call('ZREM', K_HOLDERS, SLOT) == 1 then held = 1 end
+if lease then
+  redis.call('ZREM', K_HOLDERS, SLOT)
+  if tonumber(lease) > NOW then held = 1 end
+end
+if HANDED or TICKET ~= '' then redis.call('HDEL', K_HANDED, SLOT) end
 
 if ACTUAL >= 0 and ACTUAL ~= RESERVED then
   for i = 1, NW do
     if W_KIND[i] == 't' then
       local key = W_KEY[i]
-      local sum = window_sum(i)
+      window_sum(i)
       local member = SLOT .. '|' .. int(RESERVED)
-      local at = redis.call('ZSCORE', key, member)
+      local at = RESERVED > 0 and redis.call('ZSCORE', key, member)
       if at then
         redis.call('ZREM', key, member)
-        if ACTUAL > 0 then redis.call('ZADD', key, at, SLOT .. '|' .. int(ACTUAL)) end
-        sum = sum + ACTUAL - RESERVED
+        EXTRA[i] = EXTRA[i] - (RESERVED - 1)
+        if ACTUAL > 0 then
+          redis.call('ZADD', key, at, SLOT .. '|' .. int(ACTUAL))
+          EXTRA[i] = EXTRA[i] + (ACTUAL - 1)
+        end
       elseif ACTUAL > RESERVED then
-        -- The reservation already left the window: charge the excess now.
+        -- Nothing reserved, or the reservation already left the window:
+        -- charge the excess now.
         redis.call('ZADD', key, int(NOW), SLOT .. '+|' .. int(ACTUAL - RESERVED))
-        sum = sum + ACTUAL - RESERVED
+        EXTRA[i] = EXTRA[i] + (ACTUAL - RESERVED - 1)
       end
-      if sum < 0 then sum = 0 end
-      SUM[i] = sum
-      redis.call('HSET', K_SUMS, key, int(sum))
+      if EXTRA[i] < 0 then EXTRA[i] = 0 end
+      set_extra(i)
       redis.call('PEXPIRE', key, ttl_ms(W_PERIOD[i]))
-      redis.call('PEXPIRE', K_SUMS, ttl_ms(LONGEST))
     end
   end
 end
@@ -69,6 +78,9 @@ if OUTCOME == 1 or OUTCOME == 2 then
   redis.call('PEXPIRE', K_STATS, STATS_TTL)
 end
 
+if redis.call('ZCARD', K_QUEUE) == 0 then return {held, 0} end
+prune_leases()
+prune_tickets()
 local _, head, _, wait, woken = drain(nil)
 hint_head(head, wait, nil)
 return {held, woken}
