@@ -7,6 +7,7 @@ import contextlib
 import itertools
 import logging
 import math
+import time
 import uuid
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from types import TracebackType
@@ -239,6 +240,7 @@ class Limiter:
         self._listen_lock = asyncio.Lock()
         self._ready = False
         self._closed = False
+        self._last_wait_log: dict[str, float] = {}
 
     # -- construction -------------------------------------------------------------------
 
@@ -250,14 +252,25 @@ class Limiter:
         *,
         socket_timeout: float = 2.0,
         socket_connect_timeout: float = 1.0,
+        max_connections: int = 50,
+        pool_timeout: float = 10.0,
         **kwargs: Any,
     ) -> Limiter:
-        """A Limiter on a new ``redis.asyncio`` client for ``url``, closed by :meth:`aclose`."""
+        """A Limiter on a new ``redis.asyncio`` client for ``url``, closed by :meth:`aclose`.
+
+        The client uses a blocking pool of ``max_connections``: a burst of more concurrent
+        calls queues for a connection (up to ``pool_timeout`` seconds) instead of failing.
+        """
         import redis.asyncio as aioredis
 
-        client = aioredis.from_url(
-            url, socket_timeout=socket_timeout, socket_connect_timeout=socket_connect_timeout
+        pool = aioredis.BlockingConnectionPool.from_url(
+            url,
+            max_connections=max_connections,
+            timeout=pool_timeout,
+            socket_timeout=socket_timeout,
+            socket_connect_timeout=socket_connect_timeout,
         )
+        client = aioredis.Redis.from_pool(pool)
         lim = cls(client, limits, **kwargs)
         lim._owns_client = True
         return lim
@@ -319,7 +332,6 @@ class Limiter:
         extra: tuple[Any, ...] = (slot_id, cost, tokens, mode, b"1")
         waiter: _Waiter | None = None
         reason = "concurrency"
-        logged = False
         try:
             while True:
                 res = await self._run(self._scripts.acquire, plan, extra, "acquire")
@@ -341,8 +353,7 @@ class Limiter:
                     await self._ensure_listener()
                     continue
                 delay = remaining if wait_us < 0 else min(remaining, wait_us / 1_000_000)
-                if wait_us >= 0 and reason != "concurrency" and not logged:
-                    logged = True
+                if wait_us >= 0 and reason != "concurrency" and self._log_wait(api):
                     log.warning(
                         "Rate limit reached for %s (%s): waiting %.1fs",
                         api,
@@ -510,6 +521,14 @@ class Limiter:
         if self._closed:
             raise LimiterUnavailable(api, "acquire", "the limiter was closed")
         return plan, self._limits[api]
+
+    def _log_wait(self, api: str) -> bool:
+        """At most one "Rate limit reached" line per API per second, per process."""
+        now = time.monotonic()
+        if now - self._last_wait_log.get(api, -math.inf) < 1.0:
+            return False
+        self._last_wait_log[api] = now
+        return True
 
     @staticmethod
     def _check_request(plan: KeyPlan, cost: int, tokens: int) -> None:
