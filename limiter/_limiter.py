@@ -50,6 +50,7 @@ class Slot:
         "_limiter",
         "_lost",
         "_released",
+        "_short_lease",
         "acquired_at",
         "api",
         "cost",
@@ -69,6 +70,9 @@ class Slot:
     ) -> None:
         self._limiter = limiter
         self._handed = handed
+        # A slot handed over by another process's release starts with a ticket's length
+        # of lease; the renewer makes it a full lease at its next run.
+        self._short_lease = handed
         #: The API this slot admits a call to.
         self.api = api
         #: Unique id of the slot ("<process id>.<n>").
@@ -332,6 +336,7 @@ class Limiter:
         extra: tuple[Any, ...] = (slot_id, cost, tokens, mode, b"1")
         waiter: _Waiter | None = None
         reason = "concurrency"
+        queued = True  # a ticket or slot of ours may exist in Redis
         try:
             while True:
                 res = await self._run(self._scripts.acquire, plan, extra, "acquire")
@@ -342,7 +347,10 @@ class Limiter:
                 reason = plan.reasons[_text(res[1])]
                 wait_us = int(res[2])
                 remaining = deadline - loop.time()
-                if mode == b"try" or remaining <= 0:
+                if mode == b"try":
+                    queued = False  # refused and never queued: nothing to withdraw
+                    raise AcquireTimeout(api, reason, loop.time() - start)
+                if remaining <= 0:
                     raise AcquireTimeout(api, reason, loop.time() - start)
                 if waiter is None:
                     # Listen before waiting, then ask again at once: a hand-off that
@@ -376,7 +384,9 @@ class Limiter:
                     if delay <= 0:
                         break
         except BaseException:
-            if waiter is not None:
+            # Even the first call may have run in Redis before we gave up on its answer
+            # (cancelled, timed out): withdraw whatever it left, ticket or slot.
+            if queued:
                 await self._withdraw(plan, slot_id, ticket)
             raise
         finally:
@@ -583,7 +593,7 @@ class Limiter:
     ) -> Slot:
         slot = Slot(self, api, slot_id, at, cost, tokens, handed)
         self._held[slot_id] = slot
-        self._start_renewer(self._limits[api].lease_ttl)
+        self._start_renewer(self._ticket_ttl if handed else self._limits[api].lease_ttl)
         return slot
 
     async def _release(self, slot: Slot, outcome: int) -> None:
@@ -686,9 +696,10 @@ class Limiter:
                 await self._work.wait()
                 last = loop.time()
                 continue
-            # Leases are renewed three times per lease; tickets three times per ticket_ttl.
+            # Leases are renewed three times per lease; tickets (and slots just handed
+            # over, whose first lease is a ticket's length) three times per ticket_ttl.
             periods = [self._limits[s.api].lease_ttl for s in self._held.values()]
-            if self._waiting:
+            if self._waiting or any(s._short_lease for s in self._held.values()):
                 periods.append(self._ticket_ttl)
             self._renew_every = min(periods) / 3
             delay = last + self._renew_every - loop.time()
@@ -740,9 +751,14 @@ class Limiter:
                 log.warning("lease renewal for %s failed: %s", api, _redact(res))
                 continue
             lost, admitted, gone = res
-            for sid in map(_text, lost):
+            lost_ids = {_text(sid) for sid in lost}
+            for sid in by_api[api][0]:
                 held = self._held.get(sid)
-                if held is not None and not held._lost:
+                if held is None:
+                    continue
+                if sid not in lost_ids:
+                    held._short_lease = False
+                elif not held._lost:
                     held._lost = True
                     log.warning("lease of slot %s for %s was lost", sid, api)
             for i in range(0, len(admitted), 2):

@@ -158,8 +158,9 @@ local function check(cost, tokens)
 end
 
 -- Record one admission: a lease and one weighted entry in every window.
-local function admit(slot, cost, tokens)
-  redis.call('ZADD', K_HOLDERS, int(NOW + LEASE), slot)
+-- `lease` defaults to the full lease length.
+local function admit(slot, cost, tokens, lease)
+  redis.call('ZADD', K_HOLDERS, int(NOW + (lease or LEASE)), slot)
   redis.call('PEXPIRE', K_HOLDERS, ttl_ms(LEASE))
   for i = 1, NW do
     local w = (W_KIND[i] == 't') and tokens or cost
@@ -212,7 +213,11 @@ local function drain(own)
     local slot, cost, tokens = parse_ticket(ticket)
     local reason, wait = check(cost, tokens)
     if reason then return own_admitted, ticket, reason, wait, woken end
-    admit(slot, cost, tokens)
+    -- A slot handed to another process gets only a ticket's length of lease
+    -- until its process renews it: a waiter that died while queued holds it
+    -- no longer than its ticket would have lived.
+    local short = TICKET_TTL < LEASE and TICKET_TTL or LEASE
+    admit(slot, cost, tokens, ticket ~= own and short or nil)
     redis.call('ZREM', K_QUEUE, ticket)
     redis.call('ZREM', K_QEXP, ticket)
     if ticket == own then

@@ -35,6 +35,8 @@ if waiting > 0 then prune_tickets() end
 
 if not FIRST and redis.call('ZSCORE', K_HOLDERS, SLOT) then
   -- Admitted by someone else's release meanwhile (its wake-up may be in flight).
+  -- The waiter is alive: its short hand-over lease becomes a full one.
+  redis.call('ZADD', K_HOLDERS, int(NOW + LEASE), SLOT)
   redis.call('ZREM', K_QUEUE, TICKET)
   redis.call('ZREM', K_QEXP, TICKET)
   return {1, handed_at(SLOT)}
