@@ -19,12 +19,13 @@ from tenacity import (
 from tenacity.stop import stop_base
 from tenacity.wait import wait_base
 
+from ._config import APILimits
 from ._retry import Verdict, classify_exception
 
 if TYPE_CHECKING:
     from ._limiter import Limiter
 
-__all__ = ["call_with_retries", "display_name"]
+__all__ = ["Budget", "call_with_retries", "display_name", "pause_if_asked", "retrying"]
 
 log = logging.getLogger("limiter")
 T = TypeVar("T")
@@ -59,32 +60,32 @@ class wait_provider_hint(wait_base):  # lower case like tenacity's own strategie
         return max(ours, hint or 0.0)
 
 
-async def call_with_retries(
-    limiter: Limiter,
-    api: str,
-    operation: Callable[[], Awaitable[T]],
-    *,
-    name: str | None,
-    timeout: float | None,
-    tokens: int,
-    idempotent: bool,
-) -> T:
-    """Run ``operation`` under a slot of ``api``, retrying retryable failures."""
-    limits = limiter.limits[api]
-    budget = limits.acquire_timeout if timeout is None else timeout
-    start = time.monotonic()
-    label = f"{display_name(api)} call" + (f" ({name})" if name else "")
+class Budget:
+    """The time a call may spend, waits and backoff included (``None``: no bound)."""
 
-    def remaining() -> float | None:
-        if budget is None:
-            return None
-        return max(0.0, budget - (time.monotonic() - start))
+    __slots__ = ("seconds", "start")
 
+    def __init__(self, seconds: float | None) -> None:
+        self.seconds = seconds
+        self.start = time.monotonic()
+
+    def remaining(self) -> float:
+        """Seconds left (``inf`` without a bound), never negative."""
+        if self.seconds is None:
+            return math.inf
+        return max(0.0, self.seconds - (time.monotonic() - self.start))
+
+
+def retrying(limits: APILimits, budget: Budget, *, idempotent: bool, label: str) -> AsyncRetrying:
+    """tenacity's AsyncRetrying for one call: attempts, jittered backoff, provider hints.
+
+    Shared by :meth:`Limiter.call` and the HTTP transport, so both retry alike.
+    """
     stop: stop_base = stop_after_attempt(limits.retry_attempts)
-    if budget is not None and math.isfinite(budget):
+    if budget.seconds is not None and math.isfinite(budget.seconds):
         # The wait is computed before the stop check: a hint or backoff that would end
         # past the budget stops at once, with the provider's error.
-        stop = stop | stop_before_delay(budget)
+        stop = stop | stop_before_delay(budget.seconds)
 
     def before_sleep(rs: RetryCallState) -> None:
         verdict = _verdict(rs, idempotent)
@@ -97,7 +98,7 @@ async def call_with_retries(
             rs.upcoming_sleep,
         )
 
-    retrying = AsyncRetrying(
+    return AsyncRetrying(
         stop=stop,
         wait=wait_provider_hint(
             wait_random_exponential(
@@ -109,10 +110,26 @@ async def call_with_retries(
         before_sleep=before_sleep,
         reraise=True,
     )
-    async for attempt in retrying:
+
+
+async def call_with_retries(
+    limiter: Limiter,
+    api: str,
+    operation: Callable[[], Awaitable[T]],
+    *,
+    name: str | None,
+    timeout: float | None,
+    tokens: int,
+    idempotent: bool,
+) -> T:
+    """Run ``operation`` under a slot of ``api``, retrying retryable failures."""
+    limits = limiter.limits[api]
+    budget = Budget(limits.acquire_timeout if timeout is None else timeout)
+    label = f"{display_name(api)} call" + (f" ({name})" if name else "")
+    async for attempt in retrying(limits, budget, idempotent=idempotent, label=label):
         with attempt:
             return await _one_attempt(
-                limiter, api, operation, remaining(), tokens, label, idempotent
+                limiter, api, operation, budget.remaining(), tokens, label, idempotent
             )
     raise AssertionError("unreachable: tenacity returns or re-raises")  # pragma: no cover
 
@@ -121,20 +138,18 @@ async def _one_attempt(
     limiter: Limiter,
     api: str,
     operation: Callable[[], Awaitable[T]],
-    timeout: float | None,
+    timeout: float,
     tokens: int,
     label: str,
     idempotent: bool,
 ) -> T:
-    # timeout=None here means "no bound": pass inf so slot() does not apply acquire_timeout.
-    wait_bound = math.inf if timeout is None else timeout
-    async with limiter.slot(api, timeout=wait_bound, tokens=tokens) as slot:
+    async with limiter.slot(api, timeout=timeout, tokens=tokens) as slot:
         began = time.monotonic()
         try:
             result = await operation()
         except Exception as exc:
             verdict = classify_exception(exc, idempotent=idempotent)
-            await _pause_if_asked(limiter, api, verdict)
+            await pause_if_asked(limiter, api, verdict)
             raise
         report: Any = getattr(result, "usage", None)
         total = getattr(report, "total_tokens", None)
@@ -144,7 +159,7 @@ async def _one_attempt(
     return result
 
 
-async def _pause_if_asked(limiter: Limiter, api: str, verdict: Verdict) -> None:
+async def pause_if_asked(limiter: Limiter, api: str, verdict: Verdict) -> None:
     """A 429 pauses the API for every replica; a spent quota pauses it loudly."""
     limits = limiter.limits[api]
     if verdict.kind == "quota":
