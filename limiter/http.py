@@ -392,17 +392,20 @@ class LimitedTransport(httpx2.AsyncBaseTransport):
         await self.aclose()
 
 
-def openai_client(lim: Limiter, api: str = "openai", **kwargs: Any) -> openai.AsyncOpenAI:
+def openai_client(
+    lim: Limiter, api: str = "openai", *, inner: Any = None, **kwargs: Any
+) -> openai.AsyncOpenAI:
     """An ``openai.AsyncOpenAI`` whose every request passes the limiter.
 
     The SDK's own retries are off (``max_retries=0``): the transport retries, so every
     attempt is admitted. Tokens are reserved from the request (output cap or input
-    estimate) and corrected from the response's ``usage``. Other keywords go to
-    ``AsyncOpenAI`` (``base_url``, ``api_key``, ``timeout``, ...).
+    estimate) and corrected from the response's ``usage``. ``inner`` is the transport
+    that really sends (default: httpx2's). Other keywords go to ``AsyncOpenAI``
+    (``base_url``, ``api_key``, ``timeout``, ...).
     """
     import openai
 
-    transport = LimitedTransport(lim, api, tokens=openai_token_estimate)
+    transport = LimitedTransport(lim, api, inner, tokens=openai_token_estimate)
     kwargs.setdefault("max_retries", 0)
     if kwargs["max_retries"] != 0:
         raise LimiterError("openai_client: max_retries must stay 0 (the limiter retries)")
