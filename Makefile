@@ -21,8 +21,8 @@ $(STAMP): pyproject.toml
 venv: $(STAMP)
 
 lint: $(STAMP)
-	$(BIN)/ruff check limiter tests benchmarks
-	$(BIN)/ruff format --check limiter tests benchmarks
+	$(BIN)/ruff check limiter tests benchmarks chatbot examples
+	$(BIN)/ruff format --check limiter tests benchmarks chatbot examples
 
 typecheck: $(STAMP)
 	$(BIN)/mypy --strict limiter

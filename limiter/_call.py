@@ -121,6 +121,7 @@ async def call_with_retries(
     timeout: float | None,
     tokens: int,
     idempotent: bool,
+    key: str | None = None,
 ) -> T:
     """Run ``operation`` under a slot of ``api``, retrying retryable failures."""
     limits = limiter.limits[api]
@@ -129,7 +130,7 @@ async def call_with_retries(
     async for attempt in retrying(limits, budget, idempotent=idempotent, label=label):
         with attempt:
             return await _one_attempt(
-                limiter, api, operation, budget.remaining(), tokens, label, idempotent
+                limiter, api, operation, budget.remaining(), tokens, label, idempotent, key
             )
     raise AssertionError("unreachable: tenacity returns or re-raises")  # pragma: no cover
 
@@ -142,8 +143,9 @@ async def _one_attempt(
     tokens: int,
     label: str,
     idempotent: bool,
+    key: str | None,
 ) -> T:
-    async with limiter.slot(api, timeout=timeout, tokens=tokens) as slot:
+    async with limiter.slot(api, timeout=timeout, tokens=tokens, key=key) as slot:
         began = time.monotonic()
         try:
             result = await operation()

@@ -49,6 +49,7 @@ class Slot:
         "_handed",
         "_limiter",
         "_lost",
+        "_plan",
         "_released",
         "_short_lease",
         "acquired_at",
@@ -61,7 +62,7 @@ class Slot:
     def __init__(
         self,
         limiter: Limiter,
-        api: str,
+        plan: KeyPlan,
         slot_id: str,
         acquired_at: int,
         cost: int,
@@ -69,6 +70,8 @@ class Slot:
         handed: bool = False,
     ) -> None:
         self._limiter = limiter
+        self._plan = plan
+        api = plan.api
         self._handed = handed
         # A slot handed over by another process's release starts with a ticket's length
         # of lease; the renewer makes it a full lease at its next run.
@@ -145,14 +148,18 @@ class _SlotContext:
 
     __slots__ = ("_args", "_limiter", "_slot")
 
-    def __init__(self, limiter: Limiter, args: tuple[str, float | None, int, int]) -> None:
+    def __init__(
+        self, limiter: Limiter, args: tuple[str, float | None, int, int, str | None]
+    ) -> None:
         self._limiter = limiter
         self._args = args
         self._slot: Slot | None = None
 
     async def __aenter__(self) -> Slot:
-        api, timeout, cost, tokens = self._args
-        self._slot = await self._limiter.acquire(api, timeout=timeout, cost=cost, tokens=tokens)
+        api, timeout, cost, tokens, key = self._args
+        self._slot = await self._limiter.acquire(
+            api, timeout=timeout, cost=cost, tokens=tokens, key=key
+        )
         return self._slot
 
     async def __aexit__(
@@ -166,10 +173,11 @@ class _SlotContext:
 
 
 class _Waiter:
-    __slots__ = ("api", "future", "ticket")
+    __slots__ = ("api", "future", "plan", "ticket")
 
-    def __init__(self, api: str, ticket: str) -> None:
-        self.api = api
+    def __init__(self, plan: KeyPlan, ticket: str) -> None:
+        self.plan = plan
+        self.api = plan.api
         self.ticket = ticket
         #: Resolved with ("admitted", time), ("hint", wait us) or ("retry", 0).
         self.future: asyncio.Future[tuple[str, int]] = asyncio.get_running_loop().create_future()
@@ -225,6 +233,8 @@ class Limiter:
         self.namespace = namespace
         self.on_redis_error = on_redis_error
         self._ticket_ttl = float(ticket_ttl)
+        self._stats_ttl = float(stats_ttl)
+        self._keyed: dict[tuple[str, str], KeyPlan] = {}
         self._plans = {
             api: KeyPlan.build(namespace, api, lim, ticket_ttl=ticket_ttl, stats_ttl=stats_ttl)
             for api, lim in self._limits.items()
@@ -301,20 +311,33 @@ class Limiter:
     # -- public operations --------------------------------------------------------------
 
     def slot(
-        self, api: str, timeout: float | None = None, cost: int = 1, tokens: int = 0
+        self,
+        api: str,
+        timeout: float | None = None,
+        cost: int = 1,
+        tokens: int = 0,
+        *,
+        key: str | None = None,
     ) -> _SlotContext:
         """``async with lim.slot("openai") as slot:`` one admission, released on exit."""
-        return _SlotContext(self, (api, timeout, cost, tokens))
+        return _SlotContext(self, (api, timeout, cost, tokens, key))
 
     async def acquire(
-        self, api: str, timeout: float | None = None, cost: int = 1, tokens: int = 0
+        self,
+        api: str,
+        timeout: float | None = None,
+        cost: int = 1,
+        tokens: int = 0,
+        *,
+        key: str | None = None,
     ) -> Slot:
         """Wait fairly (FIFO across the cluster) for one admission and return its slot.
 
         ``timeout`` bounds the wait (``None``: the API's ``acquire_timeout``; ``0``: try
-        once, never queue). Raises :class:`AcquireTimeout` when it runs out.
+        once, never queue). Raises :class:`AcquireTimeout` when it runs out. With ``key``
+        (a user id, a tenant), the API's limits apply to each key separately.
         """
-        plan, limits = self._lookup(api)
+        plan, limits = self._lookup(api, key)
         self._check_request(plan, cost, tokens)
         if timeout is None:
             timeout = limits.acquire_timeout
@@ -343,7 +366,7 @@ class Limiter:
                 extra = (slot_id, cost, tokens, mode, b"0")
                 if int(res[0]) == 1:
                     handed = waiter is not None
-                    return self._admitted(api, slot_id, int(res[1]), cost, tokens, handed)
+                    return self._admitted(plan, slot_id, int(res[1]), cost, tokens, handed)
                 reason = plan.reasons[_text(res[1])]
                 wait_us = int(res[2])
                 remaining = deadline - loop.time()
@@ -355,7 +378,7 @@ class Limiter:
                 if waiter is None:
                     # Listen before waiting, then ask again at once: a hand-off that
                     # happened before the subscription is then seen by the script.
-                    waiter = _Waiter(api, ticket)
+                    waiter = _Waiter(plan, ticket)
                     self._waiting[slot_id] = waiter
                     self._start_renewer(self._ticket_ttl)
                     await self._ensure_listener()
@@ -376,7 +399,7 @@ class Limiter:
                     kind, value = waiter.future.result()
                     waiter.future = loop.create_future()
                     if kind == "admitted":
-                        return self._admitted(api, slot_id, value, cost, tokens, True)
+                        return self._admitted(plan, slot_id, value, cost, tokens, True)
                     if kind == "retry":
                         break  # our ticket expired (this process stalled): queue again
                     # "hint": we are at the head; the limit that holds us ends in `value` us.
@@ -401,6 +424,7 @@ class Limiter:
         tokens: int = 0,
         *,
         idempotent: bool = True,
+        key: str | None = None,
     ) -> T:
         """Run ``operation()`` under a slot of ``api``, retrying what is worth retrying.
 
@@ -414,7 +438,7 @@ class Limiter:
         with side effects) retries only failures that prove the call never ran. If the
         result has ``usage.total_tokens``, it is reported for the token budget.
         """
-        self._lookup(api)
+        self._lookup(api, key)
         return await call_with_retries(
             self,
             api,
@@ -423,6 +447,7 @@ class Limiter:
             timeout=timeout,
             tokens=tokens,
             idempotent=idempotent,
+            key=key,
         )
 
     async def release(self, slot: Slot, *, success: bool = True) -> None:
@@ -446,11 +471,11 @@ class Limiter:
         left = await self._call(self._scripts.cooldown, [plan.cooldown_key], [ms], api, "cooldown")
         return int(left) / 1000
 
-    async def stats(self, api: str | None = None) -> dict[str, Any]:
-        """Cluster-wide counters of ``api``, or ``{api: counters}`` for every API."""
+    async def stats(self, api: str | None = None, *, key: str | None = None) -> dict[str, Any]:
+        """Cluster-wide counters of ``api`` (of one ``key`` of it), or of every API."""
         if api is None:
             return {name: await self.stats(name) for name in self._plans}
-        plan, limits = self._lookup(api)
+        plan, limits = self._lookup(api, key)
         await self._ensure_ready()
         res = await self._call(
             self._scripts.stats,
@@ -465,9 +490,9 @@ class Limiter:
         failed = counters.get("failed_requests", 0)
         done = ok + failed
         refusals: dict[str, int] = {}
-        for key, n in counters.items():
-            if key.startswith("refused:"):
-                code = key.removeprefix("refused:")
+        for field, n in counters.items():
+            if field.startswith("refused:"):
+                code = field.removeprefix("refused:")
                 name = plan.reasons.get(code, code)
                 refusals[name] = refusals.get(name, 0) + n
         windows = {
@@ -520,8 +545,10 @@ class Limiter:
 
     # -- internals ----------------------------------------------------------------------
 
-    def _lookup(self, api: str) -> tuple[KeyPlan, APILimits]:
+    def _lookup(self, api: str, key: str | None = None) -> tuple[KeyPlan, APILimits]:
         plan = self._plans.get(api)
+        if plan is not None and key is not None:
+            plan = self._keyed_plan(api, key)
         if plan is None:
             check_api_name(api)
             known = ", ".join(repr(a) for a in sorted(self._plans)) or "none"
@@ -531,6 +558,24 @@ class Limiter:
         if self._closed:
             raise LimiterUnavailable(api, "acquire", "the limiter was closed")
         return plan, self._limits[api]
+
+    def _keyed_plan(self, api: str, key: str) -> KeyPlan:
+        if not isinstance(key, str) or not key:
+            raise ConfigError(f"key={key!r}: must be a non-empty string", field="key", value=key)
+        plan = self._keyed.get((api, key))
+        if plan is None:
+            if len(self._keyed) >= 10_000:
+                self._keyed.pop(next(iter(self._keyed)))
+            plan = KeyPlan.build(
+                self.namespace,
+                api,
+                self._limits[api],
+                ticket_ttl=self._ticket_ttl,
+                stats_ttl=self._stats_ttl,
+                key=key,
+            )
+            self._keyed[(api, key)] = plan
+        return plan
 
     def _log_wait(self, api: str) -> bool:
         """At most one "Rate limit reached" line per API per second, per process."""
@@ -576,28 +621,35 @@ class Limiter:
         self, script: Any, keys: Sequence[bytes], args: Sequence[Any], api: str | None, op: str
     ) -> Any:
         """EVALSHA ``script``; on NOSCRIPT (a flush, a restart) load it and run it again."""
+        task = asyncio.current_task()
+        cancels = task.cancelling() if task is not None else 0
         try:
             try:
-                return await self._redis.evalsha(script.sha, len(keys), *keys, *args)
+                result = await self._redis.evalsha(script.sha, len(keys), *keys, *args)
             except NoScriptError:
                 script.sha = await self._redis.script_load(script.script)
-                return await self._redis.evalsha(script.sha, len(keys), *keys, *args)
+                result = await self._redis.evalsha(script.sha, len(keys), *keys, *args)
         except RedisError as exc:
             raise LimiterUnavailable(api, op, _redact(exc)) from exc
+        if task is not None and task.cancelling() > cancels:
+            # redis-py (8.1, on Python 3.11) can swallow a cancellation that arrives while
+            # a command is being sent; honour it here, so that the caller's cleanup runs.
+            raise asyncio.CancelledError
+        return result
 
     async def _run(self, script: Any, plan: KeyPlan, extra: Sequence[Any], op: str) -> Any:
         return await self._call(script, plan.keys, (plan.config, *extra), plan.api, op)
 
     def _admitted(
-        self, api: str, slot_id: str, at: int, cost: int, tokens: int, handed: bool
+        self, plan: KeyPlan, slot_id: str, at: int, cost: int, tokens: int, handed: bool
     ) -> Slot:
-        slot = Slot(self, api, slot_id, at, cost, tokens, handed)
+        slot = Slot(self, plan, slot_id, at, cost, tokens, handed)
         self._held[slot_id] = slot
-        self._start_renewer(self._ticket_ttl if handed else self._limits[api].lease_ttl)
+        self._start_renewer(self._ticket_ttl if handed else self._limits[plan.api].lease_ttl)
         return slot
 
     async def _release(self, slot: Slot, outcome: int) -> None:
-        plan = self._plans[slot.api]
+        plan = slot._plan
         self._held.pop(slot.id, None)
         extra = (
             slot.id,
@@ -719,21 +771,20 @@ class Limiter:
 
         Runs by itself in the background; public for tests and tools.
         """
-        by_api: dict[str, tuple[list[str], list[str]]] = {}
+        by_tag: dict[str, tuple[KeyPlan, list[str], list[str]]] = {}
         for slot in self._held.values():
-            by_api.setdefault(slot.api, ([], []))[0].append(slot.id)
+            by_tag.setdefault(slot._plan.tag, (slot._plan, [], []))[1].append(slot.id)
         for waiter in self._waiting.values():
-            by_api.setdefault(waiter.api, ([], []))[1].append(waiter.ticket)
-        if not by_api:
+            by_tag.setdefault(waiter.plan.tag, (waiter.plan, [], []))[2].append(waiter.ticket)
+        if not by_tag:
             return
-        apis = list(by_api)
+        tags = list(by_tag)
         sha = self._scripts.renew.sha
         results: list[Any] = []
         for _attempt in range(2):
             pipe = self._redis.pipeline(transaction=False)
-            for api in apis:
-                plan = self._plans[api]
-                slots, tickets = by_api[api]
+            for tag in tags:
+                plan, slots, tickets = by_tag[tag]
                 args = [plan.config, len(slots), *slots, *tickets]
                 pipe.evalsha(sha, len(plan.keys), *plan.keys, *args)
             try:
@@ -746,13 +797,14 @@ class Limiter:
                 sha = await self._redis.script_load(self._scripts.renew.script)
             except RedisError as exc:
                 raise LimiterUnavailable(None, "renew", _redact(exc)) from exc
-        for api, res in zip(apis, results, strict=True):
+        for tag, res in zip(tags, results, strict=True):
+            api = by_tag[tag][0].api
             if isinstance(res, Exception):
-                log.warning("lease renewal for %s failed: %s", api, _redact(res))
+                log.warning("lease renewal for %s failed: %s", tag, _redact(res))
                 continue
             lost, admitted, gone = res
             lost_ids = {_text(sid) for sid in lost}
-            for sid in by_api[api][0]:
+            for sid in by_tag[tag][1]:
                 held = self._held.get(sid)
                 if held is None:
                     continue

@@ -7,6 +7,8 @@ Scripts ship inside the package (``limiter/lua``), are read once with
 
 from __future__ import annotations
 
+import hashlib
+import re
 from dataclasses import dataclass
 from functools import cache
 from importlib.resources import files
@@ -14,10 +16,20 @@ from typing import Any
 
 from ._config import APILimits
 
-__all__ = ["KeyPlan", "Scripts", "lua_source"]
+__all__ = ["KeyPlan", "Scripts", "lua_source", "safe_key"]
 
 _OPERATIONS = ("acquire", "release", "renew")
 _STANDALONE = ("cooldown", "stats")
+
+
+_SAFE_KEY = re.compile(r"^[A-Za-z0-9_.:+@=\-]{1,64}$")
+
+
+def safe_key(key: str) -> str:
+    """A per-key limit's key as it goes into a hash tag: as is when safe, else hashed."""
+    if _SAFE_KEY.match(key):
+        return key
+    return "~" + hashlib.sha1(key.encode(), usedforsecurity=False).hexdigest()[:24]
 
 
 @cache
@@ -48,6 +60,8 @@ class KeyPlan:
     """The keys of one API and the arguments every admission script takes for it."""
 
     api: str
+    #: The hash tag: the API name, or "<api>/<key>" for a keyed limit.
+    tag: str
     #: holders, queue, qexp, cooldown, stats, extra, handed, then one key per window
     #: (encoded once: redis-py sends bytes as they are).
     keys: tuple[bytes, ...]
@@ -71,8 +85,10 @@ class KeyPlan:
         *,
         ticket_ttl: float,
         stats_ttl: float,
+        key: str | None = None,
     ) -> KeyPlan:
-        prefix = f"{namespace}:{{{api}}}:"
+        tag = api if key is None else f"{api}/{safe_key(key)}"
+        prefix = f"{namespace}:{{{tag}}}:"
         parts = ("holders", "queue", "qexp", "cooldown", "stats", "extra", "handed")
         keys = [prefix + k for k in parts]
         periods: list[int] = []
@@ -108,6 +124,7 @@ class KeyPlan:
             reasons[f"w{i}"] = name
         return cls(
             api=api,
+            tag=tag,
             keys=tuple(k.encode() for k in keys),
             config=" ".join(conf).encode(),
             reasons=reasons,

@@ -436,3 +436,25 @@ async def test_waiting_ticket_is_kept_alive(make_limiter: LimiterFactory) -> Non
     assert not second.done()
     await got.release()
     await (await asyncio.wait_for(second, 1)).release()
+
+
+async def test_keyed_limits_apply_per_key(make_limiter: LimiterFactory, redis_client: Any) -> None:
+    """With key=, each key (a user, a tenant) gets the API's limits for itself, FIFO per key."""
+    lim = make_limiter({"user": APILimits(max_concurrent=1)})
+    alice = await lim.acquire("user", key="alice", timeout=0)
+    bob = await lim.acquire("user", key="+55 11 9999-0000", timeout=0)
+    with pytest.raises(AcquireTimeout):
+        await lim.acquire("user", key="alice", timeout=0)
+    waiter = asyncio.create_task(lim.acquire("user", key="alice", timeout=2))
+    await asyncio.sleep(0.05)
+    assert not waiter.done()
+    assert (await lim.stats("user", key="alice"))["waiting"] == 1
+    await alice.release()
+    again = await asyncio.wait_for(waiter, 1)
+    assert again.held
+    await again.release()
+    await bob.release()
+    keys = {k.decode() for k in await redis_client.keys("*")}
+    assert any(k.startswith("limiter:{user/alice}:") for k in keys)
+    assert not any("+55" in k or " " in k for k in keys), "unsafe keys are hashed"
+    assert (await lim.stats("user"))["total_requests"] == 0, "the API itself is untouched"

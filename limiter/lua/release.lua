@@ -5,7 +5,9 @@
 -- Operation ARGV:
 --   ARGV[2]  slot id
 --   ARGV[3]  ticket "<slot id>|<cost>|<tokens>" to withdraw from the queue
---            (a waiter that timed out or was cancelled), or ""
+--            (a waiter that timed out or was cancelled), or ""; when that
+--            waiter's slot had already been admitted, its window hits are
+--            taken back (it never ran)
 --   ARGV[4]  outcome: 0 none (cancelled, not counted), 1 success, 2 failure
 --   ARGV[5]  admission time, microseconds (Redis TIME returned by acquire);
 --            the response time counted is now - admission
@@ -43,7 +45,25 @@ if lease then
 end
 if HANDED or TICKET ~= '' then redis.call('HDEL', K_HANDED, SLOT) end
 
-if ACTUAL >= 0 and ACTUAL ~= RESERVED then
+if TICKET ~= '' and held == 1 then
+  -- Handed to a waiter that gave up before seeing it (or admitted by a call
+  -- whose caller was cancelled): the request never ran, so its hits in every
+  -- window, tokens included, are taken back.
+  local _, cost, tokens = parse_ticket(TICKET)
+  for i = 1, NW do
+    local w = (W_KIND[i] == 't') and tokens or cost
+    if w > 0 then
+      window_sum(i)
+      if redis.call('ZREM', W_KEY[i], SLOT .. '|' .. int(w)) == 1 then
+        SUM[i] = SUM[i] - w
+        if w > 1 then
+          EXTRA[i] = math.max(0, EXTRA[i] - (w - 1))
+          set_extra(i)
+        end
+      end
+    end
+  end
+elseif ACTUAL >= 0 and ACTUAL ~= RESERVED then
   for i = 1, NW do
     if W_KIND[i] == 't' then
       local key = W_KEY[i]
@@ -51,6 +71,7 @@ if ACTUAL >= 0 and ACTUAL ~= RESERVED then
       local member = SLOT .. '|' .. int(RESERVED)
       local at = RESERVED > 0 and redis.call('ZSCORE', key, member)
       if at then
+        SUM[i] = SUM[i] + ACTUAL - RESERVED -- the drain below sees what came back
         redis.call('ZREM', key, member)
         EXTRA[i] = EXTRA[i] - (RESERVED - 1)
         if ACTUAL > 0 then
@@ -60,6 +81,7 @@ if ACTUAL >= 0 and ACTUAL ~= RESERVED then
       elseif ACTUAL > RESERVED then
         -- Nothing reserved, or the reservation already left the window:
         -- charge the excess now.
+        SUM[i] = SUM[i] + ACTUAL - RESERVED
         redis.call('ZADD', key, int(NOW), SLOT .. '+|' .. int(ACTUAL - RESERVED))
         EXTRA[i] = EXTRA[i] + (ACTUAL - RESERVED - 1)
       end

@@ -1,0 +1,1 @@
+"""The chatbot around the limiter: app, agent, cluster runner and fake providers."""

@@ -1,0 +1,1 @@
+"""Fake providers (OpenAI, Zapier MCP) that enforce limits and referee what they saw."""
