@@ -19,7 +19,6 @@ from tenacity import (
 from tenacity.stop import stop_base
 from tenacity.wait import wait_base
 
-from ._config import APILimits
 from ._retry import Verdict, classify_exception
 
 if TYPE_CHECKING:
@@ -76,11 +75,14 @@ class Budget:
         return max(0.0, self.seconds - (time.monotonic() - self.start))
 
 
-def retrying(limits: APILimits, budget: Budget, *, idempotent: bool, label: str) -> AsyncRetrying:
+def retrying(
+    limiter: Limiter, api: str, budget: Budget, *, idempotent: bool, label: str
+) -> AsyncRetrying:
     """tenacity's AsyncRetrying for one call: attempts, jittered backoff, provider hints.
 
     Shared by :meth:`Limiter.call` and the HTTP transport, so both retry alike.
     """
+    limits = limiter.limits[api]
     stop: stop_base = stop_after_attempt(limits.retry_attempts)
     if budget.seconds is not None and math.isfinite(budget.seconds):
         # The wait is computed before the stop check: a hint or backoff that would end
@@ -89,6 +91,9 @@ def retrying(limits: APILimits, budget: Budget, *, idempotent: bool, label: str)
 
     def before_sleep(rs: RetryCallState) -> None:
         verdict = _verdict(rs, idempotent)
+        if limiter._listeners:
+            kind = verdict.kind if verdict else "error"
+            limiter._emit("retry", api, kind=kind, wait=rs.upcoming_sleep)
         log.warning(
             "%s failed (attempt %d/%d, %s): retrying in %.2fs",
             label,
@@ -127,7 +132,7 @@ async def call_with_retries(
     limits = limiter.limits[api]
     budget = Budget(limits.acquire_timeout if timeout is None else timeout)
     label = f"{display_name(api)} call" + (f" ({name})" if name else "")
-    async for attempt in retrying(limits, budget, idempotent=idempotent, label=label):
+    async for attempt in retrying(limiter, api, budget, idempotent=idempotent, label=label):
         with attempt:
             return await _one_attempt(
                 limiter, api, operation, budget.remaining(), tokens, label, idempotent, key
@@ -174,9 +179,11 @@ async def pause_if_asked(limiter: Limiter, api: str, verdict: Verdict) -> None:
             seconds,
         )
         await limiter.cooldown(api, seconds)
+        limiter._emit("provider_pause", api, kind="quota", seconds=seconds)
     elif verdict.kind == "rate_limited":
         seconds = verdict.retry_after or limits.backoff_min
         log.warning(
             "%s answered 429: pausing it for every replica for %.2fs", display_name(api), seconds
         )
         await limiter.cooldown(api, seconds)
+        limiter._emit("provider_pause", api, kind="rate_limited", seconds=seconds)

@@ -24,6 +24,8 @@ __all__ = ["Limiter", "Slot"]
 
 log = logging.getLogger("limiter")
 T = TypeVar("T")
+#: ``listener(event, api, fields)``: see :meth:`Limiter.add_listener`.
+Listener = Callable[[str, str, dict[str, Any]], None]
 
 _OUTCOME_NONE, _OUTCOME_SUCCESS, _OUTCOME_FAILURE = 0, 1, 2
 _WINDOW_WORDS = {"rate:60s": "minute", "rate:3600s": "hour", "rate:1s": "second"}
@@ -255,6 +257,7 @@ class Limiter:
         self._ready = False
         self._closed = False
         self._last_wait_log: dict[str, float] = {}
+        self._listeners: list[Listener] = []
 
     # -- construction -------------------------------------------------------------------
 
@@ -359,6 +362,7 @@ class Limiter:
         extra: tuple[Any, ...] = (slot_id, cost, tokens, mode, b"1")
         waiter: _Waiter | None = None
         reason = "concurrency"
+        first: str | None = None  # the first limit that held this request back
         queued = True  # a ticket or slot of ours may exist in Redis
         try:
             while True:
@@ -366,14 +370,22 @@ class Limiter:
                 extra = (slot_id, cost, tokens, mode, b"0")
                 if int(res[0]) == 1:
                     handed = waiter is not None
-                    return self._admitted(plan, slot_id, int(res[1]), cost, tokens, handed)
+                    slot = self._admitted(plan, slot_id, int(res[1]), cost, tokens, handed)
+                    if self._listeners:
+                        self._emit("admitted", api, waited=loop.time() - start, reason=first)
+                    return slot
                 reason = plan.reasons[_text(res[1])]
+                if first is None:
+                    first = reason
+                    if self._listeners:
+                        self._emit("refused", api, reason=reason)
                 wait_us = int(res[2])
                 remaining = deadline - loop.time()
-                if mode == b"try":
-                    queued = False  # refused and never queued: nothing to withdraw
-                    raise AcquireTimeout(api, reason, loop.time() - start)
-                if remaining <= 0:
+                if mode == b"try" or remaining <= 0:
+                    if mode == b"try":
+                        queued = False  # refused and never queued: nothing to withdraw
+                    if self._listeners:
+                        self._emit("timeout", api, reason=reason)
                     raise AcquireTimeout(api, reason, loop.time() - start)
                 if waiter is None:
                     # Listen before waiting, then ask again at once: a hand-off that
@@ -399,7 +411,10 @@ class Limiter:
                     kind, value = waiter.future.result()
                     waiter.future = loop.create_future()
                     if kind == "admitted":
-                        return self._admitted(plan, slot_id, value, cost, tokens, True)
+                        slot = self._admitted(plan, slot_id, value, cost, tokens, True)
+                        if self._listeners:
+                            self._emit("admitted", api, waited=loop.time() - start, reason=first)
+                        return slot
                     if kind == "retry":
                         break  # our ticket expired (this process stalled): queue again
                     # "hint": we are at the head; the limit that holds us ends in `value` us.
@@ -559,6 +574,24 @@ class Limiter:
             raise LimiterUnavailable(api, "acquire", "the limiter was closed")
         return plan, self._limits[api]
 
+    def add_listener(self, listener: Listener) -> None:
+        """Call ``listener(event, api, fields)`` on each event, for metrics and tracing.
+
+        Events: ``"admitted"`` (``waited`` seconds, ``reason`` that held it back first or
+        None), ``"refused"`` (``reason``, once per request), ``"timeout"`` (``reason``),
+        ``"released"`` (``success``, ``lost``), ``"retry"`` (``kind``, ``wait``),
+        ``"provider_pause"`` (``kind``: rate_limited or quota, ``seconds``). Listeners run
+        inline and must be quick; an exception in one is logged and ignored.
+        """
+        self._listeners.append(listener)
+
+    def _emit(self, event: str, api: str, **fields: Any) -> None:
+        for listener in self._listeners:
+            try:
+                listener(event, api, fields)
+            except Exception:
+                log.exception("limiter listener failed on %s", event)
+
     def _keyed_plan(self, api: str, key: str) -> KeyPlan:
         if not isinstance(key, str) or not key:
             raise ConfigError(f"key={key!r}: must be a non-empty string", field="key", value=key)
@@ -661,7 +694,10 @@ class Limiter:
             b"1" if slot._handed else b"0",
         )
         res = await self._run(self._scripts.release, plan, extra, "release")
-        if int(res[0]) == 0 or slot._lost:
+        lost = int(res[0]) == 0 or slot._lost
+        if self._listeners:
+            self._emit("released", slot.api, success=outcome == _OUTCOME_SUCCESS, lost=lost)
+        if lost:
             slot._lost = True
             log.warning("lease of slot %s for %s was lost before release", slot.id, slot.api)
             raise LeaseLost(slot.api, slot.id)

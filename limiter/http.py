@@ -284,7 +284,8 @@ class LimitedTransport(httpx2.AsyncBaseTransport):
         budget = Budget(limits.acquire_timeout if self._timeout is None else self._timeout)
         label = f"{display_name(self.api)} {request.method} {request.url.path}"
         try:
-            async for attempt in retrying(limits, budget, idempotent=idempotent, label=label):
+            retry = retrying(self.limiter, self.api, budget, idempotent=idempotent, label=label)
+            async for attempt in retry:
                 with attempt:
                     return await self._attempt(inner, request, budget, tokens, idempotent)
         except _RetryableResponse as last:

@@ -458,3 +458,23 @@ async def test_keyed_limits_apply_per_key(make_limiter: LimiterFactory, redis_cl
     assert any(k.startswith("limiter:{user/alice}:") for k in keys)
     assert not any("+55" in k or " " in k for k in keys), "unsafe keys are hashed"
     assert (await lim.stats("user"))["total_requests"] == 0, "the API itself is untouched"
+
+
+async def test_listeners_see_admissions_refusals_and_releases(
+    make_limiter: LimiterFactory,
+) -> None:
+    """add_listener() reports admitted (with the wait and first reason), refused, released."""
+    lim = make_limiter({"a": APILimits(max_concurrent=1)})
+    events: list[tuple[str, str, dict[str, Any]]] = []
+    lim.add_listener(lambda event, api, fields: events.append((event, api, fields)))
+    held = await lim.acquire("a")
+    waiter = asyncio.create_task(lim.acquire("a", timeout=2))
+    await wait_for_waiters(lim, "a", 1)
+    await held.release()
+    await (await waiter).release()
+    names = [e[0] for e in events]
+    assert names == ["admitted", "refused", "released", "admitted", "released"]
+    assert events[0][2]["reason"] is None
+    assert events[3][2]["reason"] == "concurrency"
+    assert events[3][2]["waited"] > 0
+    assert events[2][2] == {"success": True, "lost": False}
