@@ -296,6 +296,11 @@ class Limiter:
         return f"<Limiter namespace={self.namespace!r} apis={sorted(self._limits)}>"
 
     @property
+    def redis(self) -> Any:
+        """The Redis client the limiter uses (shared with the caller's own keys if wished)."""
+        return self._redis
+
+    @property
     def limits(self) -> Mapping[str, APILimits]:
         """The configured limits, by API."""
         return dict(self._limits)

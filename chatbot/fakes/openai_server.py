@@ -1386,6 +1386,9 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         description="A fake OpenAI API on 127.0.0.1 that enforces limits and records what it saw.",
     )
     p.add_argument("--port", type=int, required=True, help="port on 127.0.0.1 (0: any free)")
+    p.add_argument(
+        "--host", default="127.0.0.1", help="address to bind (0.0.0.0 only inside a container)"
+    )
     p.add_argument("--max-in-flight", type=int, default=None)
     p.add_argument("--rpm", type=int, default=None, help="requests per window")
     p.add_argument("--tpm", type=int, default=None, help="tokens per window")
@@ -1456,7 +1459,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     server = _AnnouncingServer(
         uvicorn.Config(
             app,
-            host="127.0.0.1",
+            host=args.host,
             port=args.port,
             log_level=args.log_level,
             access_log=False,

@@ -72,6 +72,9 @@ class FakeZapierConfig:
     """
 
     token: str = "fake-zapier-token"
+    #: Address to bind; 0.0.0.0 only inside a container (it also turns off the SDK's
+    #: DNS-rebinding protection, which only admits localhost Host headers).
+    host: str = HOST
     max_concurrent: int = 3
     per_minute: int = 60
     per_hour: int = 75
@@ -405,7 +408,7 @@ class FakeZapierApp:
         self.referee = Referee(config)
         self.mcp = _build_mcp_server(config, self.referee)
         self.mcp_app: ASGIApp = self.mcp.streamable_http_app(
-            streamable_http_path=MCP_PATH, host=HOST
+            streamable_http_path=MCP_PATH, host=config.host
         )
         self._bearer = f"Bearer {config.token}".encode()
 
@@ -560,6 +563,7 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     defaults = FakeZapierConfig()
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
     parser.add_argument("--port", type=int, required=True, help="port on 127.0.0.1 (0: any)")
+    parser.add_argument("--host", default=HOST, help="address to bind (0.0.0.0 in a container)")
     parser.add_argument("--max-concurrent", type=int, default=defaults.max_concurrent)
     parser.add_argument("--per-minute", type=int, default=defaults.per_minute)
     parser.add_argument("--per-hour", type=int, default=defaults.per_hour)
@@ -577,6 +581,7 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
 async def _serve(args: argparse.Namespace) -> None:
     config = FakeZapierConfig(
         token=args.token,
+        host=args.host,
         max_concurrent=args.max_concurrent,
         per_minute=args.per_minute,
         per_hour=args.per_hour,
@@ -589,7 +594,7 @@ async def _serve(args: argparse.Namespace) -> None:
     server = uvicorn.Server(
         uvicorn.Config(
             create_app(config),
-            host=HOST,
+            host=args.host,
             port=args.port,
             log_level=args.log_level,
             access_log=False,

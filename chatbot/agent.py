@@ -1,0 +1,161 @@
+"""The agent: OpenAI chat completions with Zapier's MCP tools, both through the limiter."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+from typing import Any
+
+import httpx2
+from mcp import ClientSession
+
+from limiter import Limiter
+from limiter.http import openai_client, zapier_mcp
+
+from .settings import Settings
+
+__all__ = ["Agent", "AgentReply"]
+
+log = logging.getLogger("chatbot.agent")
+
+SYSTEM = (
+    "You are Livia, a helpful assistant on a messaging app. Answer briefly. "
+    "Use a tool when the user asks for an action (email, spreadsheet, calendar)."
+)
+
+
+class AgentReply:
+    __slots__ = ("text", "tool_calls")
+
+    def __init__(self, text: str, tool_calls: list[dict[str, Any]]) -> None:
+        self.text = text
+        self.tool_calls = tool_calls
+
+
+class _ZapierSession:
+    """The MCP session, owned by one background task (anyio scopes must exit where entered)."""
+
+    def __init__(self, lim: Limiter, settings: Settings) -> None:
+        self._lim = lim
+        self._settings = settings
+        self._ready = asyncio.Event()
+        self._stop = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+        self.session: ClientSession | None = None
+        self.tools: list[dict[str, Any]] = []
+        self.error: BaseException | None = None
+
+    async def get(self) -> tuple[ClientSession, list[dict[str, Any]]]:
+        if self._task is None or self._task.done():
+            self._ready.clear()
+            self.error = None
+            self._task = asyncio.create_task(self._run(), name="zapier-mcp-session")
+        await self._ready.wait()
+        if self.session is None:
+            raise RuntimeError(f"Zapier MCP session unavailable: {self.error!r}")
+        return self.session, self.tools
+
+    async def _run(self) -> None:
+        settings = self._settings
+        try:
+            async with zapier_mcp(self._lim, settings.zapier_mcp_url, settings.zapier_token) as s:
+                listed = await s.list_tools()
+                self.tools = [
+                    {
+                        "type": "function",
+                        "function": {
+                            "name": tool.name,
+                            "description": tool.description or tool.name,
+                            "parameters": tool.input_schema,
+                        },
+                    }
+                    for tool in listed.tools
+                ]
+                self.session = s
+                self._ready.set()
+                await self._stop.wait()
+        except Exception as exc:
+            self.error = exc
+            log.warning("Zapier MCP session ended: %r", exc)
+        finally:
+            self.session = None
+            self._ready.set()
+
+    async def aclose(self) -> None:
+        self._stop.set()
+        if self._task is not None:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(self._task, 5)
+
+
+class Agent:
+    """One per replica: an OpenAI client and a Zapier MCP session, opened lazily."""
+
+    def __init__(self, lim: Limiter, settings: Settings) -> None:
+        self.settings = settings
+        self.limiter = lim
+        self.openai = openai_client(
+            lim, base_url=settings.openai_base_url, api_key=settings.openai_api_key
+        )
+        self._zapier = _ZapierSession(lim, settings)
+
+    async def reply(
+        self, history: list[dict[str, Any]], text: str, images: list[str]
+    ) -> AgentReply:
+        """Answer ``text`` given ``history``; runs tools through Zapier when asked."""
+        session, tools = await self._zapier.get()
+        content: Any = text
+        if images:
+            content = [{"type": "text", "text": text}] + [
+                {"type": "image_url", "image_url": {"url": url}} for url in images
+            ]
+        messages: list[Any] = [{"role": "system", "content": SYSTEM}, *history]
+        messages.append({"role": "user", "content": content})
+        first = await self.openai.chat.completions.create(
+            model=self.settings.openai_model, messages=messages, tools=tools, max_tokens=300
+        )
+        choice = first.choices[0].message
+        calls: list[dict[str, Any]] = []
+        if not choice.tool_calls:
+            return AgentReply(choice.content or "", calls)
+        messages.append(choice.model_dump(exclude_none=True))
+        for call in choice.tool_calls:
+            if call.type != "function":
+                continue
+            try:
+                args = json.loads(call.function.arguments or "{}")
+            except ValueError:
+                args = {}
+            result = await session.call_tool(call.function.name, args)
+            output = " ".join(
+                getattr(part, "text", "") for part in result.content if hasattr(part, "text")
+            ) or json.dumps(result.structured_content or {})
+            calls.append({"tool": call.function.name, "arguments": args, "ok": not result.is_error})
+            messages.append({"role": "tool", "tool_call_id": call.id, "content": output})
+        second = await self.openai.chat.completions.create(
+            model=self.settings.openai_model, messages=messages, max_tokens=300
+        )
+        return AgentReply(second.choices[0].message.content or "", calls)
+
+    async def check(self) -> dict[str, str]:
+        """Reachability of both providers, for /health (outside the limiter: no slot used)."""
+        out: dict[str, str] = {}
+        headers = {"Authorization": f"Bearer {self.settings.openai_api_key}"}
+        async with httpx2.AsyncClient(timeout=2.0) as client:
+            try:
+                r = await client.get(f"{self.settings.openai_base_url}/models", headers=headers)
+                out["openai"] = "ok" if r.status_code == 200 else f"HTTP {r.status_code}"
+            except httpx2.HTTPError as exc:
+                out["openai"] = f"unreachable ({type(exc).__name__})"
+        try:
+            await asyncio.wait_for(self._zapier.get(), 5)
+            out["zapier"] = "ok"
+        except Exception as exc:
+            out["zapier"] = f"unreachable ({type(exc).__name__})"
+        return out
+
+    async def aclose(self) -> None:
+        await self._zapier.aclose()
+        await self.openai.close()

@@ -1,0 +1,161 @@
+"""The chatbot: a stateless FastAPI replica. History lives in Redis; limits too."""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+import openai
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response
+from prometheus_client import CONTENT_TYPE_LATEST
+from pydantic import AnyHttpUrl, BaseModel, ConfigDict, Field
+from redis.exceptions import RedisError
+
+from limiter import AcquireTimeout, APILimits, Limiter, LimiterError, LimiterUnavailable
+from limiter.http import ProviderAuthError
+
+from .agent import Agent
+from .metrics import Metrics
+from .settings import Settings
+
+__all__ = ["MessageIn", "create_app"]
+
+log = logging.getLogger("chatbot")
+
+
+class MessageIn(BaseModel):
+    """``POST /messages`` body."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    user_id: str = Field(min_length=1, max_length=200)
+    text: str = Field(min_length=1, max_length=8000)
+    images: list[AnyHttpUrl] = Field(default_factory=list, max_length=4)
+
+
+class Store:
+    """Conversation history per user, in Redis (so any replica serves any user)."""
+
+    def __init__(self, redis: Any, namespace: str, keep: int) -> None:
+        self.redis = redis
+        self.prefix = f"{namespace}:chat"
+        self.keep = keep
+
+    def _key(self, user: str) -> str:
+        return f"{self.prefix}:{{{user}}}:history"
+
+    async def load(self, user: str) -> list[dict[str, Any]]:
+        raw = await self.redis.lrange(self._key(user), -self.keep, -1)
+        return [json.loads(item) for item in raw]
+
+    async def append(self, user: str, *messages: dict[str, Any]) -> None:
+        key = self._key(user)
+        pipe = self.redis.pipeline(transaction=True)
+        pipe.rpush(key, *[json.dumps(m) for m in messages])
+        pipe.ltrim(key, -self.keep, -1)
+        pipe.expire(key, 86_400)
+        await pipe.execute()
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    """One replica. Settings default to the environment (see chatbot.settings)."""
+    settings = settings or Settings.from_env()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        lim = Limiter.from_url(settings.redis_url, settings.limits, namespace=settings.namespace)
+        # One user's messages are answered in order: a slot per user, FIFO across replicas.
+        turns = Limiter(
+            lim.redis,
+            {"conversation": APILimits(max_concurrent=1, acquire_timeout=settings.message_timeout)},
+            namespace=f"{settings.namespace}-turns",
+        )
+        app.state.limiter = lim
+        app.state.turns = turns
+        app.state.store = Store(lim.redis, settings.namespace, settings.history)
+        app.state.agent = Agent(lim, settings)
+        app.state.metrics = Metrics(lim)
+        try:
+            yield
+        finally:
+            await app.state.agent.aclose()
+            await turns.aclose()
+            await lim.aclose()
+
+    app = FastAPI(title="fleetlimit chatbot", lifespan=lifespan)
+    app.state.settings = settings
+
+    @app.post("/messages")
+    async def post_message(message: MessageIn, request: Request) -> Any:
+        state = request.app.state
+        started = time.monotonic()
+        status = "ok"
+        try:
+            async with state.turns.slot("conversation", key=message.user_id):
+                history = await state.store.load(message.user_id)
+                images = [str(url) for url in message.images]
+                answer = await state.agent.reply(history, message.text, images)
+                await state.store.append(
+                    message.user_id,
+                    {"role": "user", "content": message.text},
+                    {"role": "assistant", "content": answer.text},
+                )
+            return {
+                "user_id": message.user_id,
+                "reply": answer.text,
+                "tool_calls": answer.tool_calls,
+                "replica": settings.replica,
+                "seconds": round(time.monotonic() - started, 3),
+            }
+        except AcquireTimeout as exc:
+            status = "timeout"
+            return JSONResponse(
+                {"detail": str(exc), "reason": exc.reason},
+                status_code=503,
+                headers={"retry-after": "5"},
+            )
+        except (LimiterUnavailable, RedisError) as exc:
+            status = "unavailable"
+            return JSONResponse({"detail": f"limiter unavailable: {exc}"}, status_code=503)
+        except ProviderAuthError as exc:
+            status = "provider_error"
+            return JSONResponse({"detail": str(exc)}, status_code=502)
+        except openai.APIStatusError as exc:
+            status = "provider_error"
+            detail = f"OpenAI answered HTTP {exc.status_code}"
+            return JSONResponse({"detail": detail}, status_code=502)
+        except (openai.APIConnectionError, LimiterError) as exc:
+            status = "provider_error"
+            return JSONResponse({"detail": f"{type(exc).__name__}: {exc}"}, status_code=502)
+        finally:
+            state.metrics.messages.labels(status).inc()
+            state.metrics.message_seconds.observe(time.monotonic() - started)
+
+    @app.get("/health")
+    async def health(request: Request) -> Any:
+        state = request.app.state
+        checks: dict[str, str] = {}
+        try:
+            await state.limiter.redis.ping()
+            checks["redis"] = "ok"
+        except RedisError as exc:
+            checks["redis"] = f"unreachable ({type(exc).__name__})"
+        checks.update(await state.agent.check())
+        ok = all(v == "ok" for v in checks.values())
+        body = {"status": "ok" if ok else "degraded", "replica": settings.replica, **checks}
+        return JSONResponse(body, status_code=200 if ok else 503)
+
+    @app.get("/metrics")
+    async def metrics(request: Request) -> Response:
+        return Response(await request.app.state.metrics.render(), media_type=CONTENT_TYPE_LATEST)
+
+    @app.get("/stats")
+    async def stats(request: Request) -> Any:
+        return {"replica": settings.replica, "apis": await request.app.state.limiter.stats()}
+
+    return app

@@ -1,0 +1,457 @@
+"""``python -m chatbot cluster``: Redis, both fake providers and N replicas, a bounded load,
+live progress, and a report judged by the fake providers' own records.
+
+Everything runs as separate processes on 127.0.0.1 and free ports, started and stopped here.
+The demo scales the providers' windows down (a 5 s "minute") so that a run of a minute
+or two crosses many windows; the limiter gets exactly the same limits as the fakes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import httpx2
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from limiter.testing import RedisServer, free_port
+
+from .load import LoadResult, run_load
+
+__all__ = ["ClusterConfig", "ClusterReport", "run_cluster"]
+
+OPENAI_KEY = "sk-fake-openai-key"
+ZAPIER_TOKEN = "fake-zapier-token"
+
+
+@dataclass(frozen=True)
+class ClusterConfig:
+    """The demo's limits: the same numbers for the fakes (referees) and the limiter."""
+
+    replicas: int = 3
+    users: int = 30
+    messages: int = 6
+    tool_every: int = 3
+    openai_concurrent: int = 8
+    openai_per_window: int = 40
+    openai_window: float = 5.0
+    openai_latency: float = 0.25
+    zapier_concurrent: int = 3
+    zapier_per_minute: int = 15
+    zapier_minute: float = 5.0
+    zapier_per_hour: int = 75
+    zapier_hour: float = 60.0
+    zapier_latency: float = 0.3
+
+    def limits_json(self) -> str:
+        return json.dumps(
+            {
+                "openai": {
+                    "max_concurrent": self.openai_concurrent,
+                    "rates": [[self.openai_per_window, self.openai_window]],
+                    "window_margin": 0.05,
+                    "backoff_min": 0.2,
+                    "backoff_max": 2.0,
+                },
+                "zapier": {
+                    "max_concurrent": self.zapier_concurrent,
+                    "rates": [
+                        [self.zapier_per_minute, self.zapier_minute],
+                        [self.zapier_per_hour, self.zapier_hour],
+                    ],
+                    "window_margin": 0.05,
+                    "backoff_min": 0.2,
+                    "backoff_max": 2.0,
+                },
+            }
+        )
+
+
+@dataclass
+class ClusterReport:
+    """What the users saw and what the providers recorded."""
+
+    config: ClusterConfig
+    load: LoadResult
+    openai: dict[str, Any]
+    zapier: dict[str, Any]
+    killed: str | None = None
+
+    @property
+    def excess(self) -> dict[str, int]:
+        """How far each provider's record went past each limit (0 everywhere is the goal)."""
+        c, o, z = self.config, self.openai, self.zapier
+        return {
+            "openai in flight": max(0, o["max_in_flight"] - c.openai_concurrent),
+            "openai per window": max(0, o["max_requests_in_window"] - c.openai_per_window),
+            "openai 429s": o["rejected_total"],
+            "zapier in flight": max(0, z["max_concurrent"] - c.zapier_concurrent),
+            "zapier per minute": max(0, z["max_starts_in_minute_window"] - c.zapier_per_minute),
+            "zapier per hour": max(0, z["max_starts_in_hour_window"] - c.zapier_per_hour),
+            "zapier 429s": z["rejected_429"],
+        }
+
+    @property
+    def openai_utilisation(self) -> float:
+        """Admitted OpenAI requests / the most the window allows over the same span."""
+        arrivals = sorted(self.openai.get("arrivals", []))
+        if len(arrivals) < 2:
+            return 0.0
+        span = arrivals[-1] - arrivals[0]
+        window = self.config.openai_window
+        allowed = self.config.openai_per_window * (int(span // window) + 1)
+        return len(arrivals) / allowed
+
+
+class _Proc:
+    """A child process logging to a file (a pipe nobody reads would fill and block it)."""
+
+    def __init__(
+        self, name: str, logdir: str, argv: list[str], env: dict[str, str] | None = None
+    ) -> None:
+        self.name = name
+        self.log_path = os.path.join(logdir, f"{name}.log")
+        self._log = open(self.log_path, "w")  # noqa: SIM115 - closed in stop()
+        self.popen = subprocess.Popen(
+            argv,
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+            text=True,
+            env={**os.environ, **(env or {})},
+            start_new_session=True,
+        )
+
+    def output(self) -> str:
+        with open(self.log_path) as fh:
+            return fh.read()
+
+    def wait_for_line(self, pattern: str, timeout: float = 30.0) -> re.Match[str]:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            found = re.search(pattern, self.output())
+            if found:
+                return found
+            if self.popen.poll() is not None:
+                break
+            time.sleep(0.05)
+        raise RuntimeError(f"{self.name} did not start:\n{self.output()[-2000:]}")
+
+    def stop(self) -> None:
+        if self.popen.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.popen.pid, signal.SIGTERM)
+            try:
+                self.popen.wait(timeout=8)
+            except subprocess.TimeoutExpired:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(self.popen.pid, signal.SIGKILL)
+                self.popen.wait()
+        self._log.close()
+
+    def kill(self) -> None:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.popen.pid, signal.SIGKILL)
+        self.popen.wait()
+
+
+class Cluster:
+    """Redis, the fakes and N replicas, as processes; a context manager that stops them all."""
+
+    def __init__(self, config: ClusterConfig) -> None:
+        self.config = config
+        self.procs: list[_Proc] = []
+        self.replicas: list[tuple[_Proc, str]] = []
+        self.redis: RedisServer | None = None
+        self.openai_url = ""
+        self.zapier_url = ""
+        self.logdir = tempfile.mkdtemp(prefix="fleetlimit-cluster-")
+
+    def __enter__(self) -> Cluster:
+        try:
+            self._start()
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    def _start(self) -> None:
+        c = self.config
+        py = sys.executable
+        self.redis = RedisServer().start()
+        fake_openai = _Proc(
+            "fake-openai",
+            self.logdir,
+            [
+                py, "-m", "chatbot.fakes.openai_server", "--port", "0",
+                "--max-in-flight", str(c.openai_concurrent),
+                "--rpm", str(c.openai_per_window),
+                "--window-seconds", str(c.openai_window),
+                "--latency", str(c.openai_latency),
+                "--api-key", OPENAI_KEY,
+            ],
+        )  # fmt: skip
+        self.procs.append(fake_openai)
+        port = fake_openai.wait_for_line(r"listening on http://127\.0\.0\.1:(\d+)").group(1)
+        self.openai_url = f"http://127.0.0.1:{port}"
+        fake_zapier = _Proc(
+            "fake-zapier",
+            self.logdir,
+            [
+                py, "-m", "chatbot.fakes.zapier_server", "--port", "0",
+                "--max-concurrent", str(c.zapier_concurrent),
+                "--per-minute", str(c.zapier_per_minute),
+                "--minute-seconds", str(c.zapier_minute),
+                "--per-hour", str(c.zapier_per_hour),
+                "--hour-seconds", str(c.zapier_hour),
+                "--latency", str(c.zapier_latency),
+                "--token", ZAPIER_TOKEN,
+            ],
+        )  # fmt: skip
+        self.procs.append(fake_zapier)
+        port = fake_zapier.wait_for_line(r"listening on http://127\.0\.0\.1:(\d+)").group(1)
+        self.zapier_url = f"http://127.0.0.1:{port}"
+        for i in range(c.replicas):
+            self.add_replica(f"replica-{i + 1}")
+        for proc, url in self.replicas:
+            _wait_healthy(proc, url)
+
+    def add_replica(self, name: str) -> str:
+        assert self.redis is not None
+        port = free_port()
+        env = {
+            "REDIS_URL": self.redis.url,
+            "OPENAI_BASE_URL": f"{self.openai_url}/v1",
+            "OPENAI_API_KEY": OPENAI_KEY,
+            "ZAPIER_MCP_URL": f"{self.zapier_url}/mcp",
+            "ZAPIER_MCP_TOKEN": ZAPIER_TOKEN,
+            "LIMITS_JSON": self.config.limits_json(),
+            "REPLICA_NAME": name,
+        }
+        argv = [sys.executable, "-m", "chatbot", "serve", "--port", str(port)]
+        proc = _Proc(name, self.logdir, argv, env)
+        self.procs.append(proc)
+        url = f"http://127.0.0.1:{port}"
+        self.replicas.append((proc, url))
+        return url
+
+    @property
+    def urls(self) -> list[str]:
+        return [url for _, url in self.replicas]
+
+    def records(self) -> tuple[dict[str, Any], dict[str, Any]]:
+        with httpx2.Client(timeout=10) as client:
+            o = client.get(f"{self.openai_url}/admin/record").json()
+            z = client.get(f"{self.zapier_url}/admin/record").json()
+        return o, z
+
+    def stop(self) -> None:
+        for proc in reversed(self.procs):
+            proc.stop()
+        self.procs.clear()
+        if self.redis is not None:
+            self.redis.stop()
+            self.redis = None
+
+
+def _wait_healthy(proc: _Proc, url: str, timeout: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout
+    last = ""
+    with httpx2.Client(timeout=5) as client:
+        while time.monotonic() < deadline:
+            if proc.popen.poll() is not None:
+                raise RuntimeError(f"{proc.name} exited: {proc.output()[-2000:]}")
+            try:
+                response = client.get(f"{url}/health")
+                if response.status_code == 200:
+                    return
+                last = response.text
+            except httpx2.HTTPError as exc:
+                last = repr(exc)
+            time.sleep(0.1)
+    raise RuntimeError(f"{proc.name} not healthy after {timeout}s: {last}")
+
+
+@contextlib.contextmanager
+def _progress(console: Console, total: int) -> Iterator[Progress]:
+    progress = Progress(
+        TextColumn("[bold]messages"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("{task.fields[status]}"),
+        TimeElapsedColumn(),
+        console=console,
+        transient=False,
+    )
+    with progress:
+        yield progress
+
+
+async def _drive(
+    cluster: Cluster, console: Console, kill_one: bool
+) -> tuple[LoadResult, str | None]:
+    c = cluster.config
+    total = c.users * c.messages
+    killed: str | None = None
+    with _progress(console, total) as progress:
+        task = progress.add_task("load", total=total, status="")
+
+        def on_progress(result: LoadResult) -> None:
+            done = result.answered + sum(result.errors.values())
+            progress.update(task, completed=done)
+
+        async def poll() -> None:
+            async with httpx2.AsyncClient(timeout=5) as client:
+                while True:
+                    await asyncio.sleep(0.5)
+                    with contextlib.suppress(httpx2.HTTPError, ValueError):
+                        url = cluster.urls[-1]
+                        apis = (await client.get(f"{url}/stats")).json()["apis"]
+                        o, z = apis["openai"], apis["zapier"]
+                        status = (
+                            f"openai {o['concurrent_requests']}/{c.openai_concurrent} "
+                            f"(waiting {o['waiting']})  zapier "
+                            f"{z['concurrent_requests']}/{c.zapier_concurrent} "
+                            f"(waiting {z['waiting']})"
+                        )
+                        progress.update(task, status=status)
+
+        async def killer() -> None:
+            nonlocal killed
+            await asyncio.sleep(5.0)
+            proc, _ = cluster.replicas[0]
+            proc.kill()
+            killed = proc.name
+            console.print(f"[yellow]SIGKILLed {proc.name} mid-run; the others carry on")
+
+        poller = asyncio.create_task(poll())
+        chaos = asyncio.create_task(killer()) if kill_one else None
+        try:
+            result = await run_load(
+                cluster.urls, c.users, c.messages, tool_every=c.tool_every, progress=on_progress
+            )
+        finally:
+            poller.cancel()
+            if chaos is not None:
+                chaos.cancel()
+    return result, killed
+
+
+def run_cluster(
+    config: ClusterConfig, *, console: Console | None = None, kill_one: bool = False
+) -> ClusterReport:
+    """Start everything, drive the load, stop everything, and return the report."""
+    console = console or Console()
+    with Cluster(config) as cluster:
+        console.print(
+            f"[bold]cluster up:[/] redis {cluster.redis.url if cluster.redis else '?'}, "
+            f"fake OpenAI {cluster.openai_url}, fake Zapier {cluster.zapier_url}, "
+            f"{config.replicas} replicas"
+        )
+        load, killed = asyncio.run(_drive(cluster, console, kill_one))
+        openai_record, zapier_record = cluster.records()
+    return ClusterReport(config, load, openai_record, zapier_record, killed)
+
+
+def print_report(report: ClusterReport, console: Console) -> None:
+    c, load = report.config, report.load
+    console.print()
+    table = Table(title="Users' view")
+    for col in (
+        "replicas",
+        "users x messages",
+        "answered",
+        "errors",
+        "time",
+        "msg/s",
+        "p50",
+        "p99",
+    ):
+        table.add_column(col, justify="right")
+    table.add_row(
+        str(c.replicas),
+        f"{c.users} x {c.messages}",
+        str(load.answered),
+        json.dumps(load.errors) if load.errors else "0",
+        f"{load.elapsed:.1f}s",
+        f"{load.answered / load.elapsed:.2f}",
+        f"{load.percentile(0.5):.2f}s",
+        f"{load.percentile(0.99):.2f}s",
+    )
+    console.print(table)
+    o, z = report.openai, report.zapier
+    referee = Table(title="Providers' own records (the referee)")
+    for col in ("limit", "allowed", "max seen", "excess"):
+        referee.add_column(col, justify="right")
+    ow, zm, zh = f"{c.openai_window:g}s", f"{c.zapier_minute:g}s", f"{c.zapier_hour:g}s"
+    rows = [
+        ("OpenAI in flight", c.openai_concurrent, o["max_in_flight"]),
+        (f"OpenAI per {ow} window", c.openai_per_window, o["max_requests_in_window"]),
+        ("Zapier in flight", c.zapier_concurrent, z["max_concurrent"]),
+        (f"Zapier per {zm} window", c.zapier_per_minute, z["max_starts_in_minute_window"]),
+        (f"Zapier per {zh} window", c.zapier_per_hour, z["max_starts_in_hour_window"]),
+    ]
+    for name, allowed, seen in rows:
+        excess = max(0, seen - allowed)
+        style = "green" if excess == 0 else "red"
+        referee.add_row(name, str(allowed), str(seen), f"[{style}]{excess}[/]")
+    referee.add_row("OpenAI 429s", "0", str(o["rejected_total"]), str(o["rejected_total"]))
+    referee.add_row("Zapier 429s", "0", str(z["rejected_429"]), str(z["rejected_429"]))
+    console.print(referee)
+    console.print(
+        f"OpenAI admitted {o['admitted']} requests = {report.openai_utilisation:.1%} of what its "
+        f"{c.openai_per_window} per {c.openai_window:g}s window allows over the same span; "
+        f"Zapier executed {z['executed']} actions."
+    )
+    if report.killed:
+        console.print(f"{report.killed} was SIGKILLed mid-run; its slots came back by lease.")
+    total_excess = sum(report.excess.values())
+    verdict = "[green]0 excess at the providers" if total_excess == 0 else "[red]LIMITS EXCEEDED"
+    console.print(f"[bold]{verdict}[/]")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m chatbot cluster")
+    parser.add_argument("--replicas", type=int, default=3)
+    parser.add_argument("--users", type=int, default=30)
+    parser.add_argument("--messages", type=int, default=6)
+    parser.add_argument("--kill-one", action="store_true", help="SIGKILL a replica mid-run")
+    parser.add_argument("--json", help="also write the report as JSON to this file")
+    args = parser.parse_args(argv)
+    config = ClusterConfig(replicas=args.replicas, users=args.users, messages=args.messages)
+    console = Console()
+    report = run_cluster(config, console=console, kill_one=args.kill_one)
+    print_report(report, console)
+    if args.json:
+        with open(args.json, "w") as fh:
+            json.dump(
+                {
+                    "excess": report.excess,
+                    "openai_utilisation": report.openai_utilisation,
+                    "answered": report.load.answered,
+                    "errors": report.load.errors,
+                    "elapsed": report.load.elapsed,
+                    "p50": report.load.percentile(0.5),
+                    "p99": report.load.percentile(0.99),
+                },
+                fh,
+                indent=2,
+            )
+    return 0 if sum(report.excess.values()) == 0 else 1

@@ -1,0 +1,116 @@
+"""A replica's configuration, from the environment. Secrets never appear in reprs."""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from limiter import DEFAULT_LIMITS, APILimits, ConfigError, Rate
+
+__all__ = ["Settings", "limits_from_json"]
+
+#: The chatbot's defaults: the original's limits, with 50 ms of window margin for the
+#: delay between admission and arrival at the provider.
+CHATBOT_LIMITS: dict[str, APILimits] = {
+    "openai": APILimits(
+        max_concurrent=8,
+        requests_per_minute=500,
+        requests_per_hour=10_000,
+        retry_attempts=5,
+        backoff_min=1.0,
+        backoff_max=60.0,
+        window_margin=0.05,
+    ),
+    "zapier": APILimits(
+        max_concurrent=3,
+        requests_per_minute=60,
+        requests_per_hour=75,
+        retry_attempts=3,
+        backoff_min=2.0,
+        backoff_max=30.0,
+        window_margin=0.05,
+    ),
+}
+assert set(CHATBOT_LIMITS) == set(DEFAULT_LIMITS)
+
+_FIELDS = {
+    "max_concurrent",
+    "requests_per_minute",
+    "requests_per_hour",
+    "tokens_per_minute",
+    "retry_attempts",
+    "backoff_min",
+    "backoff_max",
+    "lease_ttl",
+    "acquire_timeout",
+    "window_margin",
+}
+
+
+def limits_from_json(text: str) -> dict[str, APILimits]:
+    """``{"openai": {"max_concurrent": 4, "rates": [[10, 1.0]]}, ...}`` -> limits.
+
+    APIs not named keep the chatbot's defaults. Unknown fields raise ConfigError.
+    """
+    try:
+        raw = json.loads(text)
+    except ValueError as exc:
+        raise ConfigError(f"LIMITS_JSON is not JSON: {exc}", field="LIMITS_JSON") from exc
+    if not isinstance(raw, Mapping):
+        raise ConfigError("LIMITS_JSON must be an object of API -> limits", field="LIMITS_JSON")
+    out = dict(CHATBOT_LIMITS)
+    for api, spec in raw.items():
+        if not isinstance(spec, Mapping):
+            raise ConfigError(f"LIMITS_JSON[{api!r}] must be an object", field="LIMITS_JSON")
+        unknown = set(spec) - _FIELDS - {"rates"}
+        if unknown:
+            raise ConfigError(
+                f"LIMITS_JSON[{api!r}]: unknown fields {sorted(unknown)}", field="LIMITS_JSON"
+            )
+        kwargs: dict[str, Any] = {k: v for k, v in spec.items() if k in _FIELDS}
+        kwargs["rates"] = [Rate(int(n), float(p)) for n, p in spec.get("rates", [])]
+        out[api] = APILimits(**kwargs)
+    return out
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Where a replica finds Redis and the providers, and the limits it applies."""
+
+    redis_url: str = "redis://127.0.0.1:6379/0"
+    openai_base_url: str = "http://127.0.0.1:8001/v1"
+    openai_api_key: str = field(default="sk-fake-openai-key", repr=False)
+    openai_model: str = "gpt-4o-mini"
+    zapier_mcp_url: str = "http://127.0.0.1:8002/mcp"
+    zapier_token: str = field(default="fake-zapier-token", repr=False)
+    namespace: str = "limiter"
+    limits: Mapping[str, APILimits] = field(default_factory=lambda: dict(CHATBOT_LIMITS))
+    #: How long one message may wait for its turn and its providers, seconds.
+    message_timeout: float = 120.0
+    #: Messages of history kept per user.
+    history: int = 20
+    replica: str = field(default_factory=lambda: os.environ.get("HOSTNAME", str(os.getpid())))
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
+        """Settings from ``REDIS_URL``, ``OPENAI_BASE_URL``, ``OPENAI_API_KEY``, ...."""
+        env = os.environ if env is None else env
+        base = cls()
+        limits = base.limits
+        if env.get("LIMITS_JSON"):
+            limits = limits_from_json(env["LIMITS_JSON"])
+        return cls(
+            redis_url=env.get("REDIS_URL", base.redis_url),
+            openai_base_url=env.get("OPENAI_BASE_URL", base.openai_base_url),
+            openai_api_key=env.get("OPENAI_API_KEY", base.openai_api_key),
+            openai_model=env.get("OPENAI_MODEL", base.openai_model),
+            zapier_mcp_url=env.get("ZAPIER_MCP_URL", base.zapier_mcp_url),
+            zapier_token=env.get("ZAPIER_MCP_TOKEN", base.zapier_token),
+            namespace=env.get("LIMITER_NAMESPACE", base.namespace),
+            limits=limits,
+            message_timeout=float(env.get("MESSAGE_TIMEOUT", base.message_timeout)),
+            replica=env.get("REPLICA_NAME", base.replica),
+        )
