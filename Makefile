@@ -5,11 +5,12 @@ BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.installed
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
-.PHONY: help venv test lint typecheck pytest bench demo clean
+.PHONY: help venv test lint typecheck pytest bench demo demo-limiter clean
 
 help:
 	@echo "make test   - install into .venv, then ruff + mypy --strict + the whole test suite"
-	@echo "make demo   - multi-process demonstration against a redis-server it starts itself"
+	@echo "make demo   - Redis, fake OpenAI and Zapier, 3 chatbot replicas, load, report (< 2 min)"
+	@echo "make demo-limiter - 4 processes: the old per-process semaphore vs. the Redis limiter"
 	@echo "make bench  - benchmarks side by side; figures go to benchmarks/results/"
 
 $(STAMP): pyproject.toml
@@ -36,6 +37,9 @@ bench: $(STAMP)
 	$(BIN)/python -m benchmarks.run
 
 demo: $(STAMP)
+	$(BIN)/python -m chatbot cluster --replicas 3 --users 30 --messages 6
+
+demo-limiter: $(STAMP)
 	$(BIN)/python examples/multiprocess_demo.py
 
 clean:

@@ -72,7 +72,13 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         # One user's messages are answered in order: a slot per user, FIFO across replicas.
         turns = Limiter(
             lim.redis,
-            {"conversation": APILimits(max_concurrent=1, acquire_timeout=settings.message_timeout)},
+            {
+                "conversation": APILimits(
+                    max_concurrent=1,
+                    acquire_timeout=settings.message_timeout,
+                    lease_ttl=settings.turn_lease,
+                )
+            },
             namespace=f"{settings.namespace}-turns",
         )
         app.state.limiter = lim

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import math
 import os
 import re
 import signal
@@ -50,7 +51,7 @@ class ClusterConfig:
     openai_window: float = 5.0
     openai_latency: float = 0.25
     zapier_concurrent: int = 3
-    zapier_per_minute: int = 15
+    zapier_per_minute: int = 30
     zapier_minute: float = 5.0
     zapier_per_hour: int = 75
     zapier_hour: float = 60.0
@@ -65,6 +66,7 @@ class ClusterConfig:
                     "window_margin": 0.05,
                     "backoff_min": 0.2,
                     "backoff_max": 2.0,
+                    "lease_ttl": 5.0,
                 },
                 "zapier": {
                     "max_concurrent": self.zapier_concurrent,
@@ -75,6 +77,7 @@ class ClusterConfig:
                     "window_margin": 0.05,
                     "backoff_min": 0.2,
                     "backoff_max": 2.0,
+                    "lease_ttl": 5.0,
                 },
             }
         )
@@ -89,6 +92,8 @@ class ClusterReport:
     openai: dict[str, Any]
     zapier: dict[str, Any]
     killed: str | None = None
+    #: Last time (time.monotonic) the limiter had OpenAI requests waiting.
+    saturated_until: float | None = None
 
     @property
     def excess(self) -> dict[str, int]:
@@ -106,14 +111,20 @@ class ClusterReport:
 
     @property
     def openai_utilisation(self) -> float:
-        """Admitted OpenAI requests / the most the window allows over the same span."""
+        """Admitted OpenAI requests / the most its window allows, while requests waited.
+
+        Counted from the fake's own arrival times, from the first arrival to the last
+        moment the limiter had OpenAI requests waiting (after that, demand, not the
+        limit, set the pace): the window allows ``limit`` per ``period + margin``.
+        """
         arrivals = sorted(self.openai.get("arrivals", []))
-        if len(arrivals) < 2:
+        if len(arrivals) < 2 or self.saturated_until is None:
             return 0.0
-        span = arrivals[-1] - arrivals[0]
-        window = self.config.openai_window
-        allowed = self.config.openai_per_window * (int(span // window) + 1)
-        return len(arrivals) / allowed
+        end = min(self.saturated_until, arrivals[-1])
+        counted = [t for t in arrivals if t <= end]
+        window = self.config.openai_window + 0.05
+        windows = math.ceil((end - arrivals[0]) / window) or 1
+        return len(counted) / (self.config.openai_per_window * windows)
 
 
 class _Proc:
@@ -304,10 +315,11 @@ def _progress(console: Console, total: int) -> Iterator[Progress]:
 
 async def _drive(
     cluster: Cluster, console: Console, kill_one: bool
-) -> tuple[LoadResult, str | None]:
+) -> tuple[LoadResult, str | None, float | None]:
     c = cluster.config
     total = c.users * c.messages
     killed: str | None = None
+    saturated: list[float | None] = [None]
     with _progress(console, total) as progress:
         task = progress.add_task("load", total=total, status="")
 
@@ -318,11 +330,13 @@ async def _drive(
         async def poll() -> None:
             async with httpx2.AsyncClient(timeout=5) as client:
                 while True:
-                    await asyncio.sleep(0.5)
+                    await asyncio.sleep(0.25)
                     with contextlib.suppress(httpx2.HTTPError, ValueError):
                         url = cluster.urls[-1]
                         apis = (await client.get(f"{url}/stats")).json()["apis"]
                         o, z = apis["openai"], apis["zapier"]
+                        if o["waiting"] > 0:
+                            saturated[0] = time.monotonic()
                         status = (
                             f"openai {o['concurrent_requests']}/{c.openai_concurrent} "
                             f"(waiting {o['waiting']})  zapier "
@@ -349,7 +363,7 @@ async def _drive(
             poller.cancel()
             if chaos is not None:
                 chaos.cancel()
-    return result, killed
+    return result, killed, saturated[0]
 
 
 def run_cluster(
@@ -363,9 +377,9 @@ def run_cluster(
             f"fake OpenAI {cluster.openai_url}, fake Zapier {cluster.zapier_url}, "
             f"{config.replicas} replicas"
         )
-        load, killed = asyncio.run(_drive(cluster, console, kill_one))
+        load, killed, saturated_until = asyncio.run(_drive(cluster, console, kill_one))
         openai_record, zapier_record = cluster.records()
-    return ClusterReport(config, load, openai_record, zapier_record, killed)
+    return ClusterReport(config, load, openai_record, zapier_record, killed, saturated_until)
 
 
 def print_report(report: ClusterReport, console: Console) -> None:
@@ -414,12 +428,15 @@ def print_report(report: ClusterReport, console: Console) -> None:
     referee.add_row("Zapier 429s", "0", str(z["rejected_429"]), str(z["rejected_429"]))
     console.print(referee)
     console.print(
-        f"OpenAI admitted {o['admitted']} requests = {report.openai_utilisation:.1%} of what its "
-        f"{c.openai_per_window} per {c.openai_window:g}s window allows over the same span; "
-        f"Zapier executed {z['executed']} actions."
+        f"OpenAI admitted {o['admitted']} requests; while requests waited, that was "
+        f"{report.openai_utilisation:.1%} of what its {c.openai_per_window} per "
+        f"{c.openai_window:g}s window allows. Zapier executed {z['executed']} actions."
     )
     if report.killed:
-        console.print(f"{report.killed} was SIGKILLed mid-run; its slots came back by lease.")
+        console.print(
+            f"{report.killed} was SIGKILLed mid-run; its slots came back by lease; "
+            f"{load.resent} messages were sent again to another replica."
+        )
     total_excess = sum(report.excess.values())
     verdict = "[green]0 excess at the providers" if total_excess == 0 else "[red]LIMITS EXCEEDED"
     console.print(f"[bold]{verdict}[/]")

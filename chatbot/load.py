@@ -30,6 +30,8 @@ class LoadResult:
     errors: dict[str, int] = field(default_factory=dict)
     latencies: list[float] = field(default_factory=list)
     tool_calls: int = 0
+    #: Messages sent again to another replica after one failed to answer (crashed).
+    resent: int = 0
     started: float = 0.0
     finished: float = 0.0
     #: Per user, the order in which its replies came back (message numbers).
@@ -60,6 +62,7 @@ async def run_load(
     taken in turn; every ``tool_every``-th message asks for a Zapier action."""
     rng = random.Random(seed)
     result = LoadResult(started=time.monotonic())
+    dead: dict[str, float] = {}
     replica = itertools.cycle(targets)
     limits = httpx2.Limits(max_connections=users + 10, max_keepalive_connections=users + 10)
     async with httpx2.AsyncClient(timeout=timeout, limits=limits) as client:
@@ -76,11 +79,23 @@ async def run_load(
                 body: dict[str, Any] = {"user_id": name, "text": text, "images": []}
                 result.sent += 1
                 began = time.monotonic()
-                try:
-                    response = await client.post(f"{next(replica)}/messages", json=body)
-                except httpx2.HTTPError as exc:
-                    key = type(exc).__name__
-                    result.errors[key] = result.errors.get(key, 0) + 1
+                response = None
+                last = "no replica up"
+                for _ in range(len(targets) + 1):
+                    target = next(replica)
+                    if dead.get(target, 0) > time.monotonic():
+                        continue
+                    try:
+                        response = await client.post(f"{target}/messages", json=body)
+                        break
+                    except httpx2.HTTPError as exc:
+                        # Like a load balancer: a replica that is down gets no traffic for
+                        # a while, and the message goes to another one.
+                        dead[target] = time.monotonic() + 5.0
+                        result.resent += 1
+                        last = type(exc).__name__
+                if response is None:
+                    result.errors[last] = result.errors.get(last, 0) + 1
                     continue
                 if response.status_code == 200:
                     result.answered += 1

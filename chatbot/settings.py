@@ -92,6 +92,8 @@ class Settings:
     message_timeout: float = 120.0
     #: Messages of history kept per user.
     history: int = 20
+    #: A replica that dies while answering a user holds that user's turn this long, seconds.
+    turn_lease: float = 10.0
     replica: str = field(default_factory=lambda: os.environ.get("HOSTNAME", str(os.getpid())))
 
     @classmethod

@@ -758,7 +758,11 @@ class Limiter:
                 if waiter is None:
                     continue
                 if waiter.future.done():
-                    if kind != "A":
+                    # An unread admission stays; an unread hint gives way to a newer one.
+                    if (
+                        waiter.future.exception() is None
+                        and waiter.future.result()[0] == "admitted"
+                    ):
                         continue
                     waiter.future = asyncio.get_running_loop().create_future()
                 waiter.future.set_result(("admitted" if kind == "A" else "hint", int(value)))

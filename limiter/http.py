@@ -362,7 +362,14 @@ class LimitedTransport(httpx2.AsyncBaseTransport):
             raise
 
     async def _learn_headers(self, headers: Any) -> None:
-        """No room left at the provider: pause every replica until its reset."""
+        """The provider has less room than we think: pause every replica until its reset.
+
+        ``x-ratelimit-remaining-*: 0`` while our own windows of that kind still have room
+        means the provider counts more than we do (another client on the same key, a
+        smaller limit): the API is paused for every replica until about one request's
+        room is back (``reset / limit``). When our windows are full too, both agree and
+        our own windows already know when room comes back.
+        """
         if not self._learn:
             return
         for kind in ("requests", "tokens"):
@@ -370,7 +377,23 @@ class LimitedTransport(httpx2.AsyncBaseTransport):
             if remaining is None or remaining.strip() != "0":
                 continue
             reset = parse_duration(headers.get(f"x-ratelimit-reset-{kind}"))
-            if reset:
+            if not reset:
+                continue
+            windows = (await self.limiter.stats(self.api))["windows"]
+            ours = [
+                use for name, use in windows.items() if (name == "tokens") == (kind == "tokens")
+            ]
+            if any(use["used"] >= use["limit"] for use in ours):
+                continue
+            # ``reset`` is the time until the provider's budget is whole again; one
+            # request's room comes back after about reset / limit (a bucket refilling
+            # evenly, or a sliding window's oldest entry leaving), so pause that long.
+            try:
+                limit = int(headers.get(f"x-ratelimit-limit-{kind}") or "1")
+            except ValueError:
+                limit = 1
+            reset = reset / max(1, limit)
+            if reset > 0:
                 log.warning(
                     "%s says no %s are left: pausing it for every replica for %.2fs",
                     display_name(self.api),

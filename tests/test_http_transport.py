@@ -12,7 +12,7 @@ import httpx2
 import openai
 import pytest
 
-from limiter import APILimits, ConfigError
+from limiter import APILimits, ConfigError, Rate
 from limiter.http import (
     LimitedTransport,
     mcp_tools_call_only,
@@ -304,3 +304,15 @@ async def test_unknown_api_is_refused_at_construction(make_limiter: LimiterFacto
     lim = make_limiter({"openai": APILimits()})
     with pytest.raises(ConfigError, match="unknown API"):
         LimitedTransport(lim, "opneai")
+
+
+async def test_remaining_zero_agreeing_with_our_window_does_not_pause(
+    make_limiter: LimiterFactory,
+) -> None:
+    """When our own window is full too, remaining: 0 adds no pause (our window knows better)."""
+    lim = make_limiter({"openai": APILimits(rates=[Rate(1, 5.0)])})
+    headers = {"x-ratelimit-remaining-requests": "0", "x-ratelimit-reset-requests": "5s"}
+    script = Script(lambda r: httpx2.Response(200, json=completion(), headers=headers))
+    client = openai_client(lim, base_url=BASE, api_key="sk-test", inner=script.mock)
+    await chat(client)
+    assert (await lim.stats("openai"))["cooldown_remaining"] == 0

@@ -84,8 +84,8 @@ end
 
 local new = enqueue()
 local own, head, reason, wait, woken = drain(TICKET)
--- A new head (after others were admitted) learns how long it must wait.
-if woken > 0 then hint_head(head, wait, TICKET) end
+-- A new head (after this ticket or others were admitted) learns how long it must wait.
+if own or woken > 0 then hint_head(head, wait, TICKET) end
 if own then return {1, NOW} end
 if new and FIRST then count_refusal(reason) end
 if head == TICKET then return {0, reason, wait, 1} end
