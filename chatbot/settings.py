@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from limiter import DEFAULT_LIMITS, APILimits, ConfigError, Rate
@@ -15,26 +15,8 @@ __all__ = ["Settings", "limits_from_json"]
 #: The chatbot's defaults: the original's limits, with 50 ms of window margin for the
 #: delay between admission and arrival at the provider.
 CHATBOT_LIMITS: dict[str, APILimits] = {
-    "openai": APILimits(
-        max_concurrent=8,
-        requests_per_minute=500,
-        requests_per_hour=10_000,
-        retry_attempts=5,
-        backoff_min=1.0,
-        backoff_max=60.0,
-        window_margin=0.05,
-    ),
-    "zapier": APILimits(
-        max_concurrent=3,
-        requests_per_minute=60,
-        requests_per_hour=75,
-        retry_attempts=3,
-        backoff_min=2.0,
-        backoff_max=30.0,
-        window_margin=0.05,
-    ),
+    api: replace(limits, window_margin=0.05) for api, limits in DEFAULT_LIMITS.items()
 }
-assert set(CHATBOT_LIMITS) == set(DEFAULT_LIMITS)
 
 _FIELDS = {
     "max_concurrent",
