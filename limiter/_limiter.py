@@ -267,8 +267,8 @@ class Limiter:
         url: str,
         limits: Mapping[str, APILimits],
         *,
-        socket_timeout: float = 2.0,
-        socket_connect_timeout: float = 1.0,
+        socket_timeout: float = 0.5,
+        socket_connect_timeout: float = 0.5,
         max_connections: int = 50,
         pool_timeout: float = 10.0,
         **kwargs: Any,
@@ -277,6 +277,8 @@ class Limiter:
 
         The client uses a blocking pool of ``max_connections``: a burst of more concurrent
         calls queues for a connection (up to ``pool_timeout`` seconds) instead of failing.
+        Short socket timeouts make a Redis that is down or hung fail fast
+        (:class:`LimiterUnavailable` within a second) instead of hanging a caller.
         """
         import redis.asyncio as aioredis
 
@@ -426,11 +428,15 @@ class Limiter:
                     delay = min(deadline - loop.time(), value / 1_000_000)
                     if delay <= 0:
                         break
-        except BaseException:
+        except BaseException as exc:
             # Even the first call may have run in Redis before we gave up on its answer
-            # (cancelled, timed out): withdraw whatever it left, ticket or slot.
+            # (cancelled, timed out): withdraw whatever it left, ticket or slot. When Redis
+            # itself failed, do it in the background: the caller hears of it at once.
             if queued:
-                await self._withdraw(plan, slot_id, ticket)
+                if isinstance(exc, LimiterUnavailable):
+                    self._keep(asyncio.ensure_future(self._withdraw(plan, slot_id, ticket)))
+                else:
+                    await self._withdraw(plan, slot_id, ticket)
             raise
         finally:
             self._waiting.pop(slot_id, None)

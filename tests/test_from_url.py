@@ -46,3 +46,19 @@ async def test_unreachable_redis_fails_fast_without_secrets() -> None:
     assert "hunter2" not in str(info.value)
     assert "hunter2" not in repr(info.value)
     await lim.aclose()
+
+
+async def test_hung_redis_fails_fast() -> None:
+    """A server that accepts the connection and never answers raises within a second."""
+    import socket
+
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(16)
+        port = listener.getsockname()[1]
+        lim = Limiter.from_url(f"redis://127.0.0.1:{port}/0", {"a": APILimits(max_concurrent=1)})
+        start = time.monotonic()
+        with pytest.raises(LimiterUnavailable):
+            await lim.acquire("a", timeout=5)
+        assert time.monotonic() - start < 1.0
+        await lim.aclose()
