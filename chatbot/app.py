@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import json
 import logging
 import time
@@ -68,7 +69,12 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        lim = Limiter.from_url(settings.redis_url, settings.limits, namespace=settings.namespace)
+        lim = Limiter.from_url(
+            settings.redis_url,
+            settings.limits,
+            namespace=settings.namespace,
+            ticket_ttl=settings.ticket_ttl,
+        )
         # One user's messages are answered in order: a slot per user, FIFO across replicas.
         turns = Limiter(
             lim.redis,
@@ -80,12 +86,17 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                 )
             },
             namespace=f"{settings.namespace}-turns",
+            ticket_ttl=settings.ticket_ttl,
         )
         app.state.limiter = lim
         app.state.turns = turns
         app.state.store = Store(lim.redis, settings.namespace, settings.history)
         app.state.agent = Agent(lim, settings)
         app.state.metrics = Metrics(lim)
+        # Start-up objects never die: keep them out of the collector's full passes, whose
+        # pauses delay a just-admitted request on its way to the provider.
+        gc.collect()
+        gc.freeze()
         try:
             yield
         finally:

@@ -14,6 +14,7 @@ import json
 import math
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -56,6 +57,11 @@ class ClusterConfig:
     zapier_per_hour: int = 75
     zapier_hour: float = 60.0
     zapier_latency: float = 0.3
+    #: Seconds added to every window (DESIGN: admission-to-arrival jitter; a replica's
+    #: event loop can stall ~0.1 s in a garbage collection after admission).
+    window_margin: float = 0.15
+    lease_ttl: float = 5.0
+    ticket_ttl: float = 2.0
 
     def limits_json(self) -> str:
         return json.dumps(
@@ -63,10 +69,10 @@ class ClusterConfig:
                 "openai": {
                     "max_concurrent": self.openai_concurrent,
                     "rates": [[self.openai_per_window, self.openai_window]],
-                    "window_margin": 0.05,
+                    "window_margin": self.window_margin,
                     "backoff_min": 0.2,
                     "backoff_max": 2.0,
-                    "lease_ttl": 5.0,
+                    "lease_ttl": self.lease_ttl,
                 },
                 "zapier": {
                     "max_concurrent": self.zapier_concurrent,
@@ -74,10 +80,10 @@ class ClusterConfig:
                         [self.zapier_per_minute, self.zapier_minute],
                         [self.zapier_per_hour, self.zapier_hour],
                     ],
-                    "window_margin": 0.05,
+                    "window_margin": self.window_margin,
                     "backoff_min": 0.2,
                     "backoff_max": 2.0,
-                    "lease_ttl": 5.0,
+                    "lease_ttl": self.lease_ttl,
                 },
             }
         )
@@ -122,7 +128,7 @@ class ClusterReport:
             return 0.0
         end = min(self.saturated_until, arrivals[-1])
         counted = [t for t in arrivals if t <= end]
-        window = self.config.openai_window + 0.05
+        window = self.config.openai_window + self.config.window_margin
         windows = math.ceil((end - arrivals[0]) / window) or 1
         return len(counted) / (self.config.openai_per_window * windows)
 
@@ -252,6 +258,7 @@ class Cluster:
             "ZAPIER_MCP_URL": f"{self.zapier_url}/mcp",
             "ZAPIER_MCP_TOKEN": ZAPIER_TOKEN,
             "LIMITS_JSON": self.config.limits_json(),
+            "TICKET_TTL": str(self.config.ticket_ttl),
             "REPLICA_NAME": name,
         }
         argv = [sys.executable, "-m", "chatbot", "serve", "--port", str(port)]
@@ -278,6 +285,7 @@ class Cluster:
         if self.redis is not None:
             self.redis.stop()
             self.redis = None
+        shutil.rmtree(self.logdir, ignore_errors=True)
 
 
 def _wait_healthy(proc: _Proc, url: str, timeout: float = 60.0) -> None:

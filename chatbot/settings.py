@@ -12,10 +12,10 @@ from limiter import DEFAULT_LIMITS, APILimits, ConfigError, Rate
 
 __all__ = ["Settings", "limits_from_json"]
 
-#: The chatbot's defaults: the original's limits, with 50 ms of window margin for the
-#: delay between admission and arrival at the provider.
+#: The chatbot's defaults: the original's limits, with 250 ms of window margin for the
+#: delay between admission and arrival at the provider (0.4% of a minute's throughput).
 CHATBOT_LIMITS: dict[str, APILimits] = {
-    api: replace(limits, window_margin=0.05) for api, limits in DEFAULT_LIMITS.items()
+    api: replace(limits, window_margin=0.25) for api, limits in DEFAULT_LIMITS.items()
 }
 
 _FIELDS = {
@@ -76,6 +76,8 @@ class Settings:
     history: int = 20
     #: A replica that dies while answering a user holds that user's turn this long, seconds.
     turn_lease: float = 10.0
+    #: A replica that dies while waiting holds what it was handed at most this long.
+    ticket_ttl: float = 5.0
     replica: str = field(default_factory=lambda: os.environ.get("HOSTNAME", str(os.getpid())))
 
     @classmethod
@@ -96,5 +98,7 @@ class Settings:
             namespace=env.get("LIMITER_NAMESPACE", base.namespace),
             limits=limits,
             message_timeout=float(env.get("MESSAGE_TIMEOUT", base.message_timeout)),
+            turn_lease=float(env.get("TURN_LEASE", base.turn_lease)),
+            ticket_ttl=float(env.get("TICKET_TTL", base.ticket_ttl)),
             replica=env.get("REPLICA_NAME", base.replica),
         )

@@ -213,11 +213,15 @@ local function drain(own)
     local slot, cost, tokens = parse_ticket(ticket)
     local reason, wait = check(cost, tokens)
     if reason then return own_admitted, ticket, reason, wait, woken end
-    -- A slot handed to another process gets only a ticket's length of lease
-    -- until its process renews it: a waiter that died while queued holds it
-    -- no longer than its ticket would have lived.
-    local short = TICKET_TTL < LEASE and TICKET_TTL or LEASE
-    admit(slot, cost, tokens, ticket ~= own and short or nil)
+    -- A slot handed to another process is leased only until its ticket would
+    -- have expired, until that process renews it: a process that died while
+    -- waiting holds nothing past its tickets' life (ticket_ttl after its death).
+    local lease = nil
+    if ticket ~= own then
+      local expires = tonumber(redis.call('ZSCORE', K_QEXP, ticket) or NOW)
+      lease = math.max(1, math.min(LEASE, expires - NOW))
+    end
+    admit(slot, cost, tokens, lease)
     redis.call('ZREM', K_QUEUE, ticket)
     redis.call('ZREM', K_QEXP, ticket)
     if ticket == own then

@@ -1,0 +1,395 @@
+"""The chatbot replica in-process: ``chatbot.app.create_app`` behind httpx2's ASGI transport.
+
+The app's own lifespan runs (a real ``Limiter.from_url`` on the session's redis-server);
+the fake OpenAI API and the fake Zapier MCP server run with uvicorn in the test's event
+loop on free 127.0.0.1 ports and referee what reached them (``/admin/record``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import socket
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, replace
+from typing import Any
+
+import httpx2
+import pytest
+import redis.asyncio as aioredis
+import uvicorn
+from fastapi import FastAPI
+from prometheus_client.parser import text_string_to_metric_families
+
+from chatbot.app import create_app
+from chatbot.fakes.openai_server import FakeOpenAI, FakeOpenAIConfig
+from chatbot.fakes.openai_server import create_app as create_fake_openai
+from chatbot.fakes.zapier_server import FakeZapierApp, FakeZapierConfig
+from chatbot.fakes.zapier_server import create_app as create_fake_zapier
+from chatbot.settings import Settings
+from limiter import APILimits
+from limiter.testing import RedisServer
+
+pytestmark = pytest.mark.redis
+
+KEY = "sk-apptest-SECRET-5f0c9d2e7a41b386"
+WRONG_KEY = "sk-apptest-WRONG-0b1c2d3e4f5a6978"
+TOKEN = "zap-apptest-SECRET-token-71d3"
+NAMESPACE = "apptest"
+EMAIL_TEXT = "Please send an email to ana@example.com saying the order shipped"
+LIMITS = {
+    "openai": APILimits(
+        max_concurrent=4, retry_attempts=1, backoff_min=0.01, backoff_max=0.05, lease_ttl=5.0
+    ),
+    "zapier": APILimits(
+        max_concurrent=2, retry_attempts=1, backoff_min=0.01, backoff_max=0.05, lease_ttl=5.0
+    ),
+}
+
+
+class _Server(uvicorn.Server):
+    """uvicorn in a background task, leaving pytest's signal handlers alone."""
+
+    def capture_signals(self) -> contextlib.AbstractContextManager[None]:
+        return contextlib.nullcontext()
+
+
+@dataclass
+class Served:
+    """A fake provider served in this event loop."""
+
+    url: str
+    server: _Server
+    task: asyncio.Task[None]
+
+    async def stop(self) -> None:
+        if not self.task.done():
+            self.server.should_exit = True
+            await asyncio.wait_for(self.task, timeout=10)
+
+
+@contextlib.asynccontextmanager
+async def _serve(app: Any, *, lifespan: str) -> AsyncIterator[Served]:
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.bind(("127.0.0.1", 0))
+    port = sock.getsockname()[1]
+    server = _Server(
+        uvicorn.Config(
+            app,
+            log_config=None,
+            log_level="warning",
+            access_log=False,
+            lifespan=lifespan,
+            ws="none",
+            timeout_graceful_shutdown=2,
+        )
+    )
+    task = asyncio.create_task(server.serve(sockets=[sock]))
+    served = Served(f"http://127.0.0.1:{port}", server, task)
+    try:
+        async with asyncio.timeout(10):
+            while not server.started:
+                if task.done():
+                    await task
+                await asyncio.sleep(0.005)
+        yield served
+    finally:
+        await served.stop()
+        sock.close()
+
+
+@dataclass
+class Providers:
+    """Both fakes, the real redis-server (flushed) and a client of it."""
+
+    redis: aioredis.Redis
+    redis_url: str
+    openai: Served
+    openai_fake: FakeOpenAI
+    zapier: Served
+    zapier_app: FakeZapierApp
+
+    def settings(self, **overrides: Any) -> Settings:
+        base = Settings(
+            redis_url=self.redis_url,
+            openai_base_url=f"{self.openai.url}/v1",
+            openai_api_key=KEY,
+            zapier_mcp_url=f"{self.zapier.url}/mcp",
+            zapier_token=TOKEN,
+            namespace=NAMESPACE,
+            limits=LIMITS,
+            message_timeout=10.0,
+            replica="replica-test",
+        )
+        return replace(base, **overrides)
+
+    def openai_record(self) -> dict[str, Any]:
+        return self.openai_fake.snapshot()
+
+    def zapier_record(self) -> dict[str, Any]:
+        return self.zapier_app.referee.snapshot()
+
+
+@pytest.fixture
+async def providers(
+    redis_server: RedisServer, real_redis: aioredis.Redis
+) -> AsyncIterator[Providers]:
+    """Fake OpenAI (accepting only KEY) and fake Zapier (only TOKEN), on a flushed Redis."""
+    fake_openai = create_fake_openai(FakeOpenAIConfig(api_keys=(KEY,)))
+    fake_zapier = create_fake_zapier(FakeZapierConfig(token=TOKEN, latency=0.01))
+    async with (
+        _serve(fake_openai, lifespan="off") as openai_served,
+        _serve(fake_zapier, lifespan="on") as zapier_served,
+    ):
+        yield Providers(
+            real_redis,
+            redis_server.url,
+            openai_served,
+            fake_openai.state.fake,
+            zapier_served,
+            fake_zapier,
+        )
+
+
+@contextlib.asynccontextmanager
+async def running(settings: Settings) -> AsyncIterator[tuple[FastAPI, httpx2.AsyncClient]]:
+    """The replica with its lifespan running, and an ASGI client of it."""
+    app = create_app(settings)
+    async with (
+        app.router.lifespan_context(app),
+        httpx2.AsyncClient(
+            transport=httpx2.ASGITransport(app=app), base_url="http://chatbot", timeout=30
+        ) as client,
+    ):
+        yield app, client
+
+
+def samples(exposition: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    """Prometheus exposition text -> {(sample name, sorted labels): value}."""
+    return {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for family in text_string_to_metric_families(exposition)
+        for s in family.samples
+    }
+
+
+@pytest.mark.parametrize(
+    ("body", "loc", "error_type"),
+    [
+        pytest.param({"text": "hi"}, ["body", "user_id"], "missing", id="missing-user_id"),
+        pytest.param(
+            {"user_id": "ana", "text": ""}, ["body", "text"], "string_too_short", id="empty-text"
+        ),
+        pytest.param(
+            {"user_id": "ana", "text": "hi", "images": ["not a url"]},
+            ["body", "images", 0],
+            "url_parsing",
+            id="image-not-url",
+        ),
+        pytest.param(
+            {"user_id": "ana", "text": "hi", "mood": "happy"},
+            ["body", "mood"],
+            "extra_forbidden",
+            id="unknown-field",
+        ),
+    ],
+)
+async def test_malformed_body_gets_422_naming_the_field_and_changes_nothing(
+    providers: Providers, body: dict[str, Any], loc: list[Any], error_type: str
+) -> None:
+    """A malformed POST /messages gets 422 whose only error names the field, and no key is
+    written to Redis, no request reaches either fake, no message is counted."""
+    async with running(providers.settings()) as (_, client):
+        response = await client.post("/messages", json=body)
+        metrics = (await client.get("/metrics")).text
+    assert response.status_code == 422
+    errors = response.json()["detail"]
+    assert [(e["loc"], e["type"]) for e in errors] == [(loc, error_type)]
+    assert await providers.redis.keys("*") == []
+    openai_record = providers.openai_record()
+    assert openai_record["requests_total"] == 0
+    assert openai_record["unauthorized"] == 0
+    zapier_record = providers.zapier_record()
+    assert zapier_record["executed"] == 0
+    assert zapier_record["free_requests"] == {}
+    assert not any(name == "chatbot_messages_total" for name, _ in samples(metrics))
+
+
+async def test_valid_message_gets_a_reply_and_history_is_stored_in_redis(
+    providers: Providers,
+) -> None:
+    """Two messages of one user get the fake model's replies, exactly one OpenAI request
+    each, and the four turns are stored, in order, under <namespace>:chat:{user}:history."""
+    async with running(providers.settings()) as (_, client):
+        first = await client.post("/messages", json={"user_id": "ana", "text": "Hello there"})
+        second = await client.post("/messages", json={"user_id": "ana", "text": "And again"})
+    assert first.status_code == 200, first.text
+    assert second.status_code == 200, second.text
+    body = first.json()
+    assert body["user_id"] == "ana"
+    assert body["reply"] == "You said: Hello there"
+    assert body["tool_calls"] == []
+    assert body["replica"] == "replica-test"
+    assert second.json()["reply"] == "You said: And again"
+    key = f"{NAMESPACE}:chat:{{ana}}:history"
+    assert await providers.redis.keys(f"{NAMESPACE}:chat:*") == [key.encode()]
+    history = [json.loads(item) for item in await providers.redis.lrange(key, 0, -1)]
+    assert history == [
+        {"role": "user", "content": "Hello there"},
+        {"role": "assistant", "content": "You said: Hello there"},
+        {"role": "user", "content": "And again"},
+        {"role": "assistant", "content": "You said: And again"},
+    ]
+    assert 0 < await providers.redis.ttl(key) <= 86_400
+    record = providers.openai_record()
+    assert record["admitted"] == 2
+    assert record["by_endpoint"]["/v1/chat/completions"] == 2
+    assert providers.zapier_record()["executed"] == 0
+
+
+async def test_message_asking_for_an_email_makes_one_zapier_tool_call(
+    providers: Providers,
+) -> None:
+    """A "send an email to ..." message runs send_email once through the real MCP client
+    (recorded by the fake Zapier with the address) between exactly two OpenAI requests."""
+    async with running(providers.settings()) as (_, client):
+        response = await client.post("/messages", json={"user_id": "bo", "text": EMAIL_TEXT})
+    assert response.status_code == 200, response.text
+    body = response.json()
+    assert [(c["tool"], c["ok"]) for c in body["tool_calls"]] == [("send_email", True)]
+    assert body["tool_calls"][0]["arguments"]["to"] == "ana@example.com"
+    assert body["reply"].startswith("The send_email tool returned:")
+    zapier = providers.zapier_record()
+    assert zapier["executed"] == 1
+    assert zapier["rejected_429"] == 0
+    execution = zapier["executions"][0]
+    assert execution["tool"] == "send_email"
+    assert execution["arguments"]["to"] == "ana@example.com"
+    assert execution["gated"] is True
+    assert providers.openai_record()["admitted"] == 2
+
+
+async def test_health_is_200_when_redis_and_both_providers_answer(providers: Providers) -> None:
+    """/health is 200 with redis, openai and zapier all "ok"."""
+    async with running(providers.settings()) as (_, client):
+        response = await client.get("/health")
+    assert response.status_code == 200
+    assert response.json() == {
+        "status": "ok",
+        "replica": "replica-test",
+        "redis": "ok",
+        "openai": "ok",
+        "zapier": "ok",
+    }
+
+
+async def test_health_is_503_naming_openai_when_the_fake_openai_is_stopped(
+    providers: Providers,
+) -> None:
+    """With the fake OpenAI stopped, /health is 503 "degraded", openai "unreachable (...)",
+    redis and zapier still "ok"."""
+    async with running(providers.settings()) as (_, client):
+        assert (await client.get("/health")).status_code == 200
+        await providers.openai.stop()
+        response = await client.get("/health")
+    assert response.status_code == 503
+    body = response.json()
+    assert body["status"] == "degraded"
+    assert body["openai"].startswith("unreachable (")
+    assert (body["redis"], body["zapier"]) == ("ok", "ok")
+
+
+async def test_health_is_503_naming_openai_when_the_api_key_is_wrong(
+    providers: Providers,
+) -> None:
+    """With a key the fake refuses, /health is 503 with openai "HTTP 401" (exactly one 401
+    recorded), redis and zapier "ok"."""
+    async with running(providers.settings(openai_api_key=WRONG_KEY)) as (_, client):
+        response = await client.get("/health")
+    assert response.status_code == 503
+    body = response.json()
+    assert body == {
+        "status": "degraded",
+        "replica": "replica-test",
+        "redis": "ok",
+        "openai": "HTTP 401",
+        "zapier": "ok",
+    }
+    assert providers.openai_record()["unauthorized"] == 1
+
+
+async def test_metrics_expose_limiter_and_chatbot_series(providers: Providers) -> None:
+    """After one plain message, /metrics has limiter_admissions_total{openai} 1,
+    limiter_in_flight{openai} 0, limiter_cluster_in_flight 0 for both APIs and
+    chatbot_messages_total{ok} 1."""
+    async with running(providers.settings()) as (_, client):
+        response = await client.post("/messages", json={"user_id": "cy", "text": "Hi"})
+        assert response.status_code == 200, response.text
+        metrics = await client.get("/metrics")
+    assert metrics.status_code == 200
+    assert metrics.headers["content-type"].startswith("text/plain")
+    values = samples(metrics.text)
+    assert values[("limiter_admissions_total", (("api", "openai"),))] == 1.0
+    assert values[("limiter_in_flight", (("api", "openai"),))] == 0.0
+    assert values[("limiter_cluster_in_flight", (("api", "openai"),))] == 0.0
+    assert values[("limiter_cluster_in_flight", (("api", "zapier"),))] == 0.0
+    assert values[("chatbot_messages_total", (("status", "ok"),))] == 1.0
+    assert values[("limiter_limit", (("api", "openai"), ("limit", "max_concurrent")))] == 4.0
+
+
+async def test_stats_are_cluster_wide(providers: Providers) -> None:
+    """A message answered by replica A shows in replica B's /stats: openai 1 request,
+    1 successful, 0 in flight, max_concurrent 4; zapier 0 requests."""
+    async with (
+        running(providers.settings(replica="replica-a")) as (_, a),
+        running(providers.settings(replica="replica-b")) as (_, b),
+    ):
+        response = await a.post("/messages", json={"user_id": "di", "text": "Hi"})
+        assert response.status_code == 200, response.text
+        stats = await b.get("/stats")
+    assert stats.status_code == 200
+    body = stats.json()
+    assert body["replica"] == "replica-b"
+    assert set(body["apis"]) == {"openai", "zapier"}
+    openai_stats = body["apis"]["openai"]
+    assert openai_stats["total_requests"] == 1
+    assert openai_stats["successful_requests"] == 1
+    assert openai_stats["failed_requests"] == 0
+    assert openai_stats["concurrent_requests"] == 0
+    assert openai_stats["max_concurrent"] == 4
+    assert openai_stats["waiting"] == 0
+    assert body["apis"]["zapier"]["total_requests"] == 0
+
+
+async def test_the_openai_key_never_appears_in_responses_metrics_or_settings_repr(
+    providers: Providers,
+) -> None:
+    """Neither the accepted key nor a refused one (nor the Zapier token) appears in any body
+    of /messages (200, 422, 502), /health (200, 503), /stats, /metrics or repr(Settings)."""
+    good, bad = providers.settings(), providers.settings(openai_api_key=WRONG_KEY)
+    bodies: list[str] = []
+    async with running(good) as (_, client):
+        for method, path, payload in (
+            ("POST", "/messages", {"user_id": "ed", "text": EMAIL_TEXT}),
+            ("POST", "/messages", {"user_id": "ed", "text": "", "x": 1}),
+            ("GET", "/health", None),
+            ("GET", "/stats", None),
+            ("GET", "/metrics", None),
+        ):
+            response = await client.request(method, path, json=payload)
+            assert response.status_code in (200, 422), (path, response.text)
+            bodies.append(response.text)
+    async with running(bad) as (_, client):
+        refused = await client.post("/messages", json={"user_id": "fi", "text": "Hi"})
+        assert refused.status_code == 502
+        assert "OpenAI" in refused.json()["detail"]
+        health = await client.get("/health")
+        assert health.status_code == 503
+        metrics = await client.get("/metrics")
+        bodies += [refused.text, health.text, metrics.text]
+    assert len(bodies) == 8
+    for text in [*bodies, repr(good), repr(bad), str(good)]:
+        for secret in (KEY, WRONG_KEY, TOKEN):
+            assert secret not in text
+            assert secret[-16:] not in text
