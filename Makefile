@@ -37,7 +37,7 @@ bench: $(STAMP)
 	$(BIN)/python -m benchmarks.run
 
 demo: $(STAMP)
-	$(BIN)/python -m chatbot cluster --replicas 3 --users 30 --messages 6
+	$(BIN)/python -m chatbot cluster --replicas 3 --users 30 --messages 8
 
 demo-limiter: $(STAMP)
 	$(BIN)/python examples/multiprocess_demo.py
