@@ -15,20 +15,17 @@ on Linux); ``*_redis`` and ``acquired_at`` are microseconds of Redis ``TIME``.
 from __future__ import annotations
 
 import asyncio
-import json
-import logging
-import os
 import random
 import sys
 import time
 from collections.abc import Awaitable, Callable
-from pathlib import Path
 from typing import Any
 
 import redis.asyncio as aioredis
 
 from limiter import AcquireTimeout, APILimits, ConcurrencyManager, ConfigError, Limiter
 from tests._workers import SIGNAL_TIMEOUT, barrier, describe, outcome, signal, tell, until_waiting
+from tests._workers import main as worker_main
 
 Config = dict[str, Any]
 Result = dict[str, Any]
@@ -328,41 +325,5 @@ ROLES: dict[str, Callable[[Config, aioredis.Redis], Awaitable[Result]]] = {
 }
 
 
-async def run(role: str, cfg: Config) -> Result:
-    r = aioredis.from_url(cfg["url"])  # no socket timeout: BLPOP waits on it
-    try:
-        return await ROLES[role](cfg, r)
-    finally:
-        await r.aclose()
-
-
-class _Collect(logging.Handler):
-    def __init__(self) -> None:
-        super().__init__(logging.WARNING)
-        self.messages: list[str] = []
-
-    def emit(self, record: logging.LogRecord) -> None:
-        self.messages.append(record.getMessage())
-
-
-def main(argv: list[str]) -> int:
-    role, raw = argv
-    cfg: Config = json.loads(raw)
-    collect = _Collect()
-    logging.getLogger("limiter").addHandler(collect)
-    logging.basicConfig(level=logging.WARNING, stream=sys.stderr)
-    result: Result = {"role": role, "name": cfg["name"], "pid": os.getpid()}
-    try:
-        result.update(asyncio.run(run(role, cfg)))
-    except BaseException as exc:
-        result["error"] = describe(exc)
-    result["warnings"] = collect.messages
-    out = Path(cfg["out"])
-    tmp = out.with_suffix(".tmp")
-    tmp.write_text(json.dumps(result), encoding="utf-8")
-    tmp.replace(out)
-    return 1 if "error" in result else 0
-
-
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))
+    sys.exit(worker_main(sys.argv[1:], ROLES))

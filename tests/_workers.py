@@ -389,10 +389,13 @@ ROLES: dict[str, Callable[[Config, aioredis.Redis], Awaitable[Result]]] = {
 }
 
 
-async def run(role: str, cfg: Config) -> Result:
+Roles = dict[str, Callable[[Config, aioredis.Redis], Awaitable[Result]]]
+
+
+async def run(role: str, cfg: Config, roles: Roles = ROLES) -> Result:
     r = aioredis.from_url(cfg["url"])  # no socket timeout: BLPOP waits on it
     try:
-        return await ROLES[role](cfg, r)
+        return await roles[role](cfg, r)
     finally:
         await r.aclose()
 
@@ -406,7 +409,8 @@ class _Collect(logging.Handler):
         self.messages.append(record.getMessage())
 
 
-def main(argv: list[str]) -> int:
+def main(argv: list[str], roles: Roles = ROLES) -> int:
+    """Run one role; shared with the other worker modules (tests/_call_workers.py)."""
     role, raw = argv
     cfg: Config = json.loads(raw)
     collect = _Collect()
@@ -414,7 +418,7 @@ def main(argv: list[str]) -> int:
     logging.basicConfig(level=logging.WARNING, stream=sys.stderr)
     result: Result = {"role": role, "name": cfg["name"], "pid": os.getpid()}
     try:
-        result.update(asyncio.run(run(role, cfg)))
+        result.update(asyncio.run(run(role, cfg, roles)))
     except BaseException as exc:
         result["error"] = describe(exc)
     result["warnings"] = collect.messages
