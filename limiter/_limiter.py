@@ -13,6 +13,7 @@ from collections.abc import Awaitable, Callable, Mapping, Sequence
 from types import TracebackType
 from typing import Any, Literal, Self, TypeVar
 
+from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import NoScriptError, RedisError
 
 from ._call import call_with_retries
@@ -373,8 +374,9 @@ class Limiter:
         queued = True  # a ticket or slot of ours may exist in Redis
         try:
             while True:
-                res = await self._run(self._scripts.acquire, plan, extra, "acquire")
-                extra = (slot_id, cost, tokens, mode, b"0")
+                again = (slot_id, cost, tokens, mode, b"0")
+                res = await self._run(self._scripts.acquire, plan, extra, "acquire", again)
+                extra = again
                 if int(res[0]) == 1:
                     handed = waiter is not None
                     slot = self._admitted(plan, slot_id, int(res[1]), cost, tokens, handed)
@@ -662,17 +664,28 @@ class Limiter:
         self._ready = True
 
     async def _call(
-        self, script: Any, keys: Sequence[bytes], args: Sequence[Any], api: str | None, op: str
+        self,
+        script: Any,
+        keys: Sequence[bytes],
+        args: Sequence[Any],
+        api: str | None,
+        op: str,
+        retry_args: Sequence[Any] | None = None,
     ) -> Any:
-        """EVALSHA ``script``; on NOSCRIPT (a flush, a restart) load it and run it again."""
+        """EVALSHA ``script``; on NOSCRIPT (a flush, a restart) load it and run it again.
+
+        A connection found closed (a Redis restart, a dropped pooled connection) is tried
+        once more on a fresh one, with ``retry_args`` when given: every script is written
+        so that running it again after an unseen first run does no harm (acquire asks
+        again as a waiter would, and finds its slot if the first run admitted it).
+        """
         task = asyncio.current_task()
         cancels = task.cancelling() if task is not None else 0
         try:
             try:
-                result = await self._redis.evalsha(script.sha, len(keys), *keys, *args)
-            except NoScriptError:
-                script.sha = await self._redis.script_load(script.script)
-                result = await self._redis.evalsha(script.sha, len(keys), *keys, *args)
+                result = await self._eval(script, keys, args)
+            except RedisConnectionError:
+                result = await self._eval(script, keys, retry_args or args)
         except RedisError as exc:
             raise LimiterUnavailable(api, op, _redact(exc)) from exc
         if task is not None and task.cancelling() > cancels:
@@ -681,8 +694,24 @@ class Limiter:
             raise asyncio.CancelledError
         return result
 
-    async def _run(self, script: Any, plan: KeyPlan, extra: Sequence[Any], op: str) -> Any:
-        return await self._call(script, plan.keys, (plan.config, *extra), plan.api, op)
+    async def _eval(self, script: Any, keys: Sequence[bytes], args: Sequence[Any]) -> Any:
+        try:
+            return await self._redis.evalsha(script.sha, len(keys), *keys, *args)
+        except NoScriptError:
+            script.sha = await self._redis.script_load(script.script)
+            return await self._redis.evalsha(script.sha, len(keys), *keys, *args)
+
+    async def _run(
+        self,
+        script: Any,
+        plan: KeyPlan,
+        extra: Sequence[Any],
+        op: str,
+        retry_extra: Sequence[Any] | None = None,
+    ) -> Any:
+        args = (plan.config, *extra)
+        retry_args = None if retry_extra is None else (plan.config, *retry_extra)
+        return await self._call(script, plan.keys, args, plan.api, op, retry_args)
 
     def _admitted(
         self, plan: KeyPlan, slot_id: str, at: int, cost: int, tokens: int, handed: bool
