@@ -8,6 +8,7 @@ import pytest
 
 from limiter import AcquireTimeout, APILimits, LeaseLost, Limiter
 from limiter.testing import RedisServer
+from tests.conftest import wait_for_waiters
 
 pytestmark = pytest.mark.redis
 
@@ -39,7 +40,7 @@ async def test_waiter_survives_a_restart() -> None:
         waiting = Limiter.from_url(server.url, limits, ticket_ttl=0.3)
         held = await holder.acquire("a")
         task = asyncio.create_task(waiting.acquire("a", timeout=5))
-        await asyncio.sleep(0.2)
+        await wait_for_waiters(holder, "a", 1)
         server.restart()
         with pytest.raises(LeaseLost):
             await held.release()
