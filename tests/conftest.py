@@ -35,6 +35,12 @@ async def real_redis(redis_server: RedisServer) -> AsyncIterator[aioredis.Redis]
     await client.aclose()
 
 
+@pytest.fixture
+def client(real_redis: aioredis.Redis) -> aioredis.Redis:
+    """The multi-process tests' name for ``real_redis`` (no socket timeout: BLPOP waits)."""
+    return real_redis
+
+
 @pytest.fixture(params=["fakeredis", "redis-server"])
 async def redis_client(request: pytest.FixtureRequest) -> AsyncIterator[Any]:
     """fakeredis, then a real redis-server: each test using this runs on both."""

@@ -17,7 +17,7 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import AsyncIterator, Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import IO, Any
 
@@ -144,16 +144,6 @@ class Fleet:
                 w.proc.kill()
             w.proc.wait()
             w.log.close()
-
-
-@pytest.fixture
-async def client(redis_server: RedisServer) -> AsyncIterator[aioredis.Redis]:
-    """A client of the session's redis-server (no socket timeout: BLPOP), flushed first."""
-    c = aioredis.from_url(redis_server.url)
-    await c.flushall()
-    await c.script_flush()
-    yield c
-    await c.aclose()
 
 
 @pytest.fixture

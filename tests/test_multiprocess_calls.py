@@ -15,7 +15,7 @@ import json
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -61,16 +61,6 @@ class CallFleet(Fleet):
             raise
         self.workers[name] = Worker(name, proc, out, log_path, log)
         return self.workers[name]
-
-
-@pytest.fixture
-async def client(redis_server: RedisServer) -> AsyncIterator[aioredis.Redis]:
-    """A client of the session's redis-server (no socket timeout: BLPOP), flushed first."""
-    c = aioredis.from_url(redis_server.url)
-    await c.flushall()
-    await c.script_flush()
-    yield c
-    await c.aclose()
 
 
 @pytest.fixture
