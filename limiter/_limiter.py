@@ -18,6 +18,7 @@ from redis.exceptions import NoScriptError, RedisError
 
 from ._call import call_with_retries
 from ._config import APILimits, check_api_name, validate_limits
+from ._connect import client_from_url
 from ._errors import AcquireTimeout, ConfigError, LeaseLost, LimiterUnavailable
 from ._scripts import KeyPlan, Scripts
 
@@ -281,16 +282,13 @@ class Limiter:
         Short socket timeouts make a Redis that is down or hung fail fast
         (:class:`LimiterUnavailable` within a second) instead of hanging a caller.
         """
-        import redis.asyncio as aioredis
-
-        pool = aioredis.BlockingConnectionPool.from_url(
+        client = client_from_url(
             url,
-            max_connections=max_connections,
-            timeout=pool_timeout,
             socket_timeout=socket_timeout,
             socket_connect_timeout=socket_connect_timeout,
+            max_connections=max_connections,
+            pool_timeout=pool_timeout,
         )
-        client = aioredis.Redis.from_pool(pool)
         lim = cls(client, limits, **kwargs)
         lim._owns_client = True
         return lim
