@@ -57,6 +57,11 @@ class Worker:
 class Fleet:
     """Worker processes of one test, and the Redis lists they synchronise through."""
 
+    #: The module the workers run (``python -m <module> ROLE CONFIG_JSON``).
+    module = "tests._workers"
+    #: Configuration every worker gets unless the test says otherwise.
+    defaults: dict[str, Any] = {"api": API}  # noqa: RUF012 - read-only, overridden whole
+
     def __init__(self, url: str, client: aioredis.Redis, tmp_path: Path) -> None:
         self.url = url
         self.client = client
@@ -67,12 +72,13 @@ class Fleet:
     def start(self, role: str, name: str, **cfg: Any) -> Worker:
         out = self.dir / f"{name}.json"
         log_path = self.dir / f"{name}.log"
-        config = {"url": self.url, "sync": self.sync, "name": name, "out": str(out), "api": API}
+        config = {"url": self.url, "sync": self.sync, "name": name, "out": str(out)}
+        config.update(self.defaults)
         config.update(cfg)
         log = log_path.open("wb")
         try:
             proc = subprocess.Popen(
-                [sys.executable, "-m", "tests._workers", role, json.dumps(config)],
+                [sys.executable, "-m", self.module, role, json.dumps(config)],
                 cwd=ROOT,
                 stdin=subprocess.DEVNULL,
                 stdout=log,

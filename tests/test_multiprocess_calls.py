@@ -11,9 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import itertools
-import json
-import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -25,7 +22,7 @@ import redis.asyncio as aioredis
 from limiter import APILimits, Limiter
 from limiter.testing import RedisServer
 from tests._workers import until_waiting
-from tests.test_multiprocess import ROOT, Fleet, Worker, max_overlap
+from tests.test_multiprocess import Fleet, max_overlap
 
 pytestmark = [pytest.mark.redis, pytest.mark.multiprocess]
 
@@ -42,25 +39,8 @@ TICKET_TTL = 5.0
 class CallFleet(Fleet):
     """A :class:`Fleet` whose workers run ``tests._call_workers``."""
 
-    def start(self, role: str, name: str, **cfg: Any) -> Worker:
-        out = self.dir / f"{name}.json"
-        log_path = self.dir / f"{name}.log"
-        config = {"url": self.url, "sync": self.sync, "name": name, "out": str(out)}
-        config.update(cfg)
-        log = log_path.open("wb")
-        try:
-            proc = subprocess.Popen(
-                [sys.executable, "-m", "tests._call_workers", role, json.dumps(config)],
-                cwd=ROOT,
-                stdin=subprocess.DEVNULL,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-            )
-        except BaseException:
-            log.close()
-            raise
-        self.workers[name] = Worker(name, proc, out, log_path, log)
-        return self.workers[name]
+    module = "tests._call_workers"
+    defaults: dict[str, Any] = {}  # noqa: RUF012
 
 
 @pytest.fixture
