@@ -14,9 +14,10 @@ from types import TracebackType
 from typing import Any, Literal, Self, TypeVar
 
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import NoScriptError, RedisError
+from redis.exceptions import NoScriptError, RedisClusterException, RedisError
 
 from ._call import call_with_retries
+from ._cluster import CLUSTER_SCHEMES, cluster_client_from_url
 from ._config import APILimits, check_api_name, validate_limits
 from ._connect import client_from_url
 from ._errors import AcquireTimeout, ConfigError, LeaseLost, LimiterUnavailable
@@ -28,6 +29,10 @@ log = logging.getLogger("limiter")
 T = TypeVar("T")
 #: ``listener(event, api, fields)``: see :meth:`Limiter.add_listener`.
 Listener = Callable[[str, str, dict[str, Any]], None]
+
+#: What a Redis client raises when Redis fails: redis-py's cluster client raises
+#: RedisClusterException (not a RedisError) for a slot it cannot route, e.g. CROSSSLOT.
+_REDIS_ERRORS = (RedisError, RedisClusterException)
 
 _OUTCOME_NONE, _OUTCOME_SUCCESS, _OUTCOME_FAILURE = 0, 1, 2
 _WINDOW_WORDS = {"rate:60s": "minute", "rate:3600s": "hour", "rate:1s": "second"}
@@ -257,6 +262,16 @@ class Limiter:
         self._pubsub: Any = None
         self._listen_lock = asyncio.Lock()
         self._ready = False
+        #: A redis-py cluster client: no script pipelines, initialize() before use.
+        self._cluster = type(redis).__name__ == "RedisCluster"
+        # redis-py's cluster client fails a command (MaxConnectionsError) when a node's
+        # connections are all busy, where the standalone blocking pool would queue it:
+        # queue script calls here instead, leaving two connections for pub/sub.
+        self._gate: asyncio.Semaphore | None = None
+        if self._cluster:
+            per_node = getattr(redis, "nodes_manager", None)
+            kwargs = getattr(per_node, "connection_kwargs", {}) or {}
+            self._gate = asyncio.Semaphore(max(1, int(kwargs.get("max_connections", 100)) - 2))
         self._closed = False
         self._last_wait_log: dict[str, float] = {}
         self._listeners: list[Listener] = []
@@ -282,13 +297,21 @@ class Limiter:
         Short socket timeouts make a Redis that is down or hung fail fast
         (:class:`LimiterUnavailable` within a second) instead of hanging a caller.
         """
-        client = client_from_url(
-            url,
-            socket_timeout=socket_timeout,
-            socket_connect_timeout=socket_connect_timeout,
-            max_connections=max_connections,
-            pool_timeout=pool_timeout,
-        )
+        if url.partition("://")[0] in CLUSTER_SCHEMES:
+            client = cluster_client_from_url(
+                url,
+                socket_timeout=socket_timeout,
+                socket_connect_timeout=socket_connect_timeout,
+                max_connections=max_connections,
+            )
+        else:
+            client = client_from_url(
+                url,
+                socket_timeout=socket_timeout,
+                socket_connect_timeout=socket_connect_timeout,
+                max_connections=max_connections,
+                pool_timeout=pool_timeout,
+            )
         lim = cls(client, limits, **kwargs)
         lim._owns_client = True
         return lim
@@ -654,10 +677,10 @@ class Limiter:
             return
         # redis-py's asyncio RedisCluster must be initialized before concurrent use.
         init = getattr(self._redis, "initialize", None)
-        if init is not None and type(self._redis).__name__ == "RedisCluster":
+        if init is not None and self._cluster:
             try:
                 await init()
-            except RedisError as exc:
+            except _REDIS_ERRORS as exc:
                 raise LimiterUnavailable(None, "connect", _redact(exc)) from exc
         self._ready = True
 
@@ -684,7 +707,7 @@ class Limiter:
                 result = await self._eval(script, keys, args)
             except RedisConnectionError:
                 result = await self._eval(script, keys, retry_args or args)
-        except RedisError as exc:
+        except _REDIS_ERRORS as exc:
             raise LimiterUnavailable(api, op, _redact(exc)) from exc
         if task is not None and task.cancelling() > cancels:
             # redis-py (8.1, on Python 3.11) can swallow a cancellation that arrives while
@@ -693,6 +716,12 @@ class Limiter:
         return result
 
     async def _eval(self, script: Any, keys: Sequence[bytes], args: Sequence[Any]) -> Any:
+        if self._gate is not None:
+            async with self._gate:
+                return await self._eval_now(script, keys, args)
+        return await self._eval_now(script, keys, args)
+
+    async def _eval_now(self, script: Any, keys: Sequence[bytes], args: Sequence[Any]) -> Any:
         try:
             return await self._redis.evalsha(script.sha, len(keys), *keys, *args)
         except NoScriptError:
@@ -773,7 +802,7 @@ class Limiter:
             pubsub = self._redis.pubsub()
             try:
                 await pubsub.subscribe(self._channel)
-            except RedisError as exc:
+            except _REDIS_ERRORS as exc:
                 with contextlib.suppress(Exception):
                     await pubsub.aclose()
                 raise LimiterUnavailable(None, "subscribe", _redact(exc)) from exc
@@ -857,9 +886,20 @@ class Limiter:
         if not by_tag:
             return
         tags = list(by_tag)
-        sha = self._scripts.renew.sha
         results: list[Any] = []
-        for _attempt in range(2):
+        if self._cluster:
+            # A cluster client cannot pipeline scripts (each tag may live on another
+            # shard): one call per tag, all at once.
+            calls = []
+            for tag in tags:
+                plan, slots, tickets = by_tag[tag]
+                args = [plan.config, len(slots), *slots, *tickets]
+                calls.append(self._eval(self._scripts.renew, plan.keys, args))
+            results = list(await asyncio.gather(*calls, return_exceptions=True))
+            if all(isinstance(r, _REDIS_ERRORS) for r in results):
+                raise LimiterUnavailable(None, "renew", _redact(results[0]))
+        sha = self._scripts.renew.sha
+        for _attempt in range(0 if self._cluster else 2):
             pipe = self._redis.pipeline(transaction=False)
             for tag in tags:
                 plan, slots, tickets = by_tag[tag]
@@ -867,17 +907,17 @@ class Limiter:
                 pipe.evalsha(sha, len(plan.keys), *plan.keys, *args)
             try:
                 results = await pipe.execute(raise_on_error=False)
-            except RedisError as exc:
+            except _REDIS_ERRORS as exc:
                 raise LimiterUnavailable(None, "renew", _redact(exc)) from exc
             if not any(isinstance(r, NoScriptError) for r in results):
                 break
             try:
                 sha = await self._redis.script_load(self._scripts.renew.script)
-            except RedisError as exc:
+            except _REDIS_ERRORS as exc:
                 raise LimiterUnavailable(None, "renew", _redact(exc)) from exc
         for tag, res in zip(tags, results, strict=True):
             api = by_tag[tag][0].api
-            if isinstance(res, Exception):
+            if isinstance(res, BaseException):
                 log.warning("lease renewal for %s failed: %s", tag, _redact(res))
                 continue
             lost, admitted, gone = res
