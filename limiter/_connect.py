@@ -1,10 +1,143 @@
-"""Redis clients made from a URL, with the limiter's fail-fast connection settings."""
+"""Redis clients made from a URL, with the limiter's fail-fast connection settings.
+
+Schemes: ``redis://``, ``rediss://`` and ``unix://`` (redis-py's own URL format), and
+``redis+sentinel://`` for a master found through Redis Sentinel::
+
+    redis+sentinel://[[username]:password@]host:port[,host:port...]/service_name[/db]
+        [?sentinel_username=...&sentinel_password=...]
+
+The hosts are the sentinels (port 26379 when left out; IPv6 as ``[::1]:26379``). The
+username and password before ``@`` are the master's (Redis ``AUTH``); percent-encode
+reserved characters in them. ``sentinel_username`` / ``sentinel_password`` authenticate
+to the sentinels themselves when they have ``requirepass`` set. TLS through Sentinel
+(``rediss+sentinel://``) is not supported.
+"""
 
 from __future__ import annotations
 
+import re
+from dataclasses import dataclass, field
 from typing import Any
+from urllib.parse import parse_qsl, unquote
 
-__all__ = ["client_from_url"]
+from redis.asyncio import BlockingConnectionPool, Redis
+from redis.asyncio.retry import Retry
+from redis.asyncio.sentinel import Sentinel, SentinelConnectionPool
+from redis.backoff import NoBackoff
+
+from ._errors import ConfigError
+
+__all__ = ["SentinelURL", "client_from_url", "parse_sentinel_url", "redact_url"]
+
+SENTINEL_SCHEME = "redis+sentinel"
+DEFAULT_SENTINEL_PORT = 26379
+_QUERY_KEYS = ("sentinel_password", "sentinel_username")
+
+
+@dataclass(frozen=True)
+class SentinelURL:
+    """The parts of a ``redis+sentinel://`` URL (the passwords are kept out of the repr)."""
+
+    #: ``(host, port)`` of every sentinel, in the URL's order.
+    sentinels: tuple[tuple[str, int], ...]
+    #: The name the sentinels monitor the master under (``sentinel monitor <name> ...``).
+    service_name: str
+    #: Database number on the master.
+    db: int = 0
+    #: The master's ``AUTH`` username and password.
+    username: str | None = None
+    password: str | None = field(default=None, repr=False)
+    #: ``AUTH`` for the sentinels themselves.
+    sentinel_username: str | None = None
+    sentinel_password: str | None = field(default=None, repr=False)
+
+
+def redact_url(url: str) -> str:
+    """``url`` with every password replaced by ``***`` (for error messages)."""
+    masked = re.sub(r"([?&]sentinel_password=)[^&]*", r"\1***", url)
+    scheme, sep, rest = masked.partition("://")
+    at = rest.rfind("@")
+    if not sep or at < 0:
+        return masked
+    # Everything before the last "@" may hold a password: a password containing "@" or
+    # "/" then stays hidden whole, at the price of hiding the username too.
+    return f"{scheme}://***@{rest[at + 1 :]}"
+
+
+def _bad(url: str, problem: str) -> ConfigError:
+    return ConfigError(f"url: {problem} (in {redact_url(url)})", field="url", value=redact_url(url))
+
+
+def _parse_host(url: str, item: str, index: int) -> tuple[str, int]:
+    if item.startswith("["):  # [IPv6]:port
+        host, bracket, tail = item[1:].partition("]")
+        if not bracket or (tail and not tail.startswith(":")):
+            raise _bad(url, f"sentinel {index}: {item!r} is not [address]:port")
+        port_text = tail[1:] if tail else ""
+    elif item.count(":") > 1:
+        raise _bad(url, f"sentinel {index}: write IPv6 addresses in brackets, as [::1]:26379")
+    else:
+        host, _, port_text = item.partition(":")
+    if not host:
+        raise _bad(url, f"sentinel {index}: no host in {item!r}")
+    if not port_text:
+        return host, DEFAULT_SENTINEL_PORT
+    if not port_text.isdigit() or not 0 < int(port_text) < 65536:
+        raise _bad(url, f"sentinel {index}: port {port_text!r} is not a number in 1-65535")
+    return host, int(port_text)
+
+
+def parse_sentinel_url(url: str) -> SentinelURL:
+    """Parse a ``redis+sentinel://`` URL; :class:`ConfigError` (``field="url"``) if invalid."""
+    scheme, sep, rest = url.partition("://")
+    if not sep or scheme.lower() != SENTINEL_SCHEME:
+        raise _bad(url, f"the scheme must be {SENTINEL_SCHEME}://")
+    main, _, query = rest.partition("?")
+    netloc, _, path = main.partition("/")
+    userinfo, at, hosts = netloc.rpartition("@")
+    username = password = None
+    if at:
+        user_text, colon, password_text = userinfo.partition(":")
+        username = unquote(user_text) or None
+        password = unquote(password_text) if colon else None
+    if not hosts:
+        raise _bad(url, "no sentinel host:port before the service name")
+    sentinels = tuple(
+        _parse_host(url, item.strip(), i) for i, item in enumerate(hosts.split(","), start=1)
+    )
+    parts = path.split("/")
+    if parts and parts[-1] == "":
+        parts.pop()  # a trailing slash
+    if not parts or not parts[0]:
+        raise _bad(url, "no service name: write host:port/<service_name>[/<db>]")
+    if len(parts) > 2:
+        raise _bad(url, "the path must be /<service_name>[/<db>]")
+    db = 0
+    if len(parts) == 2:
+        if not parts[1].isdigit():
+            raise _bad(url, f"database {parts[1]!r} is not a number >= 0")
+        db = int(parts[1])
+    options: dict[str, str] = {}
+    try:
+        pairs = parse_qsl(query, keep_blank_values=True, strict_parsing=bool(query))
+    except ValueError:
+        raise _bad(url, "the query string is malformed") from None
+    for key, value in pairs:
+        if key not in _QUERY_KEYS:
+            known = ", ".join(_QUERY_KEYS)
+            raise _bad(url, f"unknown query argument {key!r} (known: {known})")
+        if key in options:
+            raise _bad(url, f"query argument {key!r} given twice")
+        options[key] = value
+    return SentinelURL(
+        sentinels=sentinels,
+        service_name=unquote(parts[0]),
+        db=db,
+        username=username,
+        password=password,
+        sentinel_username=options.get("sentinel_username") or None,
+        sentinel_password=options.get("sentinel_password") or None,
+    )
 
 
 def client_from_url(
@@ -15,18 +148,88 @@ def client_from_url(
     max_connections: int,
     pool_timeout: float,
 ) -> Any:
-    """A ``redis.asyncio`` client for ``url`` (``redis://``, ``rediss://``, ``unix://``).
+    """A ``redis.asyncio`` client for ``url`` (see the module docstring for the schemes).
 
     The client uses a blocking pool of ``max_connections``: a burst of more concurrent
     calls queues for a connection (up to ``pool_timeout`` seconds) instead of failing.
     """
-    import redis.asyncio as aioredis
-
-    pool = aioredis.BlockingConnectionPool.from_url(
+    scheme = url.partition("://")[0].lower()
+    if scheme == SENTINEL_SCHEME:
+        return _sentinel_client(
+            parse_sentinel_url(url),
+            socket_timeout=socket_timeout,
+            socket_connect_timeout=socket_connect_timeout,
+            max_connections=max_connections,
+            pool_timeout=pool_timeout,
+        )
+    if scheme.endswith("+sentinel"):
+        raise _bad(url, f"{scheme}:// is not supported; use {SENTINEL_SCHEME}://")
+    pool = BlockingConnectionPool.from_url(
         url,
         max_connections=max_connections,
         timeout=pool_timeout,
         socket_timeout=socket_timeout,
         socket_connect_timeout=socket_connect_timeout,
     )
-    return aioredis.Redis.from_pool(pool)
+    return Redis.from_pool(pool)
+
+
+def _sentinel_client(
+    parsed: SentinelURL,
+    *,
+    socket_timeout: float,
+    socket_connect_timeout: float,
+    max_connections: int,
+    pool_timeout: float,
+) -> Any:
+    """The master's client, through a :class:`redis.asyncio.sentinel.Sentinel`.
+
+    Every connection, to the master and to the sentinels, has the short socket timeouts:
+    a dead master fails the call at once, and the next call asks the sentinels again, so
+    it reaches the new master as soon as one is promoted. A sentinel that does not answer
+    is skipped for the next one (no retries with backoff on a sentinel connection).
+    """
+    sentinel_kwargs: dict[str, Any] = {
+        "socket_timeout": socket_timeout,
+        "socket_connect_timeout": socket_connect_timeout,
+        "retry": Retry(NoBackoff(), 0),
+    }
+    if parsed.sentinel_username is not None:
+        sentinel_kwargs["username"] = parsed.sentinel_username
+    if parsed.sentinel_password is not None:
+        sentinel_kwargs["password"] = parsed.sentinel_password
+    sentinel = Sentinel(  # type: ignore[no-untyped-call]
+        list(parsed.sentinels), sentinel_kwargs=sentinel_kwargs
+    )
+    client = sentinel.master_for(
+        parsed.service_name,
+        redis_class=_SentinelMasterRedis,
+        connection_pool_class=_BlockingSentinelConnectionPool,
+        max_connections=max_connections,
+        timeout=pool_timeout,
+        socket_timeout=socket_timeout,
+        socket_connect_timeout=socket_connect_timeout,
+        db=parsed.db,
+        username=parsed.username,
+        password=parsed.password,
+    )
+    client._limiter_sentinel = sentinel
+    return client
+
+
+class _BlockingSentinelConnectionPool(SentinelConnectionPool, BlockingConnectionPool):
+    """redis-py's sentinel pool, blocking like the plain URLs' pool: waits for a free connection."""
+
+
+class _SentinelMasterRedis(Redis):
+    """The master's client, found through the sentinels; ``aclose`` closes those clients too."""
+
+    _limiter_sentinel: Any = None
+
+    async def aclose(self, close_connection_pool: bool | None = None) -> None:
+        try:
+            await super().aclose(close_connection_pool)
+        finally:
+            sentinel, self._limiter_sentinel = self._limiter_sentinel, None
+            if sentinel is not None:
+                await sentinel.aclose()
