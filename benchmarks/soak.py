@@ -3,7 +3,7 @@
 Usage::
 
     make soak                                   # = python -m benchmarks.soak (16 x 64 x 60 s)
-    python -m benchmarks.soak --processes 2 --tasks 4 --seconds 3 --skip-expiry
+    python -m benchmarks.soak --processes 2 --tasks 8 --seconds 3 --skip-expiry
 
 The run starts its own ``redis-server`` on a free 127.0.0.1 port
 (:class:`limiter.testing.RedisServer`), spawns ``--processes`` worker processes, each with
@@ -19,10 +19,12 @@ of limit (see :data:`LIMITS`):
   each request reserves 200-2000 tokens and reports 20-100 % of them (``report_tokens``);
 - ``keyed``: ``max_concurrent=4`` and ``Rate(40, 1 s)`` for each of four keys (``key=``).
 
-One acquire in twenty has a short timeout (0, 5 or 20 ms: most time out, so the
-withdraw path runs), and one in twenty is started as a task of its own that is cancelled
-if it has not been admitted after 1-20 ms (a task cancelled while waiting). Other waits
-are bounded by 10 s and by the end of the run.
+Before the start, every process opens its pool's connections (``min(tasks, 50)``, all
+processes at once; connect timeouts there are retried and reported, ``--cold`` skips
+this), then all start together. One acquire in twenty has a short timeout (0, 5 or
+20 ms: most time out, so the withdraw path runs), and one in twenty is started as a task
+of its own that is cancelled if it has not been admitted after 1-20 ms (a task cancelled
+while waiting). Other waits are bounded by 10 s and by the end of the run.
 
 The referee. Every holder records its own timestamps: ``time.time_ns()`` just before
 ``acquire`` was called and just after it returned, ``time.time_ns()`` just before
@@ -123,6 +125,8 @@ KINDS = {
 }
 #: Bound of an ordinary wait (and never past the end of the run).
 WAIT_BOUND = 10.0
+#: Connections of each Limiter.from_url pool (its default max_connections).
+POOL_SIZE = 50
 #: Slack of the bracket check (``acquired_at`` between call and return), microseconds.
 BRACKET_SLACK_US = 1000
 
@@ -158,8 +162,32 @@ def _memory_kib() -> tuple[int, int]:
     return rss, hwm
 
 
+async def _open_pool(lim: Limiter, n: int) -> int:
+    """Open ``n`` connections of the limiter's pool at once; return the failed attempts.
+
+    All processes do this at the same time before the start: a storm of connects that, on
+    a loaded machine, can outlast ``from_url``'s 0.5 s connect timeout. Failures are
+    retried here, counted and reported, and kept out of the measured run.
+    """
+    failures = 0
+    for _ in range(20):
+        res = await asyncio.gather(*(lim.redis.ping() for _ in range(n)), return_exceptions=True)
+        failed = sum(1 for r in res if isinstance(r, Exception))
+        if not failed:
+            return failures
+        failures += failed
+    raise RuntimeError(f"could not open {n} connections in 20 attempts ({failures} failed)")
+
+
 async def _work(
-    url: str, proc: int, tasks: int, seconds: float, seed: int, ready: Any, go: Any
+    url: str,
+    proc: int,
+    tasks: int,
+    seconds: float,
+    seed: int,
+    cold: bool,
+    ready: Any,
+    go: Any,
 ) -> dict[str, Any]:
     quiet = _QuietWaits()
     logging.getLogger("limiter").addFilter(quiet)
@@ -168,13 +196,17 @@ async def _work(
     outcomes: Counter[str] = Counter()
     errors: list[str] = []
     loop = asyncio.get_running_loop()
+    warm_failures = 0
     try:
         await lim.stats("conc")  # connected, a script loaded
+        if not cold:
+            warm_failures = await _open_pool(lim, min(tasks, POOL_SIZE))
         ready.put(os.getpid())
         if not await asyncio.to_thread(go.wait, 120):
             raise TimeoutError("never told to start")
         cpu0 = time.process_time()
-        deadline = loop.time() + seconds
+        start = loop.time()
+        deadline = start + seconds
 
         async def one(index: int) -> None:
             api_i = (proc * tasks + index) % len(MIX)
@@ -218,7 +250,7 @@ async def _work(
                 except LimiterUnavailable as exc:
                     outcomes[f"{kind} -> LimiterUnavailable"] += 1
                     if len(errors) < 5:
-                        errors.append(f"acquire {api}: {exc!r}")
+                        errors.append(f"acquire {api} at {loop.time() - start:.2f} s: {exc!r}")
                     continue
                 t_acq = time.time_ns()
                 outcomes[f"{kind} -> admitted"] += 1
@@ -240,7 +272,7 @@ async def _work(
                         status = UNAVAILABLE
                         outcomes[f"{api}: release -> LimiterUnavailable"] += 1
                         if len(errors) < 5:
-                            errors.append(f"release {api}: {exc!r}")
+                            errors.append(f"release {api} at {loop.time() - start:.2f} s: {exc!r}")
                     records.append(
                         (
                             api_i,
@@ -279,15 +311,24 @@ async def _work(
         "cpu_s": cpu,
         "rss_kib": rss,
         "hwm_kib": hwm,
+        "warm_failures": warm_failures,
     }
 
 
 def worker(
-    url: str, proc: int, tasks: int, seconds: float, seed: int, ready: Any, go: Any, out: Any
+    url: str,
+    proc: int,
+    tasks: int,
+    seconds: float,
+    seed: int,
+    cold: bool,
+    ready: Any,
+    go: Any,
+    out: Any,
 ) -> None:
     """Entry point of one spawned process: run the tasks, put the records on ``out``."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent stops us; Ctrl-C is its
-    out.put(asyncio.run(_work(url, proc, tasks, seconds, seed, ready, go)))
+    out.put(asyncio.run(_work(url, proc, tasks, seconds, seed, cold, ready, go)))
 
 
 # -- the referee (pure functions of the records) --------------------------------------------
@@ -504,6 +545,8 @@ class Config:
     seconds: float = 60.0
     seed: int = 1
     expiry: bool = True
+    #: Skip opening the connection pools before the start.
+    cold: bool = False
 
 
 async def _sample(client: aioredis.Redis, stop: asyncio.Event, seen: dict[str, int]) -> None:
@@ -570,7 +613,8 @@ async def _run(server: RedisServer, cfg: Config) -> tuple[str, dict[str, Any], b
         ctx = spawn_context()
         ready, go, out = ctx.Queue(), ctx.Event(), ctx.Queue()
         args = [
-            (url, p, cfg.tasks, cfg.seconds, cfg.seed, ready, go, out) for p in range(cfg.processes)
+            (url, p, cfg.tasks, cfg.seconds, cfg.seed, cfg.cold, ready, go, out)
+            for p in range(cfg.processes)
         ]
         seen: dict[str, int] = {}
         stop = asyncio.Event()
@@ -699,6 +743,11 @@ async def _run(server: RedisServer, cfg: Config) -> tuple[str, dict[str, Any], b
             if good_cpu
             else "-"
         ),
+        "connections opened per process before the start; failed attempts (retried)": (
+            "none (--cold)"
+            if cfg.cold
+            else f"{min(cfg.tasks, POOL_SIZE)}; {sum(r['warm_failures'] for r in results)}"
+        ),
         "all processes' CPU + Redis CPU, share of the machine's cores": (
             f"{(sum(good_cpu) + cpu_redis) / (wall * (os.cpu_count() or 1)):.0%} of "
             f"{os.cpu_count()} cores"
@@ -823,12 +872,20 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="only check that every key has a TTL; do not wait for them to expire",
     )
+    parser.add_argument(
+        "--cold",
+        action="store_true",
+        help="do not open the connection pools before the start (the connect storm then "
+        "falls inside the measured run)",
+    )
     parser.add_argument("--out", type=Path, default=RESULTS / "soak.md", help="report file")
     parser.add_argument("--json", type=Path, help="also write the referee's findings as JSON")
     args = parser.parse_args(argv)
     if args.processes < 1 or args.tasks < 1 or not args.seconds > 0:
         parser.error("--processes, --tasks and --seconds must be positive")
-    cfg = Config(args.processes, args.tasks, args.seconds, args.seed, not args.skip_expiry)
+    cfg = Config(
+        args.processes, args.tasks, args.seconds, args.seed, not args.skip_expiry, args.cold
+    )
     signal.signal(signal.SIGTERM, _stop_on_sigterm)
     with RedisServer() as server:
         text, summary, ok = asyncio.run(_run(server, cfg))
