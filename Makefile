@@ -5,13 +5,14 @@ BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.installed
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
-.PHONY: help venv test lint typecheck pytest bench demo demo-limiter clean
+.PHONY: help venv test lint typecheck pytest bench soak demo demo-limiter clean
 
 help:
 	@echo "make test   - install into .venv, then ruff + mypy --strict + the whole test suite"
 	@echo "make demo   - Redis, fake OpenAI and Zapier, 3 chatbot replicas, load, report (< 2 min)"
 	@echo "make demo-limiter - 4 processes: the old per-process semaphore vs. the Redis limiter"
 	@echo "make bench  - benchmarks side by side; figures go to benchmarks/results/"
+	@echo "make soak   - 16 processes x 64 tasks x 60 s on one Redis, refereed (not in make test)"
 
 $(STAMP): pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -35,6 +36,9 @@ test: lint typecheck pytest
 
 bench: $(STAMP)
 	$(BIN)/python -m benchmarks.run
+
+soak: $(STAMP)
+	$(BIN)/python -m benchmarks.soak
 
 demo: $(STAMP)
 	$(BIN)/python -m chatbot cluster --replicas 3 --users 30 --messages 8
