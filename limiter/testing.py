@@ -455,18 +455,23 @@ class RedisServer:
 
     def start(self, timeout: float = 10.0) -> Self:
         context = self.tls_files.context() if self.tls_files is not None else None
-        self.process = subprocess.Popen(
-            self._args(),
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.PIPE,
-            start_new_session=True,
-            # One prctl call, no locks taken: safe enough even with threads about.
-            preexec_fn=_die_with_parent,  # noqa: PLW1509
-        )
+        # The server's log (stdout) goes to a file: it says why a start failed (a bad ACL
+        # rule, say), and a file never fills up and blocks the server as a pipe would.
+        log_path = Path(self._dir) / "redis.log"
+        with log_path.open("wb") as log_file:
+            self.process = subprocess.Popen(
+                self._args(),
+                stdout=log_file,
+                stderr=subprocess.PIPE,
+                start_new_session=True,
+                # One prctl call, no locks taken: safe enough even with threads about.
+                preexec_fn=_die_with_parent,  # noqa: PLW1509
+            )
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
                 err = self.process.stderr.read().decode() if self.process.stderr else ""
+                err += log_path.read_text(errors="replace")
                 self.stop()
                 raise RuntimeError(f"redis-server exited at start: {err.strip()}")
             if _ping(self.port, context=context):
