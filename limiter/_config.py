@@ -13,28 +13,67 @@ from ._errors import ConfigError
 
 __all__ = ["DEFAULT_LIMITS", "APILimits", "Rate", "check_api_name", "format_period"]
 
-_API_NAME = re.compile(r"^[A-Za-z0-9_.:\-]{1,100}$")
+_API_NAME = re.compile(r"[A-Za-z0-9_.:\-]{1,100}")  # fullmatch: "$" would let "a\n" in
+
+#: The longest window period, lease or window margin, seconds (366 days). The scripts keep
+#: times as integer microseconds in Lua doubles and key TTLs as integer milliseconds: far
+#: longer durations lose precision or make Redis refuse the TTL at the first admission.
+MAX_SECONDS: Final = 366 * 86_400.0
+#: The largest limit or attempt count: the scripts add weights up in Lua doubles, exact
+#: only up to 2**53.
+MAX_COUNT: Final = 2**53 - 1
 
 
 def _is_int(value: object) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
+def _show(value: object) -> str:
+    """``repr(value)`` for a message, shortened; safe for ints too long to print."""
+    try:
+        text = repr(value)
+    except ValueError:  # an int beyond sys.get_int_max_str_digits()
+        return f"<an int of {value.bit_length()} bits>" if isinstance(value, int) else "<?>"
+    return text if len(text) <= 200 else text[:200] + "..."
+
+
 def _positive_int(name: str, value: object, *, optional: bool = False) -> None:
     if value is None and optional:
         return
-    if not _is_int(value) or value <= 0:  # type: ignore[operator]
+    if not _is_int(value) or not 0 < value <= MAX_COUNT:  # type: ignore[operator]
         kind = "a positive integer or None" if optional else "a positive integer"
-        raise ConfigError(f"{name}={value!r}: must be {kind}", field=name, value=value)
+        raise ConfigError(
+            f"{name}={_show(value)}: must be {kind} (at most 2**53 - 1)", field=name, value=value
+        )
+
+
+def _finite(value: object) -> float | None:
+    """``value`` as a finite float, or None when it is no number, a bool, NaN, inf or too big."""
+    if not isinstance(value, int | float) or isinstance(value, bool):
+        return None
+    try:
+        number = float(value)
+    except OverflowError:  # an int beyond a float's range
+        return None
+    return number if math.isfinite(number) else None
 
 
 def _positive_float(name: str, value: object, *, optional: bool = False) -> None:
     if value is None and optional:
         return
-    ok = isinstance(value, int | float) and not isinstance(value, bool)
-    if not ok or not math.isfinite(value) or value <= 0:  # type: ignore[arg-type, operator]
+    number = _finite(value)
+    if number is None or number <= 0:
         kind = "a finite number of seconds > 0 or None" if optional else "a finite number > 0"
-        raise ConfigError(f"{name}={value!r}: must be {kind}", field=name, value=value)
+        raise ConfigError(f"{name}={_show(value)}: must be {kind}", field=name, value=value)
+
+
+def _at_most_max_seconds(name: str, value: float) -> None:
+    if value > MAX_SECONDS:
+        raise ConfigError(
+            f"{name}={_show(value)}: must be at most {MAX_SECONDS:.0f} seconds (366 days)",
+            field=name,
+            value=value,
+        )
 
 
 def format_period(period: float) -> str:
@@ -44,9 +83,10 @@ def format_period(period: float) -> str:
 
 def check_api_name(api: object) -> str:
     """Return ``api`` if it can name an API (it becomes a Redis hash tag), else raise."""
-    if not isinstance(api, str) or not _API_NAME.match(api):
+    if not isinstance(api, str) or not _API_NAME.fullmatch(api):
         raise ConfigError(
-            f"API name {api!r}: must be 1-100 characters of letters, digits, '_', '.', ':' or '-'",
+            f"API name {_show(api)}: must be 1-100 characters of letters, digits, "
+            "'_', '.', ':' or '-'",
             field="api",
             value=api,
         )
@@ -67,10 +107,11 @@ class Rate:
         _positive_float("Rate.period", self.period)
         if self.period < 0.001:
             raise ConfigError(
-                f"Rate.period={self.period!r}: must be at least 0.001 seconds",
+                f"Rate.period={_show(self.period)}: must be at least 0.001 seconds",
                 field="Rate.period",
                 value=self.period,
             )
+        _at_most_max_seconds("Rate.period", self.period)
 
     @property
     def reason(self) -> str:
@@ -125,33 +166,32 @@ class APILimits:
         _positive_float("APILimits.backoff_max", self.backoff_max)
         _positive_float("APILimits.lease_ttl", self.lease_ttl)
         _positive_float("APILimits.acquire_timeout", self.acquire_timeout, optional=True)
-        if (
-            not isinstance(self.window_margin, int | float)
-            or isinstance(self.window_margin, bool)
-            or not math.isfinite(self.window_margin)
-            or self.window_margin < 0
-        ):
+        margin = _finite(self.window_margin)
+        if margin is None or margin < 0:
             raise ConfigError(
-                f"APILimits.window_margin={self.window_margin!r}: must be a finite number >= 0",
+                f"APILimits.window_margin={_show(self.window_margin)}: "
+                "must be a finite number >= 0",
                 field="APILimits.window_margin",
                 value=self.window_margin,
             )
         if self.backoff_min > self.backoff_max:
             raise ConfigError(
-                f"APILimits.backoff_min={self.backoff_min!r} is greater than "
-                f"backoff_max={self.backoff_max!r}",
+                f"APILimits.backoff_min={_show(self.backoff_min)} is greater than "
+                f"backoff_max={_show(self.backoff_max)}",
                 field="APILimits.backoff_min",
                 value=self.backoff_min,
             )
         if self.lease_ttl < 0.1:
             raise ConfigError(
-                f"APILimits.lease_ttl={self.lease_ttl!r}: must be at least 0.1 seconds",
+                f"APILimits.lease_ttl={_show(self.lease_ttl)}: must be at least 0.1 seconds",
                 field="APILimits.lease_ttl",
                 value=self.lease_ttl,
             )
+        _at_most_max_seconds("APILimits.lease_ttl", self.lease_ttl)
+        _at_most_max_seconds("APILimits.window_margin", self.window_margin)
         if isinstance(self.rates, str | bytes) or not isinstance(self.rates, Sequence):
             raise ConfigError(
-                f"APILimits.rates={self.rates!r}: must be a sequence of Rate",
+                f"APILimits.rates={_show(self.rates)}: must be a sequence of Rate",
                 field="APILimits.rates",
                 value=self.rates,
             )
@@ -163,7 +203,7 @@ class APILimits:
         for i, rate in enumerate(self.rates):
             if not isinstance(rate, Rate):
                 raise ConfigError(
-                    f"APILimits.rates[{i}]={rate!r}: must be a Rate(limit, period)",
+                    f"APILimits.rates[{i}]={_show(rate)}: must be a Rate(limit, period)",
                     field=f"APILimits.rates[{i}]",
                     value=rate,
                 )
@@ -174,7 +214,7 @@ class APILimits:
             if key in seen:
                 raise ConfigError(
                     f"APILimits.rates: two windows of {format_period(rate.period)} "
-                    f"({seen[key]!r} and {rate!r}); keep one",
+                    f"({_show(seen[key])} and {_show(rate)}); keep one",
                     field="APILimits.rates",
                     value=rate,
                 )
@@ -187,7 +227,7 @@ def validate_limits(limits: Mapping[str, APILimits]) -> dict[str, APILimits]:
     """Check a ``{api: APILimits}`` mapping and return a plain copy of it."""
     if not isinstance(limits, Mapping):
         raise ConfigError(
-            f"limits={limits!r}: must be a mapping of API name to APILimits",
+            f"limits={_show(limits)}: must be a mapping of API name to APILimits",
             field="limits",
             value=limits,
         )
@@ -196,8 +236,8 @@ def validate_limits(limits: Mapping[str, APILimits]) -> dict[str, APILimits]:
         check_api_name(api)
         if not isinstance(lim, APILimits):
             raise ConfigError(
-                f"limits[{api!r}]={lim!r}: must be an APILimits",
-                field=f"limits[{api!r}]",
+                f"limits[{_show(api)}]={_show(lim)}: must be an APILimits",
+                field=f"limits[{_show(api)}]",
                 value=lim,
             )
         out[api] = lim

@@ -172,7 +172,7 @@ def _error_fields(body: Any) -> tuple[str | None, str]:
     if isinstance(body, str):
         try:
             body = json.loads(body)
-        except ValueError:
+        except (ValueError, RecursionError):  # not JSON, or nested too deep to decode
             return None, body[:500]
     if not isinstance(body, Mapping):
         return None, ""

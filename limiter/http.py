@@ -70,7 +70,7 @@ class ProviderAuthError(LimiterError):
 def _json_body(request: Any) -> Any:
     try:
         return json.loads(request.content or b"null")
-    except (ValueError, UnicodeDecodeError):
+    except (ValueError, RecursionError):  # not JSON (UnicodeDecodeError too), or too deep
         return None
 
 
@@ -151,7 +151,7 @@ class _UsageReader:
     def _read(self, data: bytes) -> None:
         try:
             found = _usage_tokens(json.loads(data))
-        except (ValueError, UnicodeDecodeError):
+        except (ValueError, RecursionError):  # not JSON (UnicodeDecodeError too), or too deep
             return
         if found is not None:
             self.tokens = found
@@ -187,11 +187,13 @@ class _SlotStream(httpx2.AsyncByteStream):
         try:
             await self._inner.aclose()
         finally:
-            if self._usage is not None and not self._slot._released:
-                tokens = self._usage.finish()
-                if tokens is not None:
-                    self._slot.report_tokens(tokens)
-            await self._transport._release(self._slot, success=not self._failed)
+            try:
+                if self._usage is not None and not self._slot._released:
+                    tokens = self._usage.finish()
+                    if tokens is not None:
+                        self._slot.report_tokens(tokens)
+            finally:  # whatever the body held, the slot goes back
+                await self._transport._release(self._slot, success=not self._failed)
 
 
 _STREAM_CLASSES: dict[str, type[_SlotStream]] = {"httpx2": _SlotStream}
@@ -334,7 +336,10 @@ class LimitedTransport(httpx2.AsyncBaseTransport):
             await response.aclose()
             await self._release(slot, success=False)
         mod = self._module(request)
-        decoded = mod.Response(status, headers=response.headers, content=raw).content
+        try:
+            decoded = mod.Response(status, headers=response.headers, content=raw).content
+        except mod.DecodingError:  # a content-encoding that lies: classify the raw bytes
+            decoded = raw
         verdict = classify_response(status, response.headers, decoded, idempotent=idempotent)
         if status in (401, 403):
             self.last_auth_failure = status
