@@ -19,11 +19,14 @@ import asyncio
 import contextlib
 import logging
 import os
+import shutil
+import ssl
+import subprocess
 import time
 import traceback
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import openai
 import pytest
@@ -129,10 +132,13 @@ LIMITS = {"openai": APILimits(max_concurrent=1, requests_per_minute=100, tokens_
 
 
 def _tls_binary_or_skip() -> str:
+    """The redis-server binary the tests use, or a skip saying which one lacks TLS."""
     binary = find_redis_server()
     if not tls_supported(binary):
-        version = RedisServer(binary=binary).version()
-        pytest.skip(f"{binary} (Redis {version}) was built without TLS: TLS tests need one")
+        said = subprocess.run(
+            [binary, "--version"], capture_output=True, text=True, check=False
+        ).stdout
+        pytest.skip(f"{binary} ({said.strip()}) was built without TLS; install a TLS build")
     return binary
 
 
@@ -157,35 +163,38 @@ def test_server_secrets_stay_off_the_command_line_and_out_of_repr() -> None:
         assert server.admin_url == f"redis://:{ADMIN_PASSWORD}@127.0.0.1:{server.port}/0"
 
 
-def test_tls_files_from_cryptography_and_from_openssl_both_verify_the_server_cert() -> None:
-    """Both certificate makers give a CA that verifies a server cert for 127.0.0.1."""
-    import ssl
-    import tempfile
-
-    for backend in ("cryptography", "openssl"):
-        with tempfile.TemporaryDirectory() as d:
-            files = TLSFiles.create(d, backend=backend)
-            server_ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-            server_ctx.load_cert_chain(files.server_cert, files.server_key)
-            server_ctx.load_verify_locations(files.ca_cert)
-            server_ctx.verify_mode = ssl.CERT_REQUIRED
-            client_ctx = files.context()
-            a, b = ssl.MemoryBIO(), ssl.MemoryBIO()
-            c, d2 = ssl.MemoryBIO(), ssl.MemoryBIO()
-            client = client_ctx.wrap_bio(a, b, server_hostname="127.0.0.1")
-            server = server_ctx.wrap_bio(c, d2, server_side=True)
-            for _ in range(10):  # pump the handshake between the two in memory
-                for side in (client, server):
-                    with contextlib.suppress(ssl.SSLWantReadError):
-                        side.do_handshake()
-                c.write(b.read())
-                a.write(d2.read())
-            assert client.getpeercert()["subjectAltName"] == (  # type: ignore[index]
-                ("IP Address", "127.0.0.1"),
-                ("DNS", "localhost"),
-            ), backend
-            assert server.getpeercert() is not None, backend  # the client cert verified
-            assert os.stat(files.server_key).st_mode & 0o777 == 0o600
+@pytest.mark.parametrize("backend", ["cryptography", "openssl"])
+def test_tls_files_pass_a_handshake_both_ways(
+    backend: Literal["cryptography", "openssl"], tmp_path: Path
+) -> None:
+    """Either maker's CA verifies the server cert for 127.0.0.1 and the client cert."""
+    if backend == "openssl" and shutil.which("openssl") is None:
+        pytest.skip("no openssl command on PATH")
+    if backend == "cryptography":
+        pytest.importorskip("cryptography", reason="the cryptography package is not installed")
+    files = TLSFiles.create(tmp_path, backend=backend)
+    server_ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    server_ctx.load_cert_chain(files.server_cert, files.server_key)
+    server_ctx.load_verify_locations(files.ca_cert)
+    server_ctx.verify_mode = ssl.CERT_REQUIRED
+    to_server, to_client = ssl.MemoryBIO(), ssl.MemoryBIO()
+    server_in, server_out = ssl.MemoryBIO(), ssl.MemoryBIO()
+    client = files.context().wrap_bio(to_client, to_server, server_hostname="127.0.0.1")
+    server = server_ctx.wrap_bio(server_in, server_out, server_side=True)
+    for _ in range(10):  # pump the handshake between the two, in memory
+        for side in (client, server):
+            with contextlib.suppress(ssl.SSLWantReadError):
+                side.do_handshake()
+        server_in.write(to_server.read())
+        to_client.write(server_out.read())
+    peer = client.getpeercert()  # raises unless the handshake completed
+    assert peer["subjectAltName"] == (("IP Address", "127.0.0.1"), ("DNS", "localhost"))
+    assert server.getpeercert()["subject"] == (  # the client cert, verified by the server
+        (("commonName", "fleetlimit test client"),),
+    )
+    assert os.stat(files.server_key).st_mode & 0o777 == 0o600
+    assert os.stat(files.client_key).st_mode & 0o777 == 0o600
+    assert not (tmp_path / "ca.key").exists() or backend == "cryptography"
 
 
 # -- password ---------------------------------------------------------------------------
@@ -268,7 +277,10 @@ async def test_acl_user_does_everything_the_limiter_needs(
     assert stats["successful_requests"] == 3
     assert stats["refusals"]["concurrency"] == 2
     assert stats["windows"]["tokens"]["used"] == 4 + 10
-    assert await admin.acl_log() == []
+    # redis-py's CLIENT SETINFO on connect is the one refusal (ignored by redis-py): Redis
+    # 6.2 and 7.2+ log it, 7.0 does not know the subcommand. Nothing else may be denied.
+    denied = [e for e in await admin.acl_log() if e["object"] not in ("client", "client|setinfo")]
+    assert denied == []
     keys = {k.decode() for k in await admin.keys("*")}
     assert keys
     assert all(k.startswith("limiter:{openai") for k in keys)
@@ -287,25 +299,25 @@ async def test_acl_user_is_refused_everything_else(
     client = aioredis.from_url(secured.client_url("fleet", FLEET_PASSWORD))
     try:
         assert await client.evalsha(sha, 1, "limiter:{x}:holders") == 0  # its own keys
-        refused: list[tuple[str, Any]] = [
-            ("GET outside", client.get("other:key")),
-            ("SET outside", client.set("limiter-other:x", "1")),
-            ("script on a key outside", client.evalsha(sha, 1, "other:key")),
-            ("GET own key", client.get("limiter:{x}:holders")),  # GET was not granted
-            ("FLUSHALL", client.flushall()),
-            ("KEYS", client.keys("*")),
-            ("EVAL", client.eval("return 1", 0)),
-            ("CONFIG GET", client.config_get("requirepass")),
-            ("PUBLISH elsewhere", client.publish("other:wake:x", "hi")),
-        ]
+        refused: dict[str, Callable[[], Awaitable[Any]]] = {
+            "GET outside": lambda: client.get("other:key"),
+            "SET outside": lambda: client.set("limiter-other:x", "1"),
+            "script on a key outside": lambda: client.evalsha(sha, 1, "other:key"),
+            "GET own key": lambda: client.get("limiter:{x}:holders"),  # GET is not granted
+            "FLUSHALL": client.flushall,
+            "KEYS": lambda: client.keys("*"),
+            "EVAL": lambda: client.eval("return 1", 0),
+            "CONFIG GET": lambda: client.config_get("requirepass"),
+            "PUBLISH elsewhere": lambda: client.publish("other:wake:x", "hi"),
+        }
         outcomes: dict[str, str] = {}
-        for what, call in refused:
+        for what, call in refused.items():
             try:
-                await call
+                await call()
                 outcomes[what] = "allowed"
             except NoPermissionError as exc:
                 outcomes[what] = "refused" if "no permissions to" in str(exc) else str(exc)
-        assert outcomes == {what: "refused" for what, _ in refused}
+        assert outcomes == dict.fromkeys(refused, "refused")
         # A script given its own keys that reaches for another one is stopped inside.
         with pytest.raises(ResponseError, match="can't access at least one of the keys"):
             await client.evalsha(sneaky, 1, "limiter:{x}:holders")
@@ -356,7 +368,7 @@ async def test_tls_url_with_the_ca_admits_and_releases(
         elapsed = time.monotonic() - start
         texts.append(chain_text(info.value))
         await plain.aclose()
-    assert elapsed < 2.5  # two attempts, each cut by the 0.5 s socket timeout
+    assert elapsed < 1.0  # the server resets a plain-text connection at once
     assert_no_secret(*texts, log_text(debug_logs))
 
 
@@ -406,13 +418,6 @@ def test_a_binary_without_tls_is_refused_up_front_naming_it() -> None:
     with pytest.raises(RuntimeError, match="built without TLS") as info:
         RedisServer(binary=binary, tls=True)
     assert binary in str(info.value)
-
-
-def test_the_machine_has_a_tls_redis_or_says_why_not() -> None:
-    """Debian's redis-server (what .ci/run installs) is TLS-capable; else say which binary
-    runs and why TLS tests skip."""
-    binary = _tls_binary_or_skip()
-    assert tls_supported(binary)
 
 
 # -- API keys and tokens of the HTTP layer ----------------------------------------------
