@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import bisect
+import contextlib
 import json
 import sys
 import time
@@ -13,7 +14,7 @@ from typing import Any
 
 import pytest
 
-from limiter import AcquireTimeout, APILimits, ConfigError, LeaseLost, Limiter
+from limiter import AcquireTimeout, APILimits, ConfigError, LeaseLost, Limiter, Rate
 from limiter._connect import parse_sentinel_url
 from limiter.testing import _die_with_parent
 from tests._sentinel import SentinelRig, load_limits, now_us, run_load
@@ -258,7 +259,9 @@ async def test_failover_under_load(rig: SentinelRig, tmp_path: Path) -> None:
     release, never a silent success. (A waiter whose ticket was queued before the cut may
     instead be handed a slot again by the new master, which then counts it: no excess.)
     """
-    limits = {**load_limits(SPEC), "probe": APILimits(max_concurrent=1, lease_ttl=30)}
+    # "probe": the worst case, by hand: both slots and the whole window taken after the cut.
+    probe_limits = APILimits(max_concurrent=2, rates=[Rate(2, 30.0)], lease_ttl=30)
+    limits = {**load_limits(SPEC), "probe": probe_limits}
     api_limits = limits["api"]
     max_concurrent, (limit, period) = SPEC["max_concurrent"], SPEC["rate"]
     lim = Limiter.from_url(rig.url, limits)
@@ -289,17 +292,20 @@ async def test_failover_under_load(rig: SentinelRig, tmp_path: Path) -> None:
         rig.cut_replication()
         cut_us = now_us()
         total_at_cut = (await lim.stats("api"))["total_requests"]
-        probe = await lim.acquire("probe", timeout=2)  # admitted after the cut: lost
+        lost = [await lim.acquire("probe", timeout=2) for _ in range(2)]  # never replicated
 
         async def admitted_two_more() -> bool:
             return bool((await lim.stats("api"))["total_requests"] >= total_at_cut + 2)
 
-        # Proceed after LAG even if the load was slower (the probe is lost in any case).
+        # Proceed after LAG even if the load was slower (the probes are lost in any case).
         await _poll(LAG, admitted_two_more)
     except BaseException:
         stop.set()
         for w in workers:
             w.kill()
+        with contextlib.suppress(BaseException):
+            await asyncio.wait_for(load, 15)
+        await lim.aclose()
         raise
     kill_us = now_us()
     rig.kill_master()
@@ -311,8 +317,19 @@ async def test_failover_under_load(rig: SentinelRig, tmp_path: Path) -> None:
             lambda: asyncio.to_thread(lambda: rig.master_ports() == [rig.replica.port] * 3),
         )
         promoted_us = now_us()
-        with pytest.raises(LeaseLost):  # its lease was written after the cut
-            await probe.release()
+        # The new master lacks both lost admissions: it admits 2 more at once (2 x
+        # max_concurrent in flight, 2 x limit in the window), and not one more.
+        again = [await lim.acquire("probe", timeout=0) for _ in range(2)]
+        with pytest.raises(AcquireTimeout):
+            await lim.acquire("probe", timeout=0)
+        for slot in lost:
+            with pytest.raises(LeaseLost):  # its lease was written after the cut
+                await slot.release()
+        for slot in again:
+            await slot.release()
+        with pytest.raises(AcquireTimeout) as refused:
+            await lim.acquire("probe", timeout=0)
+        assert refused.value.reason == "rate:30s"  # the new master's window: full at 2
         # Run until every window holds only new admissions and every lease has run out.
         end = max(kill_us / 1e6 + period, promoted_us / 1e6 + api_limits.lease_ttl) + 1.0
         await asyncio.sleep(end - time.time())  # the load's run time, not a synchronisation
