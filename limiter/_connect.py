@@ -53,8 +53,11 @@ class SentinelURL:
 
 
 def redact_url(url: str) -> str:
-    """``url`` with every password replaced by ``***`` (for error messages)."""
-    masked = re.sub(r"([?&]sentinel_password=)[^&]*", r"\1***", url)
+    """``url`` with every password replaced by ``***`` (for error messages).
+
+    Every query value is masked too: a misspelt key may carry a password.
+    """
+    masked = re.sub(r"([?&][^=&]*=)[^&]*", r"\1***", url)
     scheme, sep, rest = masked.partition("://")
     at = rest.rfind("@")
     if not sep or at < 0:
