@@ -13,14 +13,24 @@ from collections.abc import Awaitable, Callable, Mapping, Sequence
 from types import TracebackType
 from typing import Any, Literal, Self, TypeVar
 
+from redis.exceptions import (
+    AuthenticationError,
+    AuthorizationError,
+    ClusterDownError,
+    NoScriptError,
+    ReadOnlyError,
+    RedisClusterException,
+    RedisError,
+)
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import NoScriptError, RedisClusterException, RedisError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from ._call import call_with_retries
 from ._cluster import CLUSTER_SCHEMES, cluster_client_from_url
 from ._config import APILimits, check_api_name, validate_limits
 from ._connect import client_from_url
 from ._errors import AcquireTimeout, ConfigError, LeaseLost, LimiterUnavailable
+from ._local import LocalGate
 from ._scripts import KeyPlan, Scripts
 
 __all__ = ["Limiter", "Slot"]
@@ -33,6 +43,22 @@ Listener = Callable[[str, str, dict[str, Any]], None]
 #: What a Redis client raises when Redis fails: redis-py's cluster client raises
 #: RedisClusterException (not a RedisError) for a slot it cannot route, e.g. CROSSSLOT.
 _REDIS_ERRORS = (RedisError, RedisClusterException)
+
+#: fail_open: heartbeat period, how long a silent limiter still counts as a replica, and
+#: the circuit breaker's probe backoff while Redis is unreachable (seconds).
+_HEARTBEAT_EVERY = 2.0
+_HEARTBEAT_TTL = 6.0
+_PROBE_FIRST, _PROBE_MAX = 0.25, 5.0
+#: Redis errors that mean "unreachable for now" (fail_open admits locally); every other
+#: error (a wrong password, a denied command, CROSSSLOT) is raised under both policies.
+_OUTAGES = (RedisConnectionError, RedisTimeoutError, ClusterDownError, ReadOnlyError)
+_NOT_OUTAGES = (AuthenticationError, AuthorizationError)
+
+
+def _is_outage(exc: LimiterUnavailable) -> bool:
+    cause = exc.__cause__
+    return isinstance(cause, _OUTAGES) and not isinstance(cause, _NOT_OUTAGES)
+
 
 _OUTCOME_NONE, _OUTCOME_SUCCESS, _OUTCOME_FAILURE = 0, 1, 2
 _WINDOW_WORDS = {"rate:60s": "minute", "rate:3600s": "hour", "rate:1s": "second"}
@@ -55,8 +81,10 @@ class Slot:
 
     __slots__ = (
         "_actual_tokens",
+        "_gate",
         "_handed",
         "_limiter",
+        "_local",
         "_lost",
         "_plan",
         "_released",
@@ -98,10 +126,20 @@ class Slot:
         self._actual_tokens = -1
         self._released = False
         self._lost = False
+        #: Admitted by this process alone while Redis was unreachable (fail_open).
+        self._local = False
+        #: The local share this slot counts in (fail_open), if any.
+        self._gate: LocalGate | None = None
 
     def __repr__(self) -> str:
         state = "released" if self._released else ("lost" if self._lost else "held")
-        return f"<Slot {self.api} {self.id} {state}>"
+        where = " local" if self._local else ""
+        return f"<Slot {self.api} {self.id} {state}{where}>"
+
+    @property
+    def local(self) -> bool:
+        """True when this process admitted it alone, Redis being unreachable (fail_open)."""
+        return self._local
 
     @property
     def held(self) -> bool:
@@ -223,13 +261,6 @@ class Limiter:
                 field="on_redis_error",
                 value=on_redis_error,
             )
-        if on_redis_error == "fail_open":
-            raise ConfigError(
-                "on_redis_error='fail_open' is not available yet in this version; "
-                "use 'fail_closed'",
-                field="on_redis_error",
-                value=on_redis_error,
-            )
         for name, value in (("ticket_ttl", ticket_ttl), ("stats_ttl", stats_ttl)):
             if not isinstance(value, int | float) or not math.isfinite(value) or value < 0.1:
                 raise ConfigError(
@@ -275,6 +306,16 @@ class Limiter:
         self._closed = False
         self._last_wait_log: dict[str, float] = {}
         self._listeners: list[Listener] = []
+        # fail_open: the replica count from the heartbeat, the circuit breaker, and each
+        # API's local share while Redis is unreachable.
+        self._fail_open = on_redis_error == "fail_open"
+        self._replicas: int | None = None
+        self._replicas_key = f"{namespace}:replicas".encode()
+        self._heartbeat_task: asyncio.Task[None] | None = None
+        self._breaker_open = False
+        self._tripped = asyncio.Event()
+        self._gates: dict[str, LocalGate] = {}
+        self._pauses: dict[str, float] = {}
 
     # -- construction -------------------------------------------------------------------
 
@@ -381,8 +422,17 @@ class Limiter:
                 field="timeout",
                 value=timeout,
             )
+        if self._fail_open:
+            return await self._acquire_fail_open(plan, limits, timeout, cost, tokens)
         await self._ensure_ready()
+        return await self._acquire(plan, timeout, cost, tokens)
+
+    async def _acquire(self, plan: KeyPlan, timeout: float | None, cost: int, tokens: int) -> Slot:
+        """Admission through Redis: the scripts decide, FIFO across the cluster."""
+        api = plan.api
         loop = asyncio.get_running_loop()
+        task = asyncio.current_task()
+        cancels = task.cancelling() if task is not None else 0
         start = loop.time()
         deadline = math.inf if timeout is None else start + timeout
         slot_id = f"{self._process_id}.{next(self._ids)}"
@@ -410,6 +460,8 @@ class Limiter:
                     if self._listeners:
                         self._emit("refused", api, reason=reason)
                 wait_us = int(res[2])
+                if reason == "cooldown" and self._fail_open:
+                    self._pauses[plan.tag] = loop.time() + wait_us / 1_000_000
                 remaining = deadline - loop.time()
                 if mode == b"try" or remaining <= 0:
                     if mode == b"try":
@@ -424,6 +476,9 @@ class Limiter:
                     self._waiting[slot_id] = waiter
                     self._start_renewer(self._ticket_ttl)
                     await self._ensure_listener()
+                    if task is not None and task.cancelling() > cancels:
+                        # A cancel redis-py swallowed while subscribing: honour it.
+                        raise asyncio.CancelledError
                     continue
                 delay = remaining if wait_us < 0 else min(remaining, wait_us / 1_000_000)
                 if wait_us >= 0 and reason != "concurrency" and self._log_wait(api):
@@ -515,9 +570,26 @@ class Limiter:
                 field="seconds",
                 value=seconds,
             )
-        await self._ensure_ready()
         ms = max(1, math.ceil(seconds * 1000))
-        left = await self._call(self._scripts.cooldown, [plan.cooldown_key], [ms], api, "cooldown")
+        if self._fail_open:
+            # Remembered here too: while Redis is unreachable the local shares honour it.
+            until = asyncio.get_running_loop().time() + seconds
+            self._pauses[plan.tag] = max(self._pauses.get(plan.tag, 0.0), until)
+            gate = self._gates.get(plan.tag)
+            if gate is not None:
+                gate.paused_until = max(gate.paused_until, until)
+            if self._breaker_open:
+                return seconds
+        try:
+            await self._ensure_ready()
+            left = await self._call(
+                self._scripts.cooldown, [plan.cooldown_key], [ms], api, "cooldown"
+            )
+        except LimiterUnavailable as exc:
+            if not (self._fail_open and _is_outage(exc)):
+                raise
+            self._trip(exc)
+            return seconds
         return int(left) / 1000
 
     async def stats(self, api: str | None = None, *, key: str | None = None) -> dict[str, Any]:
@@ -577,7 +649,7 @@ class Limiter:
         for slot in list(self._held.values()):
             with contextlib.suppress(Exception):
                 await slot.release(success=True)
-        tasks = [t for t in (self._renewer, self._listener) if t is not None]
+        tasks = [t for t in (self._renewer, self._listener, self._heartbeat_task) if t is not None]
         for task in tasks:
             task.cancel()
         for task in tasks:
@@ -751,6 +823,13 @@ class Limiter:
     async def _release(self, slot: Slot, outcome: int) -> None:
         plan = slot._plan
         self._held.pop(slot.id, None)
+        if slot._gate is not None:
+            slot._gate.give_back()
+            slot._gate = None
+        if slot._local:
+            if self._listeners:
+                self._emit("released", slot.api, success=outcome == _OUTCOME_SUCCESS, lost=False)
+            return
         extra = (
             slot.id,
             b"",
@@ -760,7 +839,14 @@ class Limiter:
             slot._actual_tokens,
             b"1" if slot._handed else b"0",
         )
-        res = await self._run(self._scripts.release, plan, extra, "release")
+        try:
+            res = await self._run(self._scripts.release, plan, extra, "release")
+        except LimiterUnavailable as exc:
+            if not (self._fail_open and _is_outage(exc)):
+                raise
+            # fail_open: the lease ends by itself within lease_ttl.
+            self._trip(exc)
+            return
         lost = int(res[0]) == 0 or slot._lost
         if self._listeners:
             self._emit("released", slot.api, success=outcome == _OUTCOME_SUCCESS, lost=lost)
@@ -790,6 +876,186 @@ class Limiter:
         self._background.discard(task)
         if not task.cancelled() and task.exception() is not None:
             log.warning("background release failed: %s", task.exception())
+
+    # -- fail_open ----------------------------------------------------------------------
+
+    @property
+    def replicas(self) -> int | None:
+        """Live limiters sharing this namespace, as the last heartbeat read (fail_open).
+
+        ``None`` until a heartbeat has reached Redis (and always under fail_closed,
+        which keeps no heartbeat).
+        """
+        return self._replicas
+
+    async def heartbeat(self) -> int:
+        """Tell Redis this limiter is alive and read how many are; returns that count.
+
+        Runs by itself every few seconds under ``fail_open``; public for tests and tools.
+        """
+        await self._ensure_ready()
+        ttl_ms = round(_HEARTBEAT_TTL * 1000)
+        n = await self._call(
+            self._scripts.heartbeat,
+            [self._replicas_key],
+            [self._process_id, ttl_ms],
+            None,
+            "heartbeat",
+        )
+        self._replicas = int(n)
+        return self._replicas
+
+    async def _heartbeat_loop(self) -> None:
+        """Beat every few seconds; while the breaker is open, probe Redis with backoff.
+
+        The probe is the heartbeat itself: the first one a short while after the outage
+        was seen, then at doubling intervals (at most ``_PROBE_MAX`` apart).
+        """
+        probe = _PROBE_FIRST
+        while not self._closed:
+            if self._breaker_open:
+                await asyncio.sleep(probe)
+                probe = min(probe * 2, _PROBE_MAX)
+            try:
+                await self.heartbeat()
+            except LimiterUnavailable as exc:
+                if _is_outage(exc):
+                    self._trip(exc)
+                    continue
+                log.warning("heartbeat failed: %s", exc)
+            else:
+                if self._breaker_open:
+                    self._recover()
+                probe = _PROBE_FIRST
+            self._tripped.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._tripped.wait(), _HEARTBEAT_EVERY)
+
+    def _trip(self, exc: LimiterUnavailable) -> None:
+        """Redis is unreachable: open the breaker (admit locally) and say so, once."""
+        if self._breaker_open:
+            return
+        self._breaker_open = True
+        self._tripped.set()  # the heartbeat loop starts probing
+        self._gates.clear()
+        shares = (
+            f"at most 1/{self._replicas} of each limit (replicas seen by the last heartbeat)"
+            if self._replicas
+            else "nothing (no heartbeat reached Redis yet, so the replica count is unknown)"
+        )
+        log.warning(
+            "Redis is unreachable (%s); on_redis_error='fail_open': admitting %s in this "
+            "process, probing Redis until it answers",
+            exc,
+            shares,
+        )
+        if self._listeners:
+            for api in self._limits:
+                self._emit("fail_open", api, replicas=self._replicas)
+        self._start_heartbeat()
+
+    def _recover(self) -> None:
+        self._breaker_open = False
+        self._gates.clear()
+        log.warning("Redis answers again: admission is decided in Redis again")
+        if self._listeners:
+            for api in self._limits:
+                self._emit("recovered", api)
+
+    def _start_heartbeat(self) -> None:
+        if self._heartbeat_task is None or self._heartbeat_task.done():
+            self._heartbeat_task = asyncio.create_task(
+                self._heartbeat_loop(), name="limiter-heartbeat"
+            )
+
+    async def _acquire_fail_open(
+        self, plan: KeyPlan, limits: APILimits, timeout: float | None, cost: int, tokens: int
+    ) -> Slot:
+        loop = asyncio.get_running_loop()
+        start = loop.time()
+        if not self._breaker_open:
+            try:
+                if self._replicas is None:
+                    await self.heartbeat()
+                self._start_heartbeat()
+                await self._ensure_ready()
+                return await self._acquire(plan, timeout, cost, tokens)
+            except LimiterUnavailable as exc:
+                if not _is_outage(exc):
+                    raise
+                self._trip(exc)
+        if timeout is not None:
+            timeout = max(0.0, timeout - (loop.time() - start))
+        return await self._acquire_local(plan, limits, timeout, cost, tokens, start)
+
+    def _local_gate(self, plan: KeyPlan, limits: APILimits) -> LocalGate:
+        gate = self._gates.get(plan.tag)
+        if gate is None:
+            assert self._replicas is not None
+            gate = LocalGate(plan, limits, self._replicas)
+            gate.paused_until = self._pauses.get(plan.tag, 0.0)
+            # Slots this process holds through Redis count in its share.
+            for held in self._held.values():
+                if held._plan.tag == plan.tag and held._gate is None:
+                    held._gate = gate
+                    gate.in_flight += 1
+            self._gates[plan.tag] = gate
+        return gate
+
+    async def _acquire_local(
+        self,
+        plan: KeyPlan,
+        limits: APILimits,
+        timeout: float | None,
+        cost: int,
+        tokens: int,
+        start: float,
+    ) -> Slot:
+        """Admission within this replica's share while the breaker is open."""
+        api = plan.api
+        if self._replicas is None:
+            raise LimiterUnavailable(
+                api,
+                "acquire",
+                "Redis is unreachable and no heartbeat has reached it yet, so fail_open "
+                "cannot know this replica's share of the limits; refusing rather than guessing",
+            )
+        gate = self._local_gate(plan, limits)
+        why = gate.impossible(cost, tokens)
+        if why is not None:
+            raise LimiterUnavailable(
+                api,
+                "acquire",
+                f"Redis is unreachable and this replica's share of the {why} limit "
+                f"(limit // {self._replicas} replicas) cannot admit cost={cost} tokens={tokens}",
+            )
+        loop = asyncio.get_running_loop()
+        deadline = math.inf if timeout is None else loop.time() + timeout
+        first: str | None = None
+        while True:
+            now = loop.time()
+            reason, wait = gate.check(now, cost, tokens)
+            if reason is None:
+                gate.take(now, cost, tokens)
+                slot = Slot(self, plan, f"{self._process_id}.{next(self._ids)}", 0, cost, tokens)
+                slot.acquired_at = time.time_ns() // 1000
+                slot._local = True
+                slot._gate = gate
+                if self._listeners:
+                    self._emit("admitted", api, waited=now - start, reason=first, local=True)
+                return slot
+            if first is None:
+                first = reason
+                if self._listeners:
+                    self._emit("refused", api, reason=reason)
+            remaining = deadline - now
+            if remaining <= 0:
+                if self._listeners:
+                    self._emit("timeout", api, reason=reason)
+                raise AcquireTimeout(api, reason, now - start)
+            delay = min(remaining, wait)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(gate.changed.wait(), None if math.isinf(delay) else delay)
 
     # -- wake-ups -----------------------------------------------------------------------
 
@@ -868,6 +1134,8 @@ class Limiter:
                     await asyncio.wait_for(self._work.wait(), delay)
                 continue
             last = loop.time()
+            if self._breaker_open:
+                continue  # Redis is unreachable: the heartbeat probes it, not the renewer
             try:
                 await self.renew()
             except LimiterUnavailable as exc:

@@ -19,7 +19,7 @@ from ._config import APILimits
 __all__ = ["KeyPlan", "Scripts", "lua_source", "safe_key"]
 
 _OPERATIONS = ("acquire", "release", "renew")
-_STANDALONE = ("cooldown", "stats")
+_STANDALONE = ("cooldown", "heartbeat", "stats")
 
 
 _SAFE_KEY = re.compile(r"^[A-Za-z0-9_.:+@=\-]{1,64}$")
@@ -45,13 +45,14 @@ def lua_source(name: str) -> str:
 class Scripts:
     """The scripts registered on one Redis client."""
 
-    __slots__ = ("acquire", "cooldown", "release", "renew", "stats")
+    __slots__ = ("acquire", "cooldown", "heartbeat", "release", "renew", "stats")
 
     def __init__(self, redis: Any) -> None:
         self.acquire = redis.register_script(lua_source("acquire"))
         self.release = redis.register_script(lua_source("release"))
         self.renew = redis.register_script(lua_source("renew"))
         self.cooldown = redis.register_script(lua_source("cooldown"))
+        self.heartbeat = redis.register_script(lua_source("heartbeat"))
         self.stats = redis.register_script(lua_source("stats"))
 
 

@@ -130,9 +130,3 @@ def test_invalid_limits_mapping(limits: Any, field: str) -> None:
     with pytest.raises(ConfigError) as info:
         Limiter(fakeredis.FakeAsyncRedis(), limits)
     assert info.value.field == field
-
-
-def test_fail_open_is_refused_until_it_exists() -> None:
-    """on_redis_error='fail_open' is refused clearly rather than silently behaving as closed."""
-    with pytest.raises(ConfigError, match="fail_open"):
-        Limiter(fakeredis.FakeAsyncRedis(), {"a": APILimits()}, on_redis_error="fail_open")
