@@ -62,7 +62,7 @@ def limits_from_json(text: str) -> dict[str, APILimits]:
 class Settings:
     """Where a replica finds Redis and the providers, and the limits it applies."""
 
-    redis_url: str = "redis://127.0.0.1:6379/0"
+    redis_url: str = field(default="redis://127.0.0.1:6379/0", repr=False)  # may hold a password
     openai_base_url: str = "http://127.0.0.1:8001/v1"
     openai_api_key: str = field(default="sk-fake-openai-key", repr=False)
     openai_model: str = "gpt-4o-mini"

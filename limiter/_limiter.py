@@ -1138,6 +1138,10 @@ class Limiter:
                 continue  # Redis is unreachable: the heartbeat probes it, not the renewer
             try:
                 await self.renew()
+                if self._waiting and (self._listener is None or self._listener.done()):
+                    # The wake-up listener died with its connection (a restart, a
+                    # failover): waiters already queued need it back, not only new ones.
+                    await self._ensure_listener()
             except LimiterUnavailable as exc:
                 log.warning("lease renewal failed: %s", exc)
 

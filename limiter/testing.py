@@ -513,6 +513,8 @@ class RedisServer:
         if self.process is not None:
             os.killpg(self.process.pid, 9)
             self.process.wait()
+            if self.process.stderr is not None:
+                self.process.stderr.close()
             self.process = None
 
     def __enter__(self) -> Self:

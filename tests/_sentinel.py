@@ -229,11 +229,7 @@ class SentinelRig:
 
     def kill_master(self) -> None:
         """SIGKILL the master (a crash)."""
-        proc = self.master.process
         self.master.kill()
-        # RedisServer.kill leaves the stderr pipe open (a ResourceWarning when collected).
-        if proc is not None and proc.stderr is not None:
-            proc.stderr.close()
 
     def pause_replica(self) -> None:
         """SIGSTOP the replica: it reads nothing, answers nothing, until resumed."""

@@ -522,11 +522,6 @@ def test_chatbot_settings_repr_hides_the_api_key_and_token() -> None:
     assert_no_secret(repr(settings), str(settings))
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="chatbot/settings.py: Settings.redis_url is a repr field, so a REDIS_URL with a "
-    "password shows it in repr(settings) (fix: field(..., repr=False))",
-)
 def test_chatbot_settings_repr_hides_the_redis_password() -> None:
     """repr/str of Settings.from_env never shows the password of REDIS_URL."""
     settings = Settings.from_env(_env(f"redis://:{ADMIN_PASSWORD}@127.0.0.1:6379/0"))
