@@ -324,7 +324,8 @@ async def role_cancel(cfg: Config, r: aioredis.Redis) -> Result:
 
 
 class _SendSignal(aioredis.Connection):
-    """A connection that sets :attr:`sent` once an armed ``acquire`` EVALSHA is written."""
+    """A connection that cancels the task sending an armed ``acquire`` EVALSHA right after
+    writing it (its reply not yet read), then sets :attr:`sent`."""
 
     armed = False
     sent: asyncio.Event | None = None
@@ -339,6 +340,12 @@ class _SendSignal(aioredis.Connection):
         # Only acquire passes the mode "wait" as an argument of its own.
         if b"EVALSHA" in packed and b"\r\n$4\r\nwait\r\n" in packed:
             cls.armed = False
+            # Cancel the sending task itself, now: the cancel lands on its next await, the
+            # read of the reply. (Cancelling from another task raced the reply on a loaded
+            # machine: the acquire could finish before that task ran.)
+            task = asyncio.current_task()
+            assert task is not None
+            task.cancel()
             cls.sent.set()
 
 
@@ -361,8 +368,8 @@ async def role_cancel_in_flight(cfg: Config, r: aioredis.Redis) -> Result:
         holder = None if cfg["slot_free"] else await lim.acquire(api, timeout=0)
         _SendSignal.armed = True
         task = asyncio.create_task(lim.acquire(api, timeout=10))
-        await asyncio.wait_for(_SendSignal.sent.wait(), 5)
-        task.cancel()
+        async with asyncio.timeout(5):
+            await _SendSignal.sent.wait()  # the task was cancelled right after its send
         outcome = await asyncio.gather(task, return_exceptions=True)
         state = {
             "holders": await r.zcard(holders_key(cfg)),
