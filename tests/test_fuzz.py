@@ -9,6 +9,7 @@ The parsers of Retry-After, Go durations and statuses alone are fuzzed in test_m
 
 from __future__ import annotations
 
+import asyncio
 import json
 import math
 import time
@@ -644,6 +645,15 @@ async def _in_flight(app: Any, sent: Any) -> list[tuple[str, int, int]]:
     return [(api, s["concurrent_requests"], s["waiting"]) for api, s in every]
 
 
+def _webhook_bug(body: bytes, content_type: str | None) -> bool:
+    """Bodies of a known bug in chatbot/app.py (see the xfails at the end of this file)."""
+    try:
+        text = body.decode("utf-8")
+    except UnicodeDecodeError:
+        return content_type != "application/json"  # echoed back as bytes: 500
+    return "\\ud8" in text or "\\udc" in text.lower()  # a lone surrogate escape: 500
+
+
 @pytest.mark.redis
 @settings(
     max_examples=40,
@@ -656,6 +666,7 @@ async def test_webhook_body_gets_a_4xx_naming_the_field(
 ) -> None:
     """POST /messages with any body and content type answers 200 (a valid message) or a 4xx
     naming the field, never a 5xx, and no slot or ticket is left behind."""
+    assume(not _webhook_bug(body, content_type))
     app, client = chatbot
     headers = {"content-type": content_type} if content_type else {}
     response = await client.post("/messages", content=body, headers=headers)
@@ -675,3 +686,258 @@ async def test_webhook_body_gets_a_4xx_naming_the_field(
 
 
 # -- known bugs in files this fuzz does not own: strict xfails ------------------------
+
+
+_LIMITER_PY = "limiter/_limiter.py (not this fuzz's file to fix): "
+
+
+def _bug(reason: str, raises: type[BaseException] | tuple[type[BaseException], ...]) -> Any:
+    return pytest.mark.xfail(strict=True, reason=reason, raises=raises)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "field"),
+    [
+        pytest.param(
+            {"namespace": "a\nb"},
+            "namespace",
+            marks=_bug(_LIMITER_PY + "whitespace splits the scripts' config", AssertionError),
+            id="namespace-newline",
+        ),
+        pytest.param(
+            {"namespace": "\ud800"},
+            "namespace",
+            marks=_bug(_LIMITER_PY + "not UTF-8: UnicodeEncodeError", UnicodeEncodeError),
+            id="namespace-surrogate",
+        ),
+        pytest.param(
+            {"namespace": 10**5000},
+            "namespace",
+            marks=_bug(_LIMITER_PY + "message repr of a huge int: ValueError", ValueError),
+            id="namespace-huge-int",
+        ),
+        pytest.param(
+            {"ticket_ttl": True},
+            "ticket_ttl",
+            marks=_bug(_LIMITER_PY + "a bool is taken as 1 second", AssertionError),
+            id="ticket_ttl-bool",
+        ),
+        pytest.param(
+            {"ticket_ttl": 10**400},
+            "ticket_ttl",
+            marks=_bug(_LIMITER_PY + "math.isfinite(huge int): OverflowError", OverflowError),
+            id="ticket_ttl-huge-int",
+        ),
+        pytest.param(
+            {"stats_ttl": 1e300},
+            "stats_ttl",
+            marks=_bug(_LIMITER_PY + "no upper bound: Redis refuses the TTL", AssertionError),
+            id="stats_ttl-1e300",
+        ),
+    ],
+)
+async def test_known_bug_limiter_keywords(kwargs: dict[str, Any], field: str) -> None:
+    """Each of these Limiter keywords is refused up front with a ConfigError naming it."""
+    try:
+        exc = await _async_refusal(_admits({"a": APILimits(max_concurrent=1)}, **kwargs))
+    except LimiterError:  # e.g. LimiterUnavailable: Redis refused what was accepted
+        exc = None
+    assert exc is not None, f"{kwargs} accepted"
+    _names_field(exc, field)
+
+
+@pytest.mark.parametrize(
+    ("args", "field"),
+    [
+        pytest.param(
+            {"api": ["a"]},
+            "api",
+            marks=_bug(_LIMITER_PY + "_plans.get(unhashable): TypeError", TypeError),
+            id="api-list",
+        ),
+        pytest.param(
+            {"timeout": 10**400},
+            "timeout",
+            marks=_bug(_LIMITER_PY + "math.isnan(huge int): OverflowError", OverflowError),
+            id="timeout-huge-int",
+        ),
+        pytest.param(
+            {"timeout": True},
+            "timeout",
+            marks=_bug(_LIMITER_PY + "a bool is taken as 1 second", AssertionError),
+            id="timeout-bool",
+        ),
+        pytest.param(
+            {"key": "\ud800"},
+            "key",
+            marks=_bug(_LIMITER_PY + "safe_key encodes: UnicodeEncodeError", UnicodeEncodeError),
+            id="key-surrogate",
+        ),
+        pytest.param(
+            {"cost": 10**5000},
+            "cost",
+            marks=_bug(_LIMITER_PY + "message of a huge int: ValueError", ValueError),
+            id="cost-huge-int",
+        ),
+        pytest.param(
+            {"cost": 2**53 + 1},
+            "cost",
+            marks=_bug(
+                _LIMITER_PY + "no upper bound on cost (see stranded ticket)", AssertionError
+            ),
+            id="cost-2**53+1",
+        ),
+    ],
+)
+async def test_known_bug_acquire_arguments(args: dict[str, Any], field: str) -> None:
+    """Each of these acquire() arguments is refused with a ConfigError naming it."""
+    lim = Limiter(fakeredis.FakeAsyncRedis(), {"a": APILimits(max_concurrent=1)})
+    call = {"api": "a", "timeout": 0} | args
+    try:
+        exc = await _async_refusal(lim.acquire(call.pop("api"), **call))
+    finally:
+        await lim.aclose()
+    assert exc is not None, f"{args} admitted"
+    _names_field(exc, field)
+
+
+@pytest.mark.xfail(
+    strict=True,
+    raises=AssertionError,
+    reason=_LIMITER_PY + "a cost above 2**53 is queued as a ticket the client cannot withdraw",
+)
+async def test_known_bug_huge_cost_leaves_no_ticket() -> None:
+    """A request of cost 2**53 + 1 that times out while queued leaves no ticket behind."""
+    lim = Limiter(fakeredis.FakeAsyncRedis(), {"a": APILimits(max_concurrent=1)})
+    held = await lim.acquire("a", timeout=0)
+    with pytest.raises(LimiterError):  # AcquireTimeout, or a ConfigError once bounded
+        await lim.acquire("a", timeout=0.05, cost=2**53 + 1)  # Lua reads 2**53
+    waiting = (await lim.stats("a"))["waiting"]
+    # Before the release: releasing hands the stranded ticket a slot, and aclose() then
+    # hung (seen at b3d80a4); the limiter is left to the garbage collector here.
+    assert waiting == 0, "the ticket stays queued until ticket_ttl, blocking the API"
+    await held.release()
+    async with asyncio.timeout(5):
+        await lim.aclose()
+
+
+@pytest.mark.parametrize(
+    "seconds",
+    [
+        pytest.param(
+            10**400, marks=_bug(_LIMITER_PY + "math.isfinite: OverflowError", OverflowError)
+        ),
+        pytest.param(1e300, marks=_bug(_LIMITER_PY + "Redis refuses the PX", LimiterError)),
+        pytest.param(True, marks=_bug(_LIMITER_PY + "a bool is 1 second", AssertionError)),
+    ],
+)
+async def test_known_bug_cooldown_seconds(seconds: Any) -> None:
+    """cooldown(api, seconds) refuses a bool, a huge int or more than 366 days, naming it."""
+    lim = Limiter(fakeredis.FakeAsyncRedis(), {"a": APILimits()})
+    try:
+        exc = await _async_refusal(lim.cooldown("a", seconds))
+    finally:
+        await lim.aclose()
+    assert exc is not None, f"cooldown {seconds!r} accepted"
+    _names_field(exc, "seconds")
+
+
+_SETTINGS_PY = "chatbot/settings.py (not this fuzz's file to fix): "
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        pytest.param(
+            '{"openai": {"rates": 5}}',
+            marks=_bug(_SETTINGS_PY + "iterates an int: TypeError", TypeError),
+            id="rates-int",
+        ),
+        pytest.param(
+            '{"openai": {"rates": [[1]]}}',
+            marks=_bug(_SETTINGS_PY + "unpacks a pair: ValueError", ValueError),
+            id="rates-short",
+        ),
+        pytest.param(
+            '{"openai": {"rates": [["a", 1]]}}',
+            marks=_bug(_SETTINGS_PY + "int('a'): ValueError", ValueError),
+            id="rates-text",
+        ),
+        pytest.param(
+            '{"openai": {"rates": [[null, 1]]}}',
+            marks=_bug(_SETTINGS_PY + "int(None): TypeError", TypeError),
+            id="rates-null",
+        ),
+        pytest.param(
+            '{"openai": {"rates": [[1e400, 1]]}}',
+            marks=_bug(_SETTINGS_PY + "int(inf): OverflowError", OverflowError),
+            id="rates-inf",
+        ),
+        pytest.param(
+            '{"openai": {"rates": [[1.5, 1]]}}',
+            marks=_bug(_SETTINGS_PY + "int(1.5) silently makes it 1", AssertionError),
+            id="rates-float",
+        ),
+        pytest.param(
+            "[" * 100_000 + "]" * 100_000,
+            marks=_bug(_SETTINGS_PY + "json.loads too deep: RecursionError", RecursionError),
+            id="deep",
+        ),
+    ],
+)
+def test_known_bug_limits_json(text: str) -> None:
+    """Malformed rates in LIMITS_JSON raise a ConfigError that names the rates field."""
+    limits, exc = _refusal(lambda: limits_from_json(text))
+    assert exc is not None, f"{text[:40]} accepted: {limits}"
+    assert exc.field in ("LIMITS_JSON", "Rate.limit", "Rate.period"), exc.field
+    assert "rates" in str(exc) or exc.field != "LIMITS_JSON" or text.startswith("[")
+
+
+_APP_PY = "chatbot/app.py (not this fuzz's file to fix): "
+
+
+@pytest.mark.redis
+@pytest.mark.parametrize(
+    ("body", "content_type", "field"),
+    [
+        pytest.param(
+            b"\x80",
+            None,
+            None,
+            marks=_bug(_APP_PY + "422 echoes non-UTF-8 bytes: 500", UnicodeDecodeError),
+            id="not-utf8",
+        ),
+        pytest.param(
+            b"\xff\xfe",
+            "text/plain",
+            None,
+            marks=_bug(_APP_PY + "422 echoes non-UTF-8 bytes: 500", UnicodeDecodeError),
+            id="not-utf8-text-plain",
+        ),
+        pytest.param(
+            b'{"user_id": "\\ud800", "text": "hi"}',
+            "application/json",
+            "user_id",
+            marks=_bug(_APP_PY + "lone surrogate reaches Redis: 500", UnicodeEncodeError),
+            id="user_id-surrogate",
+        ),
+        pytest.param(
+            b'{"user_id": "ana", "text": "hi \\udc00"}',
+            "application/json",
+            "text",
+            marks=_bug(_APP_PY + "lone surrogate reaches the SDK: 500", UnicodeEncodeError),
+            id="text-surrogate",
+        ),
+    ],
+)
+async def test_known_bug_webhook_bodies(
+    chatbot: tuple[Any, httpx2.AsyncClient], body: bytes, content_type: str | None, field: Any
+) -> None:
+    """A body that is not UTF-8, or text with a lone surrogate, gets a 422 (naming the field)."""
+    app, client = chatbot
+    headers = {"content-type": content_type} if content_type else {}
+    response = await client.post("/messages", content=body, headers=headers)
+    assert response.status_code == 422, response.text
+    if field is not None:
+        assert any(e["loc"][:2] == ["body", field] for e in response.json()["detail"])
+    assert all(n == w == 0 for _, n, w in await _in_flight(app, None))
