@@ -12,9 +12,11 @@ from typing import Any
 
 import openai
 from fastapi import FastAPI, Request
+from fastapi.encoders import jsonable_encoder
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST
-from pydantic import AnyHttpUrl, BaseModel, ConfigDict, Field
+from pydantic import AnyHttpUrl, BaseModel, ConfigDict, Field, field_validator
 from redis.exceptions import RedisError
 
 from limiter import AcquireTimeout, APILimits, Limiter, LimiterError, LimiterUnavailable
@@ -37,6 +39,43 @@ class MessageIn(BaseModel):
     user_id: str = Field(min_length=1, max_length=200)
     text: str = Field(min_length=1, max_length=8000)
     images: list[AnyHttpUrl] = Field(default_factory=list, max_length=4)
+
+    @field_validator("user_id", "text")
+    @classmethod
+    def _utf8(cls, value: str) -> str:
+        # JSON may carry a lone surrogate ("\ud800"): no UTF-8 for Redis or the SDK.
+        try:
+            value.encode()
+        except UnicodeEncodeError:
+            raise ValueError("must be valid Unicode text (a lone surrogate is not)") from None
+        return value
+
+
+def _printable(value: Any) -> Any:
+    """An invalid input as a 422 can show it: bytes decoded, lone surrogates replaced."""
+    if isinstance(value, bytes):
+        return value.decode("utf-8", "replace")
+    if isinstance(value, str):
+        return value.encode("utf-8", "replace").decode()
+    if isinstance(value, dict):
+        return {str(_printable(k)): _printable(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_printable(v) for v in value]
+    return value
+
+
+async def _invalid_body(request: Request, exc: Exception) -> JSONResponse:
+    """FastAPI's 422, made safe for bodies that are not UTF-8 (its own handler raised)."""
+    assert isinstance(exc, RequestValidationError)
+    errors = []
+    for e in exc.errors():
+        error = dict(e)
+        if "input" in error:
+            error["input"] = _printable(error["input"])
+        if isinstance(error.get("ctx"), dict):
+            error["ctx"] = {k: _printable(str(v)) for k, v in error["ctx"].items()}
+        errors.append(error)
+    return JSONResponse(status_code=422, content={"detail": jsonable_encoder(errors)})
 
 
 class Store:
@@ -105,6 +144,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             await lim.aclose()
 
     app = FastAPI(title="fleetlimit chatbot", lifespan=lifespan)
+    app.add_exception_handler(RequestValidationError, _invalid_body)
     app.state.settings = settings
 
     @app.post("/messages")

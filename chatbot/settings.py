@@ -32,6 +32,16 @@ _FIELDS = {
 }
 
 
+def _rate(api: str, i: int, pair: Any) -> Rate:
+    """``[limit, period]`` from LIMITS_JSON as a Rate (Rate checks the numbers themselves)."""
+    if not isinstance(pair, list) or len(pair) != 2:
+        raise ConfigError(
+            f"LIMITS_JSON[{api!r}].rates[{i}] must be a [limit, period] pair",
+            field="LIMITS_JSON",
+        )
+    return Rate(pair[0], pair[1])
+
+
 def limits_from_json(text: str) -> dict[str, APILimits]:
     """``{"openai": {"max_concurrent": 4, "rates": [[10, 1.0]]}, ...}`` -> limits.
 
@@ -39,8 +49,9 @@ def limits_from_json(text: str) -> dict[str, APILimits]:
     """
     try:
         raw = json.loads(text)
-    except ValueError as exc:
-        raise ConfigError(f"LIMITS_JSON is not JSON: {exc}", field="LIMITS_JSON") from exc
+    except (ValueError, RecursionError) as exc:
+        why = "nested too deeply" if isinstance(exc, RecursionError) else str(exc)
+        raise ConfigError(f"LIMITS_JSON is not JSON: {why}", field="LIMITS_JSON") from None
     if not isinstance(raw, Mapping):
         raise ConfigError("LIMITS_JSON must be an object of API -> limits", field="LIMITS_JSON")
     out = dict(CHATBOT_LIMITS)
@@ -53,7 +64,13 @@ def limits_from_json(text: str) -> dict[str, APILimits]:
                 f"LIMITS_JSON[{api!r}]: unknown fields {sorted(unknown)}", field="LIMITS_JSON"
             )
         kwargs: dict[str, Any] = {k: v for k, v in spec.items() if k in _FIELDS}
-        kwargs["rates"] = [Rate(int(n), float(p)) for n, p in spec.get("rates", [])]
+        rates = spec.get("rates", [])
+        if not isinstance(rates, list):
+            raise ConfigError(
+                f"LIMITS_JSON[{api!r}].rates must be a list of [limit, period] pairs",
+                field="LIMITS_JSON",
+            )
+        kwargs["rates"] = [_rate(api, i, pair) for i, pair in enumerate(rates)]
         out[api] = APILimits(**kwargs)
     return out
 

@@ -27,7 +27,15 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from ._call import call_with_retries
 from ._cluster import CLUSTER_SCHEMES, cluster_client_from_url
-from ._config import APILimits, check_api_name, validate_limits
+from ._config import (
+    MAX_COUNT,
+    MAX_SECONDS,
+    APILimits,
+    _finite,
+    _show,
+    check_api_name,
+    validate_limits,
+)
 from ._connect import client_from_url
 from ._errors import AcquireTimeout, ConfigError, LeaseLost, LimiterUnavailable
 from ._local import LocalGate
@@ -53,6 +61,15 @@ _PROBE_FIRST, _PROBE_MAX = 0.25, 5.0
 #: error (a wrong password, a denied command, CROSSSLOT) is raised under both policies.
 _OUTAGES = (RedisConnectionError, RedisTimeoutError, ClusterDownError, ReadOnlyError)
 _NOT_OUTAGES = (AuthenticationError, AuthorizationError)
+
+
+def _utf8(text: str) -> bool:
+    """False for text that cannot be sent to Redis (a lone surrogate)."""
+    try:
+        text.encode()
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def _is_outage(exc: LimiterUnavailable) -> bool:
@@ -249,9 +266,15 @@ class Limiter:
         stats_ttl: float = 86_400.0,
     ) -> None:
         self._limits = validate_limits(limits)
-        if not isinstance(namespace, str) or not namespace or any(c in namespace for c in "{} "):
+        if (
+            not isinstance(namespace, str)
+            or not 0 < len(namespace) <= 100
+            or any(c in "{} \t\n\r\x0b\x0c" for c in namespace)  # the scripts split on these
+            or not _utf8(namespace)
+        ):
             raise ConfigError(
-                f"namespace={namespace!r}: must be a non-empty string without braces or spaces",
+                f"namespace={_show(namespace)}: must be 1-100 characters of UTF-8 text "
+                "without braces or whitespace",
                 field="namespace",
                 value=namespace,
             )
@@ -262,9 +285,11 @@ class Limiter:
                 value=on_redis_error,
             )
         for name, value in (("ticket_ttl", ticket_ttl), ("stats_ttl", stats_ttl)):
-            if not isinstance(value, int | float) or not math.isfinite(value) or value < 0.1:
+            number = _finite(value)
+            if number is None or not 0.1 <= number <= MAX_SECONDS:
                 raise ConfigError(
-                    f"{name}={value!r}: must be a finite number of seconds >= 0.1",
+                    f"{name}={_show(value)}: must be a number of seconds from 0.1 to "
+                    f"{MAX_SECONDS:.0f} (366 days)",
                     field=name,
                     value=value,
                 )
@@ -414,14 +439,17 @@ class Limiter:
         self._check_request(plan, cost, tokens)
         if timeout is None:
             timeout = limits.acquire_timeout
-        if timeout is not None and (
-            not isinstance(timeout, int | float) or math.isnan(timeout) or timeout < 0
-        ):
-            raise ConfigError(
-                f"timeout={timeout!r}: must be a number of seconds >= 0 or None",
-                field="timeout",
-                value=timeout,
-            )
+        if timeout is not None:
+            number = _finite(timeout)
+            if number is None and timeout == math.inf and not isinstance(timeout, bool):
+                number = math.inf  # wait without bound, as None with no acquire_timeout
+            if number is None or number < 0:
+                raise ConfigError(
+                    f"timeout={_show(timeout)}: must be a number of seconds >= 0 or None",
+                    field="timeout",
+                    value=timeout,
+                )
+            timeout = number
         if self._fail_open:
             return await self._acquire_fail_open(plan, limits, timeout, cost, tokens)
         await self._ensure_ready()
@@ -564,12 +592,15 @@ class Limiter:
         A cooldown only grows: a shorter one never cuts a longer one short.
         """
         plan, _ = self._lookup(api)
-        if not isinstance(seconds, int | float) or not math.isfinite(seconds) or seconds <= 0:
+        number = _finite(seconds)
+        if number is None or not 0 < number <= MAX_SECONDS:
             raise ConfigError(
-                f"cooldown seconds={seconds!r}: must be a finite number > 0",
+                f"cooldown seconds={_show(seconds)}: must be a number > 0 and at most "
+                f"{MAX_SECONDS:.0f} (366 days)",
                 field="seconds",
                 value=seconds,
             )
+        seconds = number
         ms = max(1, math.ceil(seconds * 1000))
         if self._fail_open:
             # Remembered here too: while Redis is unreachable the local shares honour it.
@@ -667,6 +698,8 @@ class Limiter:
     # -- internals ----------------------------------------------------------------------
 
     def _lookup(self, api: str, key: str | None = None) -> tuple[KeyPlan, APILimits]:
+        if not isinstance(api, str):
+            check_api_name(api)  # raises a ConfigError naming the field
         plan = self._plans.get(api)
         if plan is not None and key is not None:
             plan = self._keyed_plan(api, key)
@@ -699,8 +732,12 @@ class Limiter:
                 log.exception("limiter listener failed on %s", event)
 
     def _keyed_plan(self, api: str, key: str) -> KeyPlan:
-        if not isinstance(key, str) or not key:
-            raise ConfigError(f"key={key!r}: must be a non-empty string", field="key", value=key)
+        if not isinstance(key, str) or not key or not _utf8(key):
+            raise ConfigError(
+                f"key={_show(key)}: must be a non-empty string of UTF-8 text",
+                field="key",
+                value=key,
+            )
         plan = self._keyed.get((api, key))
         if plan is None:
             if len(self._keyed) >= 10_000:
@@ -726,11 +763,17 @@ class Limiter:
 
     @staticmethod
     def _check_request(plan: KeyPlan, cost: int, tokens: int) -> None:
-        if not isinstance(cost, int) or isinstance(cost, bool) or cost < 1:
-            raise ConfigError(f"cost={cost!r}: must be an integer >= 1", field="cost", value=cost)
-        if not isinstance(tokens, int) or isinstance(tokens, bool) or tokens < 0:
+        if not isinstance(cost, int) or isinstance(cost, bool) or not 1 <= cost <= MAX_COUNT:
             raise ConfigError(
-                f"tokens={tokens!r}: must be an integer >= 0", field="tokens", value=tokens
+                f"cost={_show(cost)}: must be an integer from 1 to 2**53 - 1",
+                field="cost",
+                value=cost,
+            )
+        if not isinstance(tokens, int) or isinstance(tokens, bool) or not 0 <= tokens <= MAX_COUNT:
+            raise ConfigError(
+                f"tokens={_show(tokens)}: must be an integer from 0 to 2**53 - 1",
+                field="tokens",
+                value=tokens,
             )
         for name, limit, kind in zip(
             plan.window_names, plan.window_limits, plan.window_kinds, strict=True
