@@ -273,11 +273,20 @@ class LimitedTransport(httpx2.AsyncBaseTransport):
     def _module(request: Any) -> ModuleType:
         return sys.modules[type(request).__module__.split(".")[0]]
 
+    def _auth_refused(self, status: int) -> None:
+        self.last_auth_failure = status
+        log.error("%s refused the credentials (HTTP %d)", display_name(self.api), status)
+
     async def handle_async_request(self, request: Any) -> Any:
         inner = self._inner_for(request)
         await request.aread()  # replayable for retries, and readable by the predicates
         if self._limit is not None and not self._limit(request):
-            return await inner.handle_async_request(request)
+            # Not limited (MCP's initialize, listing tools), but a refused credential
+            # here is the same news: remember it, so the caller gets ProviderAuthError.
+            response = await inner.handle_async_request(request)
+            if response.status_code in (401, 403):
+                self._auth_refused(response.status_code)
+            return response
         limits = self.limiter.limits[self.api]
         idempotent = self._idempotent(request) if callable(self._idempotent) else self._idempotent
         tokens = self._tokens(request) if self._tokens is not None else 0
@@ -342,8 +351,7 @@ class LimitedTransport(httpx2.AsyncBaseTransport):
             decoded = raw
         verdict = classify_response(status, response.headers, decoded, idempotent=idempotent)
         if status in (401, 403):
-            self.last_auth_failure = status
-            log.error("%s refused the credentials (HTTP %d)", display_name(self.api), status)
+            self._auth_refused(status)
         await pause_if_asked(self.limiter, self.api, verdict)
         fresh = mod.Response(
             status,

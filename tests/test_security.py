@@ -481,13 +481,6 @@ async def test_zapier_token_never_appears_in_errors_or_logs(
     assert_no_secret(chain_text(info.value), logs)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=BaseExceptionGroup,
-    reason="limiter/http.py: LimitedTransport returns unlimited requests (MCP initialize) "
-    "before looking at their status, so last_auth_failure stays None and zapier_mcp lets "
-    "the SDK's bare MCPError (in an ExceptionGroup) through instead of ProviderAuthError",
-)
 async def test_refused_zapier_token_raises_provider_auth_error() -> None:
     """zapier_mcp with a refused token raises ProviderAuthError naming the API and status."""
     async with (
