@@ -34,6 +34,10 @@ class AgentReply:
         self.tool_calls = tool_calls
 
 
+class ToolsUnavailable(RuntimeError):
+    """The Zapier MCP session could not be opened (Zapier down or unreachable)."""
+
+
 class _ZapierSession:
     """The MCP session, owned by one background task (anyio scopes must exit where entered)."""
 
@@ -54,7 +58,8 @@ class _ZapierSession:
             self._task = asyncio.create_task(self._run(), name="zapier-mcp-session")
         await self._ready.wait()
         if self.session is None:
-            raise RuntimeError(f"Zapier MCP session unavailable: {self.error!r}")
+            # The type only: a message could carry the server's URL (Zapier's holds a secret).
+            raise ToolsUnavailable(f"Zapier MCP unavailable ({type(self.error).__name__})")
         return self.session, self.tools
 
     async def _run(self) -> None:

@@ -22,7 +22,7 @@ from redis.exceptions import RedisError
 from limiter import AcquireTimeout, APILimits, Limiter, LimiterError, LimiterUnavailable
 from limiter.http import ProviderAuthError
 
-from .agent import Agent
+from .agent import Agent, ToolsUnavailable
 from .metrics import Metrics
 from .settings import Settings
 
@@ -179,7 +179,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         except (LimiterUnavailable, RedisError) as exc:
             status = "unavailable"
             return JSONResponse({"detail": f"limiter unavailable: {exc}"}, status_code=503)
-        except ProviderAuthError as exc:
+        except (ProviderAuthError, ToolsUnavailable) as exc:
             status = "provider_error"
             return JSONResponse({"detail": str(exc)}, status_code=502)
         except openai.APIStatusError as exc:

@@ -393,3 +393,20 @@ async def test_the_openai_key_never_appears_in_responses_metrics_or_settings_rep
         for secret in (KEY, WRONG_KEY, TOKEN):
             assert secret not in text
             assert secret[-16:] not in text
+
+
+async def test_zapier_unreachable_answers_502_naming_it(providers: Providers) -> None:
+    """A message that needs a tool while Zapier's MCP server is down gets a 502 that says
+    so (not a 500), and leaves no slot or turn held."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        dead = s.getsockname()[1]  # closed when the block ends: nothing listens there
+    settings = providers.settings(zapier_mcp_url=f"http://127.0.0.1:{dead}/mcp")
+    async with running(settings) as (app, client):
+        response = await client.post("/messages", json={"user_id": "cy", "text": EMAIL_TEXT})
+        assert response.status_code == 502, response.text
+        assert "Zapier MCP unavailable" in response.json()["detail"]
+        assert TOKEN not in response.text
+        turn = await app.state.turns.stats("conversation", key="cy")
+        zapier = await app.state.limiter.stats("zapier")
+    assert (turn["concurrent_requests"], zapier["concurrent_requests"]) == (0, 0)
