@@ -5,13 +5,14 @@ BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.installed
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
-.PHONY: help venv test lint typecheck pytest bench soak demo demo-limiter clean
+.PHONY: help venv test lint typecheck pytest bench soak fuzz demo demo-limiter clean
 
 help:
 	@echo "make test   - install into .venv, then ruff + mypy --strict + the whole test suite"
 	@echo "make demo   - Redis, fake OpenAI and Zapier, 3 chatbot replicas, load, report (< 2 min)"
 	@echo "make demo-limiter - 4 processes: the old per-process semaphore vs. the Redis limiter"
 	@echo "make bench  - benchmarks side by side; figures go to benchmarks/results/"
+	@echo "make fuzz   - the hypothesis tests 5 times with new random examples each time"
 	@echo "make soak   - 16 processes x 64 tasks x 60 s on one Redis, refereed (not in make test)"
 
 $(STAMP): pyproject.toml
@@ -33,6 +34,11 @@ pytest: $(STAMP)
 	$(BIN)/python -m pytest -q
 
 test: lint typecheck pytest
+
+fuzz: $(STAMP)
+	for i in 1 2 3 4 5; do \
+		HYPOTHESIS_PROFILE=fuzz $(BIN)/python -m pytest -q tests/test_fuzz.py tests/test_model.py \
+		|| exit 1; done
 
 bench: $(STAMP)
 	$(BIN)/python -m benchmarks.run

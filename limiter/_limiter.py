@@ -165,9 +165,11 @@ class Slot:
 
     def report_tokens(self, n: int) -> None:
         """Report the tokens really used; the reservation is corrected on release."""
-        if not isinstance(n, int) or isinstance(n, bool) or n < 0:
+        if not isinstance(n, int) or isinstance(n, bool) or not 0 <= n <= MAX_COUNT:
             raise ConfigError(
-                f"report_tokens(n={n!r}): must be an integer >= 0", field="tokens", value=n
+                f"report_tokens(n={_show(n)}): must be an integer from 0 to 2**53 - 1",
+                field="tokens",
+                value=n,
             )
         self._actual_tokens = n
 
@@ -280,7 +282,7 @@ class Limiter:
             )
         if on_redis_error not in ("fail_closed", "fail_open"):
             raise ConfigError(
-                f"on_redis_error={on_redis_error!r}: must be 'fail_closed' or 'fail_open'",
+                f"on_redis_error={_show(on_redis_error)}: must be 'fail_closed' or 'fail_open'",
                 field="on_redis_error",
                 value=on_redis_error,
             )

@@ -7,15 +7,23 @@ for Lua) and once on a real ``redis-server`` this session started on a free port
 from __future__ import annotations
 
 import asyncio
+import os
 from collections.abc import AsyncIterator, Callable, Iterator, Mapping
 from typing import Any
 
 import fakeredis
 import pytest
 import redis.asyncio as aioredis
+from hypothesis import settings
 
 from limiter import APILimits, Limiter
 from limiter.testing import RedisServer
+
+# The default suite draws the same examples every run (a CI run passes or fails for the
+# code, not for the draw); `make fuzz` draws new ones each time (HYPOTHESIS_PROFILE=fuzz).
+settings.register_profile("default", derandomize=True)
+settings.register_profile("fuzz", derandomize=False)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "default"))
 
 
 @pytest.fixture(scope="session")
