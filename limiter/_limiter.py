@@ -679,6 +679,9 @@ class Limiter:
                 waiter.future.set_exception(
                     LimiterUnavailable(waiter.api, "acquire", "the limiter was closed")
                 )
+                # Marked as seen: a waiter already on its way out (cancelled) never reads
+                # it, and asyncio would log "Future exception was never retrieved".
+                waiter.future.exception()
         for slot in list(self._held.values()):
             with contextlib.suppress(Exception):
                 await slot.release(success=True)

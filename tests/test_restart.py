@@ -49,3 +49,54 @@ async def test_waiter_survives_a_restart() -> None:
         await slot.release()
         await holder.aclose()
         await waiting.aclose()
+
+
+async def test_wake_ups_come_back_for_a_waiter_queued_before_the_restart() -> None:
+    """The wake-up subscription dies with the restart; the waiter's next renewal brings it
+    back, so a later release hands it the slot at once, not at its next renewal.
+
+    ticket_ttl=6 puts renewals 2 s apart: an admission within 0.3 s of the release came by
+    the wake-up message.
+    """
+    with RedisServer() as server:
+        limits = {"a": APILimits(max_concurrent=1)}
+        async with (
+            Limiter.from_url(server.url, limits) as holder,
+            Limiter.from_url(server.url, limits, ticket_ttl=6) as waiting,
+        ):
+            held = await holder.acquire("a")
+            task = asyncio.create_task(waiting.acquire("a", timeout=20))
+            await asked_again(holder)  # it listens, and asked again (restart blocks the loop)
+            server.restart()
+            with pytest.raises(LeaseLost):
+                await held.release()
+            held = await holder.acquire("a", timeout=0)  # before the waiter asks again
+            # The waiter's renewal finds its ticket gone, queues again, and subscribes again.
+            await asked_again(holder)
+            released = asyncio.get_running_loop().time()
+            await held.release()
+            slot = await asyncio.wait_for(task, 10)
+            assert asyncio.get_running_loop().time() - released < 0.3
+            await slot.release()
+
+
+async def asked_again(lim: Limiter, within: float = 10.0) -> None:
+    """Return once the one waiter of "a" listens for wake-ups and has asked a second time.
+
+    A waiter subscribes after its first call, then asks again; the second call moves its
+    ticket's expiry. Polls Redis state: there is no local event to await.
+    """
+    r = lim.redis
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + within
+    first = None
+    while True:
+        assert loop.time() < deadline, f"the waiter did not ask again within {within}s"
+        tickets = await r.zrange("limiter:{a}:queue", 0, -1)
+        if len(tickets) == 1 and await r.pubsub_channels("limiter:wake:*"):
+            expiry = await r.zscore("limiter:{a}:qexp", tickets[0])
+            if first is None:
+                first = expiry
+            elif expiry != first:
+                return
+        await asyncio.sleep(0.01)
