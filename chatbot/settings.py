@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
@@ -40,6 +41,20 @@ def _rate(api: str, i: int, pair: Any) -> Rate:
             field="LIMITS_JSON",
         )
     return Rate(pair[0], pair[1])
+
+
+def _seconds(env: Mapping[str, str], name: str, default: float) -> float:
+    """A duration from the environment: a finite number of seconds > 0, else a ConfigError."""
+    raw = env.get(name)
+    if raw is None:
+        return default
+    try:
+        value = float(raw)
+    except ValueError:
+        value = math.nan
+    if not math.isfinite(value) or value <= 0:
+        raise ConfigError(f"{name}={raw!r}: must be a number of seconds > 0", field=name, value=raw)
+    return value
 
 
 def limits_from_json(text: str) -> dict[str, APILimits]:
@@ -114,8 +129,8 @@ class Settings:
             zapier_token=env.get("ZAPIER_MCP_TOKEN", base.zapier_token),
             namespace=env.get("LIMITER_NAMESPACE", base.namespace),
             limits=limits,
-            message_timeout=float(env.get("MESSAGE_TIMEOUT", base.message_timeout)),
-            turn_lease=float(env.get("TURN_LEASE", base.turn_lease)),
-            ticket_ttl=float(env.get("TICKET_TTL", base.ticket_ttl)),
+            message_timeout=_seconds(env, "MESSAGE_TIMEOUT", base.message_timeout),
+            turn_lease=_seconds(env, "TURN_LEASE", base.turn_lease),
+            ticket_ttl=_seconds(env, "TICKET_TTL", base.ticket_ttl),
             replica=env.get("REPLICA_NAME", base.replica),
         )

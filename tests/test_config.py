@@ -8,6 +8,7 @@ from typing import Any
 import fakeredis
 import pytest
 
+from chatbot.settings import Settings
 from limiter import DEFAULT_LIMITS, APILimits, ConfigError, Limiter, LimiterError, Rate
 
 
@@ -130,3 +131,19 @@ def test_invalid_limits_mapping(limits: Any, field: str) -> None:
     with pytest.raises(ConfigError) as info:
         Limiter(fakeredis.FakeAsyncRedis(), limits)
     assert info.value.field == field
+
+
+@pytest.mark.parametrize("name", ["MESSAGE_TIMEOUT", "TURN_LEASE", "TICKET_TTL"])
+@pytest.mark.parametrize("raw", ["abc", "", "-1", "0", "nan", "inf"])
+def test_chatbot_durations_from_the_environment_are_checked(name: str, raw: str) -> None:
+    """A replica started with a bad duration says which variable and value, at start."""
+    with pytest.raises(ConfigError) as info:
+        Settings.from_env({name: raw})
+    assert info.value.field == name
+    assert name in str(info.value)
+    assert repr(raw) in str(info.value)
+
+
+def test_chatbot_durations_from_the_environment_are_read() -> None:
+    settings = Settings.from_env({"MESSAGE_TIMEOUT": "2.5", "TURN_LEASE": "7", "TICKET_TTL": "3"})
+    assert (settings.message_timeout, settings.turn_lease, settings.ticket_ttl) == (2.5, 7.0, 3.0)
