@@ -38,6 +38,15 @@ def fail_open_limiter(proxy: Proxy, limits: APILimits) -> Limiter:
     return Limiter.from_url(proxy.url, {API: limits}, on_redis_error="fail_open")
 
 
+async def three_replicas(stack: AsyncExitStack, proxy: Proxy, limits: APILimits) -> list[Limiter]:
+    """Three fail_open limiters through ``proxy``, each having seen all three by heartbeat."""
+    replicas = [await stack.enter_async_context(fail_open_limiter(proxy, limits)) for _ in range(3)]
+    for _ in range(2):  # the first round registers them all, the second reads the count
+        counts = [await lim.heartbeat() for lim in replicas]
+    assert counts == [3, 3, 3]
+    return replicas
+
+
 def warnings_with(caplog: pytest.LogCaptureFixture, text: str) -> list[str]:
     return [r.getMessage() for r in caplog.records if text in r.getMessage()]
 
@@ -52,14 +61,10 @@ async def test_each_replica_admits_at_most_its_share(
     """
     limits = APILimits(max_concurrent=6, rates=[Rate(9, 0.5)])
     async with AsyncExitStack() as stack:
-        replicas = [
-            await stack.enter_async_context(fail_open_limiter(proxy, limits)) for _ in range(3)
-        ]
+        replicas = await three_replicas(stack, proxy, limits)
         for lim in replicas:
             async with lim.slot(API) as slot:
                 assert not slot.local
-        for lim in replicas:
-            assert await lim.heartbeat() == 3
         caplog.set_level(logging.WARNING, logger="limiter")
         proxy.cut()
 
@@ -135,13 +140,7 @@ async def test_slots_held_through_redis_count_in_the_share(proxy: Proxy) -> None
     """A replica holding 2 Redis slots when Redis goes has used its share of 2 (6 // 3)."""
     limits = APILimits(max_concurrent=6)
     async with AsyncExitStack() as stack:
-        replicas = [
-            await stack.enter_async_context(fail_open_limiter(proxy, limits)) for _ in range(3)
-        ]
-        for lim in replicas:
-            await lim.heartbeat()
-        lim = replicas[0]
-        assert await lim.heartbeat() == 3
+        lim = (await three_replicas(stack, proxy, limits))[0]
         held = [await lim.acquire(API), await lim.acquire(API)]
         proxy.cut()
         with pytest.raises(AcquireTimeout) as refused:
@@ -191,12 +190,7 @@ async def test_a_share_of_zero_refuses(proxy: Proxy) -> None:
     """max_concurrent=2 over 3 replicas: a share of 0, so Redis down means no admission."""
     limits = APILimits(max_concurrent=2)
     async with AsyncExitStack() as stack:
-        replicas = [
-            await stack.enter_async_context(fail_open_limiter(proxy, limits)) for _ in range(3)
-        ]
-        for lim in replicas:
-            await lim.heartbeat()
-        assert await replicas[0].heartbeat() == 3
+        replicas = await three_replicas(stack, proxy, limits)
         proxy.cut()
         with pytest.raises(LimiterUnavailable, match="share of the concurrency limit"):
             await replicas[0].acquire(API, timeout=1)
