@@ -238,3 +238,14 @@ async def test_an_unreachable_cluster_fails_fast() -> None:
     finally:
         await lim.aclose()
     assert time.monotonic() - started < 2.0
+
+
+async def test_a_cluster_client_never_shows_its_password() -> None:
+    lim = Limiter.from_url(
+        "redis+cluster://user:s3cret@127.0.0.1:7000,127.0.0.1:7001",
+        {CONC: APILimits(max_concurrent=1)},
+    )
+    try:
+        assert "s3cret" not in repr(lim) + repr(lim.redis) + str(vars(lim.redis))
+    finally:
+        await lim.aclose()
