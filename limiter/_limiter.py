@@ -325,11 +325,12 @@ class Limiter:
         # redis-py's cluster client fails a command (MaxConnectionsError) when a node's
         # connections are all busy, where the standalone blocking pool would queue it:
         # queue script calls here instead, leaving two connections for pub/sub.
-        self._gate: asyncio.Semaphore | None = None
+        self._connection_cap: asyncio.Semaphore | None = None
         if self._cluster:
             per_node = getattr(redis, "nodes_manager", None)
             kwargs = getattr(per_node, "connection_kwargs", {}) or {}
-            self._gate = asyncio.Semaphore(max(1, int(kwargs.get("max_connections", 100)) - 2))
+            cap = max(1, int(kwargs.get("max_connections", 100)) - 2)
+            self._connection_cap = asyncio.Semaphore(cap)
         self._closed = False
         self._last_wait_log: dict[str, float] = {}
         self._listeners: list[Listener] = []
@@ -491,7 +492,7 @@ class Limiter:
                         self._emit("refused", api, reason=reason)
                 wait_us = int(res[2])
                 if reason == "cooldown" and self._fail_open:
-                    self._pauses[plan.tag] = loop.time() + wait_us / 1_000_000
+                    self._remember_pause(plan.tag, loop.time() + wait_us / 1_000_000)
                 remaining = deadline - loop.time()
                 if mode == b"try" or remaining <= 0:
                     if mode == b"try":
@@ -607,7 +608,7 @@ class Limiter:
         if self._fail_open:
             # Remembered here too: while Redis is unreachable the local shares honour it.
             until = asyncio.get_running_loop().time() + seconds
-            self._pauses[plan.tag] = max(self._pauses.get(plan.tag, 0.0), until)
+            self._remember_pause(plan.tag, until)
             gate = self._gates.get(plan.tag)
             if gate is not None:
                 gate.paused_until = max(gate.paused_until, until)
@@ -836,8 +837,8 @@ class Limiter:
         return result
 
     async def _eval(self, script: Any, keys: Sequence[bytes], args: Sequence[Any]) -> Any:
-        if self._gate is not None:
-            async with self._gate:
+        if self._connection_cap is not None:
+            async with self._connection_cap:
                 return await self._eval_now(script, keys, args)
         return await self._eval_now(script, keys, args)
 
@@ -1035,6 +1036,13 @@ class Limiter:
         if timeout is not None:
             timeout = max(0.0, timeout - (loop.time() - start))
         return await self._acquire_local(plan, limits, timeout, cost, tokens, start)
+
+    def _remember_pause(self, tag: str, until: float) -> None:
+        """Keep a cooldown seen in Redis for the local shares (fail_open); forget old ones."""
+        if len(self._pauses) >= 10_000:
+            now = asyncio.get_running_loop().time()
+            self._pauses = {t: u for t, u in self._pauses.items() if u > now}
+        self._pauses[tag] = max(self._pauses.get(tag, 0.0), until)
 
     def _local_gate(self, plan: KeyPlan, limits: APILimits) -> LocalGate:
         gate = self._gates.get(plan.tag)
