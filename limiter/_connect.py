@@ -1,7 +1,8 @@
 """Redis clients made from a URL, with the limiter's fail-fast connection settings.
 
-Schemes: ``redis://``, ``rediss://`` and ``unix://`` (redis-py's own URL format), and
-``redis+sentinel://`` for a master found through Redis Sentinel::
+Schemes: ``redis://``, ``rediss://`` and ``unix://`` (redis-py's own URL format),
+``redis+cluster://`` / ``rediss+cluster://`` for a Redis Cluster (see ``_cluster_client``),
+and ``redis+sentinel://`` for a master found through Redis Sentinel::
 
     redis+sentinel://[[username]:password@]host:port[,host:port...]/service_name[/db]
         [?sentinel_username=...&sentinel_password=...]
@@ -30,6 +31,15 @@ from ._errors import ConfigError
 __all__ = ["SentinelURL", "client_from_url", "parse_sentinel_url", "redact_url"]
 
 SENTINEL_SCHEME = "redis+sentinel"
+CLUSTER_SCHEMES = ("redis+cluster", "rediss+cluster")
+#: Query arguments a cluster URL passes on to its connections as they are (TLS settings).
+_CLUSTER_QUERY_KEYS = (
+    "ssl_ca_certs",
+    "ssl_certfile",
+    "ssl_keyfile",
+    "ssl_cert_reqs",
+    "ssl_ca_path",
+)
 DEFAULT_SENTINEL_PORT = 26379
 _QUERY_KEYS = ("sentinel_password", "sentinel_username")
 
@@ -71,22 +81,31 @@ def _bad(url: str, problem: str) -> ConfigError:
     return ConfigError(f"url: {problem} (in {redact_url(url)})", field="url", value=redact_url(url))
 
 
-def _parse_host(url: str, item: str, index: int) -> tuple[str, int]:
+def _parse_host(
+    url: str,
+    item: str,
+    index: int,
+    *,
+    what: str = "sentinel",
+    default_port: int = DEFAULT_SENTINEL_PORT,
+) -> tuple[str, int]:
     if item.startswith("["):  # [IPv6]:port
         host, bracket, tail = item[1:].partition("]")
         if not bracket or (tail and not tail.startswith(":")):
-            raise _bad(url, f"sentinel {index}: {item!r} is not [address]:port")
+            raise _bad(url, f"{what} {index}: {item!r} is not [address]:port")
         port_text = tail[1:] if tail else ""
     elif item.count(":") > 1:
-        raise _bad(url, f"sentinel {index}: write IPv6 addresses in brackets, as [::1]:26379")
+        raise _bad(
+            url, f"{what} {index}: write IPv6 addresses in brackets, as [::1]:{default_port}"
+        )
     else:
         host, _, port_text = item.partition(":")
     if not host:
-        raise _bad(url, f"sentinel {index}: no host in {item!r}")
+        raise _bad(url, f"{what} {index}: no host in {item!r}")
     if not port_text:
-        return host, DEFAULT_SENTINEL_PORT
+        return host, default_port
     if not port_text.isdigit() or not 0 < int(port_text) < 65536:
-        raise _bad(url, f"sentinel {index}: port {port_text!r} is not a number in 1-65535")
+        raise _bad(url, f"{what} {index}: port {port_text!r} is not a number in 1-65535")
     return host, int(port_text)
 
 
@@ -157,6 +176,8 @@ def client_from_url(
     calls queues for a connection (up to ``pool_timeout`` seconds) instead of failing.
     """
     scheme = url.partition("://")[0].lower()
+    if scheme in CLUSTER_SCHEMES:
+        return _cluster_client(url, socket_timeout, socket_connect_timeout, max_connections)
     if scheme == SENTINEL_SCHEME:
         return _sentinel_client(
             parse_sentinel_url(url),
@@ -236,3 +257,49 @@ class _SentinelMasterRedis(Redis):
             sentinel, self._limiter_sentinel = self._limiter_sentinel, None
             if sentinel is not None:
                 await sentinel.aclose()
+
+
+def _cluster_client(
+    url: str, socket_timeout: float, socket_connect_timeout: float, max_connections: int
+) -> Any:
+    """A ``redis.asyncio.RedisCluster`` for a ``redis+cluster://`` URL (see the README).
+
+    ``redis+cluster://[[username]:password@]host:port[,host:port...][/0][?ssl_...=...]``,
+    ``rediss+cluster://`` for TLS. Every host is a startup node: one that answers is
+    enough, the client learns the rest of the cluster from it.
+    """
+    from redis.asyncio.cluster import ClusterNode, RedisCluster
+
+    scheme, _, rest = url.partition("://")
+    main, _, query = rest.partition("?")
+    netloc, _, path = main.partition("/")
+    userinfo, at, hosts = netloc.rpartition("@")
+    username = password = None
+    if at:
+        user_text, colon, password_text = userinfo.partition(":")
+        username = unquote(user_text) or None
+        password = unquote(password_text) if colon else None
+    if not hosts:
+        raise _bad(url, "no startup node host:port")
+    nodes = [
+        ClusterNode(*_parse_host(url, item.strip(), i, what="startup node", default_port=6379))
+        for i, item in enumerate(hosts.split(","), start=1)
+    ]
+    if path not in ("", "0"):
+        raise _bad(url, f"database {path!r}: a Redis Cluster has only database 0")
+    options: dict[str, Any] = {}
+    for key, value in parse_qsl(query, keep_blank_values=True):
+        if key not in _CLUSTER_QUERY_KEYS:
+            known = ", ".join(_CLUSTER_QUERY_KEYS)
+            raise _bad(url, f"unknown query argument {key!r} (known: {known})")
+        options[key] = value
+    return RedisCluster(
+        startup_nodes=nodes,
+        username=username,
+        password=password,
+        ssl=scheme.lower() == "rediss+cluster",
+        socket_timeout=socket_timeout,
+        socket_connect_timeout=socket_connect_timeout,
+        max_connections=max_connections,
+        **options,
+    )

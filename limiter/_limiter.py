@@ -26,7 +26,6 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from ._call import call_with_retries
-from ._cluster import CLUSTER_SCHEMES, cluster_client_from_url
 from ._config import (
     MAX_COUNT,
     MAX_SECONDS,
@@ -366,21 +365,13 @@ class Limiter:
         Short socket timeouts make a Redis that is down or hung fail fast
         (:class:`LimiterUnavailable` within a second) instead of hanging a caller.
         """
-        if url.partition("://")[0] in CLUSTER_SCHEMES:
-            client = cluster_client_from_url(
-                url,
-                socket_timeout=socket_timeout,
-                socket_connect_timeout=socket_connect_timeout,
-                max_connections=max_connections,
-            )
-        else:
-            client = client_from_url(
-                url,
-                socket_timeout=socket_timeout,
-                socket_connect_timeout=socket_connect_timeout,
-                max_connections=max_connections,
-                pool_timeout=pool_timeout,
-            )
+        client = client_from_url(
+            url,
+            socket_timeout=socket_timeout,
+            socket_connect_timeout=socket_connect_timeout,
+            max_connections=max_connections,
+            pool_timeout=pool_timeout,
+        )
         lim = cls(client, limits, **kwargs)
         lim._owns_client = True
         return lim

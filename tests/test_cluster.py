@@ -214,7 +214,8 @@ async def test_a_burst_larger_than_the_connection_cap_queues(fresh: RedisCluster
 
 async def test_cluster_urls_are_checked_and_never_echo_the_password() -> None:
     for url, part in [
-        ("redis+cluster://:s3cret@127.0.0.1/0", "host:port"),
+        ("redis+cluster://:s3cret@127.0.0.1:99999/0", "port '99999'"),
+        ("redis+cluster://:s3cret@/0", "no startup node"),
         ("redis+cluster://:s3cret@127.0.0.1:7000/3", "database 0"),
         ("redis+cluster://:s3cret@127.0.0.1:7000/0?bogus=1", "bogus"),
     ]:
