@@ -343,6 +343,8 @@ class Limiter:
         self._tripped = asyncio.Event()
         self._gates: dict[str, LocalGate] = {}
         self._pauses: dict[str, float] = {}
+        #: Slots admitted locally (fail_open) and not yet released or counted in Redis.
+        self._local_held: dict[str, Slot] = {}
 
     # -- construction -------------------------------------------------------------------
 
@@ -867,6 +869,7 @@ class Limiter:
             slot._gate.give_back()
             slot._gate = None
         if slot._local:
+            self._local_held.pop(slot.id, None)
             if self._listeners:
                 self._emit("released", slot.api, success=outcome == _OUTCOME_SUCCESS, lost=False)
             return
@@ -998,9 +1001,37 @@ class Limiter:
         self._breaker_open = False
         self._gates.clear()
         log.warning("Redis answers again: admission is decided in Redis again")
+        if self._local_held:
+            self._keep(asyncio.ensure_future(self._adopt_local()))
         if self._listeners:
             for api in self._limits:
                 self._emit("recovered", api)
+
+    async def _adopt_local(self) -> None:
+        """Redis answers again: have it count the calls admitted locally that still run.
+
+        Each asks as ``acquire(timeout=0)`` would, under its own slot id: where there is
+        room, the slot becomes an ordinary lease (renewed, released in Redis) and the other
+        replicas see it; where there is none, it stays counted here only, as before.
+        """
+        for slot in list(self._local_held.values()):
+            if self._breaker_open or self._closed:
+                return
+            if slot._released:
+                continue
+            plan = slot._plan
+            extra = (slot.id, slot.cost, slot.tokens, b"try", b"1")
+            res = await self._run(self._scripts.acquire, plan, extra, "adopt")
+            if int(res[0]) != 1:
+                continue
+            self._local_held.pop(slot.id, None)
+            slot._local = False
+            if slot._released:  # released while Redis was asked: give it back there too
+                give_back = (slot.id, b"", _OUTCOME_NONE, int(res[1]), slot.tokens, -1, b"0")
+                await self._run(self._scripts.release, plan, give_back, "release")
+                continue
+            self._held[slot.id] = slot
+            self._start_renewer(self._limits[plan.api].lease_ttl)
 
     def _start_heartbeat(self) -> None:
         if self._heartbeat_task is None or self._heartbeat_task.done():
@@ -1088,6 +1119,7 @@ class Limiter:
                 slot.acquired_at = time.time_ns() // 1000
                 slot._local = True
                 slot._gate = gate
+                self._local_held[slot.id] = slot
                 if self._listeners:
                     self._emit("admitted", api, waited=now - start, reason=first, local=True)
                 return slot

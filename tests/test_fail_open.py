@@ -153,6 +153,32 @@ async def test_slots_held_through_redis_count_in_the_share(proxy: Proxy) -> None
         await held[1].release()
 
 
+async def test_calls_admitted_locally_are_counted_in_redis_once_it_answers(
+    proxy: Proxy,
+) -> None:
+    """Redis comes back while 6 local calls (2 per replica) still run: each replica has Redis
+    count its calls, so another limiter finds max_concurrent=6 taken, not 6 free slots."""
+    limits = APILimits(max_concurrent=6)
+    async with AsyncExitStack() as stack:
+        replicas = await three_replicas(stack, proxy, limits)
+        proxy.cut()
+        local = [await lim.acquire(API, timeout=1) for lim in replicas for _ in range(2)]
+        assert all(slot.local for slot in local)
+        proxy.heal()
+        newcomer = await stack.enter_async_context(Limiter.from_url(proxy.url, {API: limits}))
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + 8  # each replica's breaker probes within 0.25 + 0.5 s
+        while (await newcomer.stats(API))["concurrent_requests"] < 6:
+            assert loop.time() < deadline, "the local calls were never counted in Redis"
+            await asyncio.sleep(0.05)  # polls Redis state: no local event to await
+        assert not any(slot.local for slot in local)
+        with pytest.raises(AcquireTimeout):
+            await newcomer.acquire(API, timeout=0)
+        for slot in local:
+            await slot.release()
+        assert (await newcomer.stats(API))["concurrent_requests"] == 0
+
+
 async def test_a_cooldown_is_honoured_locally(proxy: Proxy) -> None:
     """A provider pause set before the outage still holds requests back while Redis is cut."""
     async with fail_open_limiter(proxy, APILimits(max_concurrent=4)) as lim:
