@@ -109,11 +109,9 @@ def _parse_host(
     return host, int(port_text)
 
 
-def parse_sentinel_url(url: str) -> SentinelURL:
-    """Parse a ``redis+sentinel://`` URL; :class:`ConfigError` (``field="url"``) if invalid."""
-    scheme, sep, rest = url.partition("://")
-    if not sep or scheme.lower() != SENTINEL_SCHEME:
-        raise _bad(url, f"the scheme must be {SENTINEL_SCHEME}://")
+def _split(rest: str) -> tuple[str | None, str | None, str, str, str]:
+    """``user:password@host:port,...[/path][?query]`` (after ``scheme://``) in parts:
+    username, password (percent-decoded), hosts, path, query."""
     main, _, query = rest.partition("?")
     netloc, _, path = main.partition("/")
     userinfo, at, hosts = netloc.rpartition("@")
@@ -122,6 +120,15 @@ def parse_sentinel_url(url: str) -> SentinelURL:
         user_text, colon, password_text = userinfo.partition(":")
         username = unquote(user_text) or None
         password = unquote(password_text) if colon else None
+    return username, password, hosts, path, query
+
+
+def parse_sentinel_url(url: str) -> SentinelURL:
+    """Parse a ``redis+sentinel://`` URL; :class:`ConfigError` (``field="url"``) if invalid."""
+    scheme, sep, rest = url.partition("://")
+    if not sep or scheme.lower() != SENTINEL_SCHEME:
+        raise _bad(url, f"the scheme must be {SENTINEL_SCHEME}://")
+    username, password, hosts, path, query = _split(rest)
     if not hosts:
         raise _bad(url, "no sentinel host:port before the service name")
     sentinels = tuple(
@@ -271,14 +278,7 @@ def _cluster_client(
     from redis.asyncio.cluster import ClusterNode, RedisCluster
 
     scheme, _, rest = url.partition("://")
-    main, _, query = rest.partition("?")
-    netloc, _, path = main.partition("/")
-    userinfo, at, hosts = netloc.rpartition("@")
-    username = password = None
-    if at:
-        user_text, colon, password_text = userinfo.partition(":")
-        username = unquote(user_text) or None
-        password = unquote(password_text) if colon else None
+    username, password, hosts, path, query = _split(rest)
     if not hosts:
         raise _bad(url, "no startup node host:port")
     nodes = [
