@@ -33,7 +33,14 @@ from types import TracebackType
 from typing import Literal, Self
 from urllib.parse import quote, urlencode
 
-__all__ = ["RedisServer", "TLSFiles", "find_redis_server", "free_port", "tls_supported"]
+__all__ = [
+    "RedisServer",
+    "TLSFiles",
+    "find_redis_server",
+    "free_port",
+    "stop_process",
+    "tls_supported",
+]
 
 
 def find_redis_server() -> str:
@@ -296,6 +303,18 @@ def _config_quote(value: str) -> str:
 _LIBC = ctypes.CDLL(None) if sys.platform.startswith("linux") else None
 
 
+def stop_process(proc: subprocess.Popen[bytes] | None, grace: float = 5.0) -> None:
+    """SIGTERM ``proc`` if it still runs, SIGKILL it after ``grace`` seconds, and reap it."""
+    if proc is None or proc.poll() is not None:
+        return
+    proc.terminate()
+    try:
+        proc.wait(timeout=grace)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
 def _die_with_parent() -> None:
     """In the child, on Linux: get SIGTERM when the thread that started it ends.
 
@@ -482,13 +501,7 @@ class RedisServer:
 
     def _halt(self) -> None:
         proc, self.process = self.process, None
-        if proc is not None and proc.poll() is None:
-            proc.terminate()
-            try:
-                proc.wait(timeout=5)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+        stop_process(proc)
         if proc is not None and proc.stderr is not None:
             proc.stderr.close()
         shutil.rmtree(self._dir, ignore_errors=True)

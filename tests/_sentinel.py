@@ -33,7 +33,13 @@ from typing import Any, Self
 import redis
 
 from limiter import AcquireTimeout, APILimits, LeaseLost, Limiter, LimiterUnavailable, Rate
-from limiter.testing import RedisServer, _die_with_parent, find_redis_server, free_port
+from limiter.testing import (
+    RedisServer,
+    _die_with_parent,
+    find_redis_server,
+    free_port,
+    stop_process,
+)
 
 SERVICE = "fleetmaster"
 
@@ -79,13 +85,7 @@ class SentinelNode:
 
     def stop(self) -> None:
         proc, self.process = self.process, None
-        if proc is not None and proc.poll() is None:
-            proc.terminate()
-            try:
-                proc.wait(timeout=5)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+        stop_process(proc)
         shutil.rmtree(self.dir, ignore_errors=True)
 
 
