@@ -62,6 +62,10 @@ _OUTAGES = (RedisConnectionError, RedisTimeoutError, ClusterDownError, ReadOnlyE
 _NOT_OUTAGES = (AuthenticationError, AuthorizationError)
 
 
+#: The connection cap of a client that needs none (standalone, Sentinel): does nothing.
+_NO_CAP: contextlib.nullcontext[None] = contextlib.nullcontext()
+
+
 def _utf8(text: str) -> bool:
     """False for text that cannot be sent to Redis (a lone surrogate)."""
     try:
@@ -830,17 +834,13 @@ class Limiter:
         return result
 
     async def _eval(self, script: Any, keys: Sequence[bytes], args: Sequence[Any]) -> Any:
-        if self._connection_cap is not None:
-            async with self._connection_cap:
-                return await self._eval_now(script, keys, args)
-        return await self._eval_now(script, keys, args)
-
-    async def _eval_now(self, script: Any, keys: Sequence[bytes], args: Sequence[Any]) -> Any:
-        try:
-            return await self._redis.evalsha(script.sha, len(keys), *keys, *args)
-        except NoScriptError:
-            script.sha = await self._redis.script_load(script.script)
-            return await self._redis.evalsha(script.sha, len(keys), *keys, *args)
+        # No extra coroutine on the standalone hot path: the cap is a no-op context there.
+        async with self._connection_cap or _NO_CAP:
+            try:
+                return await self._redis.evalsha(script.sha, len(keys), *keys, *args)
+            except NoScriptError:
+                script.sha = await self._redis.script_load(script.script)
+                return await self._redis.evalsha(script.sha, len(keys), *keys, *args)
 
     async def _run(
         self,
