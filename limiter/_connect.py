@@ -23,8 +23,10 @@ from urllib.parse import parse_qsl, unquote
 
 from redis.asyncio import BlockingConnectionPool, Redis
 from redis.asyncio.retry import Retry
-from redis.asyncio.sentinel import Sentinel, SentinelConnectionPool
+from redis.asyncio.sentinel import MasterNotFoundError, Sentinel, SentinelConnectionPool
 from redis.backoff import NoBackoff
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from ._errors import ConfigError
 
@@ -229,9 +231,7 @@ def _sentinel_client(
         sentinel_kwargs["username"] = parsed.sentinel_username
     if parsed.sentinel_password is not None:
         sentinel_kwargs["password"] = parsed.sentinel_password
-    sentinel = Sentinel(  # type: ignore[no-untyped-call]
-        list(parsed.sentinels), sentinel_kwargs=sentinel_kwargs
-    )
+    sentinel = _Sentinel(list(parsed.sentinels), sentinel_kwargs=sentinel_kwargs)
     client = sentinel.master_for(
         parsed.service_name,
         redis_class=_SentinelMasterRedis,
@@ -246,6 +246,44 @@ def _sentinel_client(
     )
     client._limiter_sentinel = sentinel
     return client
+
+
+class _Sentinel(Sentinel):
+    """redis-py's ``Sentinel``, safe when many tasks look for the master at once.
+
+    redis-py (8.1) moves the sentinel that answered to the front of its list with a swap
+    by index taken before an ``await``: two concurrent look-ups (every task that finds the
+    master gone does one) can then write one sentinel client twice and drop another
+    from the list. The dropped sentinel is never asked again and never closed (its
+    connections leak). Here the answering sentinel is moved by identity, with no
+    ``await`` in between, and ``aclose`` closes every client made at the start.
+    """
+
+    def __init__(self, sentinels: list[tuple[str, int]], **kwargs: Any) -> None:
+        super().__init__(sentinels, **kwargs)  # type: ignore[no-untyped-call]
+        self._all_sentinels = tuple(self.sentinels)
+
+    async def discover_master(self, service_name: str) -> tuple[str, int]:
+        errors = []
+        for sentinel in tuple(self.sentinels):  # a snapshot: others may reorder the list
+            try:
+                masters: Any = await sentinel.sentinel_masters()
+            except (RedisConnectionError, RedisTimeoutError) as exc:
+                errors.append(f"{sentinel} - {exc!r}")
+                continue
+            state = masters.get(service_name)
+            if state and self.check_master_state(state, service_name):
+                if self.sentinels[0] is not sentinel:
+                    rest = [s for s in self.sentinels if s is not sentinel]
+                    self.sentinels[:] = [sentinel, *rest]
+                ip = state["ip"] if self._force_master_ip is None else self._force_master_ip
+                return ip, state["port"]
+        detail = f" : {', '.join(errors)}" if errors else ""
+        raise MasterNotFoundError(f"No master found for {service_name!r}{detail}")
+
+    async def aclose(self) -> None:
+        self.sentinels[:] = self._all_sentinels
+        await super().aclose()
 
 
 class _BlockingSentinelConnectionPool(SentinelConnectionPool, BlockingConnectionPool):

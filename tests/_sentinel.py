@@ -111,7 +111,7 @@ class SentinelRig:
         self.password = password
         self.sentinel_password = sentinel_password
         # Full syncs start at once (7.0 waits 5 s for more replicas to sync diskless).
-        args = ["--repl-diskless-sync-delay", "0"]
+        args = ["--repl-diskless-sync-delay", "0", "--loglevel", "notice"]
         if password:
             args += ["--masterauth", password]
         self.master = RedisServer(*args, binary=self.binary)
@@ -157,14 +157,20 @@ class SentinelRig:
             with redis.Redis(host="127.0.0.1", port=self.replica.port) as c:
                 c.config_set("requirepass", self.password)
         with self.data_client(self.replica.port) as rep, self.data_client(self.master.port) as m:
-            self._until(
-                deadline,
-                "the replica is in sync",
-                lambda: (
-                    rep.info("replication").get("master_link_status") == "up"
-                    and m.info("replication").get("slave0", {}).get("state") == "online"
-                ),
-            )
+            try:
+                self._until(
+                    deadline,
+                    "the replica is in sync",
+                    lambda: (
+                        rep.info("replication").get("master_link_status") == "up"
+                        and m.info("replication").get("slave0", {}).get("state") == "online"
+                    ),
+                )
+            except RuntimeError as exc:
+                raise RuntimeError(
+                    f"{exc}\nreplica: {rep.info('replication')}\nmaster: {m.info('replication')}"
+                    f"\n{self._server_logs()}"
+                ) from None
         conf = [
             f"sentinel monitor {SERVICE} 127.0.0.1 {self.master.port} 2",
             f"sentinel down-after-milliseconds {SERVICE} {self.down_after_ms}",
@@ -255,6 +261,15 @@ class SentinelRig:
         for node in self.sentinels:
             text = node.log.read_text() if node.log.exists() else "(no log)"
             parts.append(f"--- sentinel {node.port}\n{text}")
+        return "\n".join(parts)
+
+    def _server_logs(self) -> str:
+        """The master's and the replica's logs (the last 40 lines each), for a failure."""
+        parts = []
+        for name, server in (("master", self.master), ("replica", self.replica)):
+            log = Path(server._dir) / "redis.log"
+            text = log.read_text(errors="replace") if log.exists() else "(no log)"
+            parts.append(f"--- {name} {server.port}\n" + "\n".join(text.splitlines()[-40:]))
         return "\n".join(parts)
 
     def stop(self) -> None:

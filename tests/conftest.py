@@ -7,6 +7,7 @@ for Lua) and once on a real ``redis-server`` this session started on a free port
 from __future__ import annotations
 
 import asyncio
+import gc
 import os
 from collections.abc import AsyncIterator, Callable, Iterator, Mapping
 from typing import Any
@@ -24,6 +25,18 @@ from limiter.testing import RedisServer
 settings.register_profile("default", derandomize=True)
 settings.register_profile("fuzz", derandomize=False)
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "default"))
+
+
+@pytest.fixture(autouse=True)
+def _collect_garbage() -> Iterator[None]:
+    """Collect garbage after each test, so that a leaked socket fails the test that leaked it.
+
+    filterwarnings = error makes a ResourceWarning an error; without this collection it
+    surfaces whenever the collector happens to run, often at the end of the session with
+    no test named. (Set up first, torn down last: after the test's event loop is closed.)
+    """
+    yield
+    gc.collect()
 
 
 @pytest.fixture(scope="session")

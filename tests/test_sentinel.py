@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import redis.exceptions
 
 from limiter import AcquireTimeout, APILimits, ConfigError, LeaseLost, Limiter, Rate
 from limiter._connect import parse_sentinel_url
@@ -69,6 +70,60 @@ def test_bad_sentinel_urls(url: str, says: str) -> None:
     assert says in str(err)
     for text in (str(err), repr(err), str(err.value)):
         assert "hunter2" not in text
+
+
+class _StubSentinel:
+    """A sentinel client whose answers the test releases one by one."""
+
+    def __init__(self, name: str, answers: bool) -> None:
+        self.name, self.answers, self.closed = name, answers, False
+        self.gates: list[asyncio.Event] = []
+        self.two_waiting = asyncio.Event()
+
+    async def sentinel_masters(self) -> dict[str, Any]:
+        if not self.answers:
+            raise redis.exceptions.ConnectionError(f"{self.name} down")
+        gate = asyncio.Event()
+        self.gates.append(gate)
+        if len(self.gates) == 2:
+            self.two_waiting.set()
+        await gate.wait()
+        state = {"ip": "127.0.0.1", "port": 7000, "is_master": True, "is_sdown": False}
+        return {"svc": {**state, "is_odown": False, "num-other-sentinels": 2}}
+
+    async def aclose(self) -> None:
+        self.closed = True
+
+    def __repr__(self) -> str:
+        return self.name
+
+
+async def test_concurrent_master_lookups_keep_every_sentinel() -> None:
+    """Two tasks that look for the master at once leave each sentinel in the list once.
+
+    redis-py 8.1 swaps the answering sentinel to the front by an index read before its
+    await: the later of two concurrent look-ups wrote one client twice and dropped
+    another, which was then never asked again nor closed (leaked connections).
+    """
+    lim = Limiter.from_url("redis+sentinel://127.0.0.1:1,127.0.0.1:2,127.0.0.1:3/svc", {})
+    sentinel = lim._redis._limiter_sentinel
+    real = list(sentinel.sentinels)
+    stubs = [_StubSentinel("s0", False), _StubSentinel("s1", False), _StubSentinel("s2", True)]
+    sentinel.sentinels[:] = stubs
+    sentinel._all_sentinels = tuple(stubs)
+    first = asyncio.create_task(sentinel.discover_master("svc"))
+    second = asyncio.create_task(sentinel.discover_master("svc"))
+    await asyncio.wait_for(stubs[2].two_waiting.wait(), 5)  # both on s2, the one that answers
+    stubs[2].gates[1].set()
+    assert await second == ("127.0.0.1", 7000)
+    stubs[2].gates[0].set()
+    assert await first == ("127.0.0.1", 7000)
+    assert sentinel.sentinels[0] is stubs[2]
+    assert sorted(map(id, sentinel.sentinels)) == sorted(map(id, stubs))
+    await lim.aclose()
+    assert all(s.closed for s in stubs)
+    for client in real:
+        await client.aclose()
 
 
 # -- a live rig ------------------------------------------------------------------------
