@@ -25,11 +25,13 @@ from redis.exceptions import (
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
+from . import _admin
 from ._call import call_with_retries
 from ._config import (
     MAX_COUNT,
     MAX_SECONDS,
     APILimits,
+    Rate,
     _finite,
     _show,
     check_api_name,
@@ -269,6 +271,7 @@ class Limiter:
         on_redis_error: Literal["fail_closed", "fail_open"] = "fail_closed",
         ticket_ttl: float = 5.0,
         stats_ttl: float = 86_400.0,
+        register: bool = True,
     ) -> None:
         self._limits = validate_limits(limits)
         if (
@@ -323,6 +326,11 @@ class Limiter:
         self._pubsub: Any = None
         self._listen_lock = asyncio.Lock()
         self._ready = False
+        #: Write each API's limits to the registry on first contact (the CLI's own
+        #: limiters, which read the registry, do not).
+        self._register = bool(register)
+        self._register_due = math.inf
+        self._warned: set[str] = set()
         #: A redis-py cluster client: no script pipelines, initialize() before use.
         self._cluster = type(redis).__name__ == "RedisCluster"
         # redis-py's cluster client fails a command (MaxConnectionsError) when a node's
@@ -636,7 +644,8 @@ class Limiter:
             api,
             "stats",
         )
-        in_flight, waiting, cooldown_ms, flat, used = res
+        in_flight, waiting, cooldown_ms, flat, used, override, override_ms = res
+        overrides = _admin.override_view(plan, override, int(override_ms))
         counters = {_text(flat[i]): int(flat[i + 1]) for i in range(0, len(flat), 2)}
         ok = counters.get("successful_requests", 0)
         failed = counters.get("failed_requests", 0)
@@ -648,7 +657,7 @@ class Limiter:
                 name = plan.reasons.get(code, code)
                 refusals[name] = refusals.get(name, 0) + n
         windows = {
-            name: {"used": int(u), "limit": lim}
+            name: {"used": int(u), "limit": overrides.get(name, lim)}
             for name, u, lim in zip(plan.window_names, used, plan.window_limits, strict=True)
         }
         return {
@@ -660,12 +669,77 @@ class Limiter:
             if done
             else 0.0,
             "concurrent_requests": int(in_flight),
-            "max_concurrent": limits.max_concurrent,
+            "max_concurrent": overrides.get("max_concurrent", limits.max_concurrent),
             "waiting": int(waiting),
             "refusals": refusals,
             "cooldown_remaining": int(cooldown_ms) / 1000,
             "windows": windows,
+            "overrides": overrides,
         }
+
+    # -- runtime limits -----------------------------------------------------------------
+
+    async def set_limits(
+        self,
+        api: str,
+        *,
+        max_concurrent: int | None = None,
+        requests_per_minute: int | None = None,
+        requests_per_hour: int | None = None,
+        rates: Sequence[Rate] = (),
+        tokens_per_minute: int | None = None,
+        ttl: float | None = None,
+    ) -> dict[str, Any]:
+        """Change limits of ``api`` for every replica at once (a runtime override).
+
+        Each given limit replaces the configured one in every admission from the next
+        script call on, in every process sharing the namespace, until
+        :meth:`clear_limits` (or for ``ttl`` seconds). Limits not given keep their
+        override or configured value. Only limits the API has can be changed: a window
+        it lacks raises ConfigError. Lowering a limit admits nothing new until use falls
+        below it; calls in flight are not interrupted. Returns the override in force.
+        """
+        plan, _ = self._lookup(api)
+        fields = _admin.override_fields(
+            plan,
+            max_concurrent=max_concurrent,
+            requests_per_minute=requests_per_minute,
+            requests_per_hour=requests_per_hour,
+            rates=rates,
+            tokens_per_minute=tokens_per_minute,
+        )
+        args: list[Any] = [_admin.check_ttl(ttl)]
+        for name, value in fields.items():
+            args += [name, value]
+        await self._ensure_ready()
+        flat, pttl = await self._call(
+            self._scripts.override, [plan.override_key], args, api, "set_limits"
+        )
+        log.info("API %r: limits overridden: %s", api, _admin.override_view(plan, flat, pttl))
+        return _admin.override_view(plan, flat, int(pttl))
+
+    async def clear_limits(self, api: str) -> None:
+        """Drop the runtime override of ``api``: its configured limits apply again."""
+        plan, _ = self._lookup(api)
+        await self._ensure_ready()
+        await self._call(self._scripts.override, [plan.override_key], [0], api, "clear_limits")
+        log.info("API %r: limits override cleared", api)
+
+    async def reset(self, api: str) -> None:
+        """Forget the state of ``api`` in Redis: leases, waiters, windows, cooldown, totals.
+
+        For operators (``limiter reset API``), not for normal running: holders of slots
+        get :class:`LeaseLost` on release, waiters queue again, and the windows start
+        empty, so the provider may see up to twice a window's limit across the reset.
+        The runtime override and the registry entry are kept.
+        """
+        plan, _ = self._lookup(api)
+        await self._ensure_ready()
+        try:
+            await self._redis.delete(*plan.keys[:-1])
+        except _REDIS_ERRORS as exc:
+            raise LimiterUnavailable(api, "reset", _redact(exc)) from exc
+        log.warning("API %r: state reset in namespace %r", api, self.namespace)
 
     async def aclose(self) -> None:
         """Stop the background tasks, give back held slots, close an owned client."""
@@ -792,6 +866,8 @@ class Limiter:
 
     async def _ensure_ready(self) -> None:
         if self._ready:
+            if self._register and time.monotonic() > self._register_due:
+                self._start_registry()
             return
         # redis-py's asyncio RedisCluster must be initialized before concurrent use.
         init = getattr(self._redis, "initialize", None)
@@ -801,6 +877,40 @@ class Limiter:
             except _REDIS_ERRORS as exc:
                 raise LimiterUnavailable(None, "connect", _redact(exc)) from exc
         self._ready = True
+        if self._register:
+            self._start_registry()
+
+    def _start_registry(self) -> None:
+        # The entries live stats_ttl (like the totals) and are written again every half of
+        # it while this limiter is used, so that an API nobody runs any more fades away.
+        self._register_due = time.monotonic() + self._stats_ttl / 2
+        if self._limits:
+            self._keep(asyncio.ensure_future(self._write_registry()))
+
+    async def _write_registry(self) -> None:
+        """Put each API's limits in the registry; warn when another replica's differ."""
+        ttl_ms = round(self._stats_ttl * 1000)
+        apis = _admin.apis_key(self.namespace)
+        try:
+            for api, limits in self._limits.items():
+                ours = _admin.config_json(limits)
+                key = _admin.config_key(self.namespace, api)
+                async with self._connection_cap or _NO_CAP:
+                    theirs = await self._redis.set(key, ours, px=ttl_ms, get=True)
+                    await self._redis.sadd(apis, api)
+                    await self._redis.pexpire(apis, ttl_ms)
+                if theirs is not None and _text(theirs) != ours and api not in self._warned:
+                    self._warned.add(api)
+                    log.warning(
+                        "API %r: this limiter's limits differ from those another limiter "
+                        "registered in namespace %r (%s). Every replica must configure an "
+                        "API alike: the scripts admit by the caller's limits.",
+                        api,
+                        self.namespace,
+                        _admin.describe_difference(ours, _text(theirs)),
+                    )
+        except _REDIS_ERRORS as exc:  # the registry is for operators: admission goes on
+            log.debug("could not write the limits registry: %s", _redact(exc))
 
     async def _call(
         self,

@@ -19,7 +19,7 @@ from ._config import APILimits
 __all__ = ["KeyPlan", "Scripts", "lua_source", "safe_key"]
 
 _OPERATIONS = ("acquire", "release", "renew")
-_STANDALONE = ("cooldown", "heartbeat", "stats")
+_STANDALONE = ("cooldown", "heartbeat", "override", "stats")
 
 
 _SAFE_KEY = re.compile(r"^[A-Za-z0-9_.:+@=\-]{1,64}$")
@@ -45,7 +45,7 @@ def lua_source(name: str) -> str:
 class Scripts:
     """The scripts registered on one Redis client."""
 
-    __slots__ = ("acquire", "cooldown", "heartbeat", "release", "renew", "stats")
+    __slots__ = ("acquire", "cooldown", "heartbeat", "override", "release", "renew", "stats")
 
     def __init__(self, redis: Any) -> None:
         self.acquire = redis.register_script(lua_source("acquire"))
@@ -53,6 +53,7 @@ class Scripts:
         self.renew = redis.register_script(lua_source("renew"))
         self.cooldown = redis.register_script(lua_source("cooldown"))
         self.heartbeat = redis.register_script(lua_source("heartbeat"))
+        self.override = redis.register_script(lua_source("override"))
         self.stats = redis.register_script(lua_source("stats"))
 
 
@@ -63,8 +64,8 @@ class KeyPlan:
     api: str
     #: The hash tag: the API name, or "<api>/<key>" for a keyed limit.
     tag: str
-    #: holders, queue, qexp, cooldown, stats, extra, handed, then one key per window
-    #: (encoded once: redis-py sends bytes as they are).
+    #: holders, queue, qexp, cooldown, stats, extra, handed, one key per window, then
+    #: override (encoded once: redis-py sends bytes as they are).
     keys: tuple[bytes, ...]
     #: ARGV[1] of the admission scripts: the API's configuration as one string.
     config: bytes
@@ -118,6 +119,7 @@ class KeyPlan:
             str(round(stats_ttl * 1000)),
             str(len(periods)),
         ]
+        keys.append(prefix + "override")
         for limit, us, kind in zip(wlimits, periods, kinds, strict=True):
             conf += [str(limit), str(us), kind]
         reasons = {"cooldown": "cooldown", "concurrency": "concurrency"}
@@ -141,5 +143,14 @@ class KeyPlan:
 
     @property
     def stats_keys(self) -> list[bytes]:
-        """KEYS of stats.lua: holders, qexp, cooldown, stats, then the windows."""
+        """KEYS of stats.lua: holders, qexp, cooldown, stats, the windows, override."""
         return [self.keys[0], self.keys[2], self.keys[3], self.keys[4], *self.keys[7:]]
+
+    @property
+    def override_key(self) -> bytes:
+        return self.keys[-1]
+
+    @property
+    def override_fields(self) -> tuple[str, ...]:
+        """The override hash's field of each window, in window order ("w:<us>", "tokens")."""
+        return tuple(k.decode().rpartition("}:")[2] for k in self.keys[7:-1])

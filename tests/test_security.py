@@ -71,7 +71,7 @@ LIMITER_ACL = (
     "resetkeys ~limiter:* resetchannels &limiter:wake:* -@all "
     "+evalsha +script|load +subscribe "
     "+time +zadd +zrem +zscore +zcard +zcount +zrange +zrangebyscore +zremrangebyscore "
-    "+hset +hget +hmget +hdel +hincrby +hgetall +set +pttl +pexpire +publish"
+    "+hset +hget +hmget +hdel +hincrby +hgetall +set +sadd +pttl +pexpire +publish"
 )
 ACL_LINES = [f"user fleet on >{FLEET_PASSWORD} {LIMITER_ACL}"]
 
@@ -283,7 +283,7 @@ async def test_acl_user_does_everything_the_limiter_needs(
     assert denied == []
     keys = {k.decode() for k in await admin.keys("*")}
     assert keys
-    assert all(k.startswith("limiter:{openai") for k in keys)
+    assert all(k.startswith("limiter:{openai") or k == "limiter:apis" for k in keys)
     assert_no_secret(log_text(debug_logs))
 
 

@@ -13,6 +13,9 @@
 --   KEYS[7]  handed   HASH  slot id -> admission time, for slots a release
 --                           handed to a waiter (read back by that waiter)
 --   KEYS[7+i] window i ZSET "<slot id>|<weight>" -> admission time (microseconds)
+--   KEYS[8+n] override HASH runtime limits (`limiter limits set`): a field
+--                           "max_concurrent", "w:<period us>" or "tokens" replaces
+--                           the configured value while the hash exists
 --
 -- ARGV[1] is the API's configuration as one space-separated string (built once
 -- per API by the client):
@@ -53,6 +56,21 @@ for i = 1, NW do
   W_PERIOD[i] = tonumber(CONF[5 + 3 * i])
   W_KIND[i] = CONF[6 + 3 * i]
   if W_PERIOD[i] > LONGEST then LONGEST = W_PERIOD[i] end
+end
+
+-- Runtime limits replace the configured ones (an absent hash costs one lookup).
+local K_OVERRIDE = KEYS[8 + NW]
+if K_OVERRIDE then
+  local ov = redis.call('HGETALL', K_OVERRIDE)
+  if #ov > 0 then
+    local by = {}
+    for j = 1, #ov, 2 do by[ov[j]] = tonumber(ov[j + 1]) end
+    if by.max_concurrent then MAXC = by.max_concurrent end
+    for i = 1, NW do
+      local name = string.match(W_KEY[i], '}:([^}]*)$')
+      if name and by[name] then W_LIMIT[i] = by[name] end
+    end
+  end
 end
 
 local t = redis.call('TIME')

@@ -1,11 +1,12 @@
 -- stats.lua: read-only snapshot of one API for stats(), in Redis time.
 --
 -- KEYS[1]  holders ZSET, KEYS[2] qexp ZSET, KEYS[3] cooldown STRING,
--- KEYS[4]  stats HASH, KEYS[4+i] window i ZSET
+-- KEYS[4]  stats HASH, KEYS[4+i] window i ZSET, KEYS[5+n] override HASH
 -- ARGV[i]  period of window i, microseconds
 --
 -- Returns {in_flight, waiting, cooldown_ms, stats (flat HGETALL list),
---          {window i used weight, ...}}. Expired leases and tickets are not
+--          {window i used weight, ...}, override (flat HGETALL list),
+--          override ttl_ms (-1: none)}. Expired leases and tickets are not
 -- counted even when no script has pruned them yet.
 
 local t = redis.call('TIME')
@@ -25,4 +26,6 @@ for i = 1, #ARGV do
   end
   used[i] = sum
 end
-return {in_flight, waiting, cd, redis.call('HGETALL', KEYS[4]), used}
+local ok = KEYS[5 + #ARGV]
+return {in_flight, waiting, cd, redis.call('HGETALL', KEYS[4]), used,
+        redis.call('HGETALL', ok), redis.call('PTTL', ok)}

