@@ -68,7 +68,7 @@ def limits_from_config(api: str, text: str | bytes) -> APILimits:
             lease_ttl=float(raw.get("lease_ttl", 30.0)),
             window_margin=float(raw.get("window_margin", 0.0)),
         )
-    except (ValueError, TypeError, RecursionError) as exc:
+    except (ValueError, TypeError, OverflowError, RecursionError) as exc:
         raise ConfigError(
             f"the configuration of API {api!r} stored in Redis is not readable: {exc}",
             field="config",
@@ -79,6 +79,8 @@ def limits_from_config(api: str, text: str | bytes) -> APILimits:
 def describe_difference(ours: str, theirs: str) -> str:
     """``"max_concurrent 8 here, 5 in Redis"``: the fields two registry JSONs disagree on."""
     a, b = json.loads(ours), json.loads(theirs)
+    if not isinstance(b, dict):
+        raise ValueError("not a limiter configuration")
     parts = [
         f"{k} {a.get(k)!r} here, {b.get(k)!r} in Redis"
         for k in _CONFIG_FIELDS
@@ -209,12 +211,30 @@ def config_key(namespace: str, api: str) -> str:
     return f"{namespace}:{{{check_api_name(api)}}}:config"
 
 
-async def registered(redis: Any, namespace: str) -> dict[str, APILimits]:
-    """Every API some limiter registered in ``namespace``: ``{api: APILimits}``."""
+async def registered(
+    redis: Any, namespace: str, apis: Sequence[str] = ()
+) -> tuple[dict[str, APILimits], dict[str, str]]:
+    """The APIs limiters registered in ``namespace`` (only ``apis`` when given).
+
+    Returns ``({api: APILimits}, {api: why it is unreadable})``: one corrupt entry does
+    not hide the others.
+    """
     names = sorted(_t(n) for n in await redis.smembers(apis_key(namespace)))
-    out: dict[str, APILimits] = {}
+    if apis:
+        names = [api for api in names if api in apis]
+    found: dict[str, APILimits] = {}
+    broken: dict[str, str] = {}
     for api in names:
-        text = await redis.get(config_key(namespace, api))
-        if text is not None:
-            out[api] = limits_from_config(api, text)
-    return out
+        try:
+            key = config_key(namespace, api)
+        except ConfigError as exc:  # a name no limiter could have written
+            broken[api] = str(exc)
+            continue
+        text = await redis.get(key)
+        if text is None:
+            continue  # expired: that API has not been used for stats_ttl
+        try:
+            found[api] = limits_from_config(api, text)
+        except ConfigError as exc:
+            broken[api] = str(exc)
+    return found, broken

@@ -56,6 +56,8 @@ _REDIS_ERRORS = (RedisError, RedisClusterException)
 #: fail_open: heartbeat period, how long a silent limiter still counts as a replica, and
 #: the circuit breaker's probe backoff while Redis is unreachable (seconds).
 _HEARTBEAT_EVERY = 2.0
+#: After a failed registry write, the next admission after this many seconds tries again.
+_REGISTRY_RETRY = 5.0
 _HEARTBEAT_TTL = 6.0
 _PROBE_FIRST, _PROBE_MAX = 0.25, 5.0
 #: Redis errors that mean "unreachable for now" (fail_open admits locally); every other
@@ -496,6 +498,16 @@ class Limiter:
                     if self._listeners:
                         self._emit("refused", api, reason=reason)
                 wait_us = int(res[2])
+                if wait_us == -2:
+                    queued = False  # the script dropped the ticket
+                    kind = plan.window_kinds[int(_text(res[1])[1:]) - 1]
+                    what, weight = ("tokens", tokens) if kind == "t" else ("cost", cost)
+                    raise ConfigError(
+                        f"{what}={weight} for API {api!r} can never pass: the {reason} "
+                        f"limit in force is {int(res[3])} (a runtime override)",
+                        field=what,
+                        value=weight,
+                    )
                 if reason == "cooldown" and self._fail_open:
                     self._remember_pause(plan.tag, loop.time() + wait_us / 1_000_000)
                 remaining = deadline - loop.time()
@@ -695,9 +707,12 @@ class Limiter:
         Each given limit replaces the configured one in every admission from the next
         script call on, in every process sharing the namespace, until
         :meth:`clear_limits` (or for ``ttl`` seconds). Limits not given keep their
-        override or configured value. Only limits the API has can be changed: a window
-        it lacks raises ConfigError. Lowering a limit admits nothing new until use falls
-        below it; calls in flight are not interrupted. Returns the override in force.
+        override or configured value. One lifetime covers the whole override: adding to
+        one that ends needs a ``ttl`` (the new one, for all of it), adding to one that
+        does not end needs none (ConfigError otherwise). Only limits the API has can be
+        changed: a window it lacks raises ConfigError. Lowering a limit admits nothing new
+        until use falls below it; calls in flight are not interrupted; a waiter heavier
+        than a lowered limit gets ConfigError. Returns the override in force.
         """
         plan, _ = self._lookup(api)
         fields = _admin.override_fields(
@@ -715,6 +730,14 @@ class Limiter:
         flat, pttl = await self._call(
             self._scripts.override, [plan.override_key], args, api, "set_limits"
         )
+        if _text(flat) == "ttl":
+            ends = "ends in %.0fs" % (int(pttl) / 1000) if int(pttl) > 0 else "has no end"
+            raise ConfigError(
+                f"ttl={_show(ttl)}: the override in force for API {api!r} {ends}, and one "
+                "lifetime covers all of it; clear it first, or give the same kind of ttl",
+                field="ttl",
+                value=ttl,
+            )
         log.info("API %r: limits overridden: %s", api, _admin.override_view(plan, flat, pttl))
         return _admin.override_view(plan, flat, int(pttl))
 
@@ -739,7 +762,7 @@ class Limiter:
             await self._redis.delete(*plan.keys[:-1])
         except _REDIS_ERRORS as exc:
             raise LimiterUnavailable(api, "reset", _redact(exc)) from exc
-        log.warning("API %r: state reset in namespace %r", api, self.namespace)
+        log.info("API %r: state reset in namespace %r", api, self.namespace)
 
     async def aclose(self) -> None:
         """Stop the background tasks, give back held slots, close an owned client."""
@@ -901,16 +924,26 @@ class Limiter:
                     await self._redis.pexpire(apis, ttl_ms)
                 if theirs is not None and _text(theirs) != ours and api not in self._warned:
                     self._warned.add(api)
+                    try:
+                        differ = _admin.describe_difference(ours, _text(theirs))
+                    except ValueError:
+                        differ = "what Redis holds is not a limiter configuration"
+
                     log.warning(
                         "API %r: this limiter's limits differ from those another limiter "
                         "registered in namespace %r (%s). Every replica must configure an "
                         "API alike: the scripts admit by the caller's limits.",
                         api,
                         self.namespace,
-                        _admin.describe_difference(ours, _text(theirs)),
+                        differ,
                     )
         except _REDIS_ERRORS as exc:  # the registry is for operators: admission goes on
-            log.debug("could not write the limits registry: %s", _redact(exc))
+            self._register_due = time.monotonic() + _REGISTRY_RETRY
+            log.debug(
+                "could not write the limits registry (again in %gs): %s",
+                _REGISTRY_RETRY,
+                _redact(exc),
+            )
 
     async def _call(
         self,
@@ -949,6 +982,8 @@ class Limiter:
             try:
                 return await self._redis.evalsha(script.sha, len(keys), *keys, *args)
             except NoScriptError:
+                # Scripts gone: a restart or a flush, which took the registry too.
+                self._register_due = 0.0
                 script.sha = await self._redis.script_load(script.script)
                 return await self._redis.evalsha(script.sha, len(keys), *keys, *args)
 
@@ -1028,7 +1063,7 @@ class Limiter:
     def _finished(self, task: asyncio.Future[Any]) -> None:
         self._background.discard(task)
         if not task.cancelled() and task.exception() is not None:
-            log.warning("background release failed: %s", task.exception())
+            log.warning("background task failed: %s", task.exception())
 
     # -- fail_open ----------------------------------------------------------------------
 

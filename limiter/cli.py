@@ -14,13 +14,17 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import logging
 import os
 import sys
 import time
 from collections.abc import Sequence
 from typing import Any, TextIO
+from urllib.parse import unquote
 
-from ._admin import registered
+from redis.exceptions import RedisClusterException, RedisError
+
+from ._admin import apis_key, registered
 from ._config import Rate
 from ._connect import redact_url
 from ._errors import ConfigError, LimiterError, LimiterUnavailable
@@ -147,22 +151,25 @@ def _parser() -> argparse.ArgumentParser:
 class _Session:
     """A limiter on the URL with the registered APIs (it registers nothing itself)."""
 
-    def __init__(self, url: str, namespace: str, out: TextIO) -> None:
-        self.url, self.namespace, self.out = url, namespace, out
+    def __init__(self, url: str, namespace: str, out: TextIO, err: TextIO) -> None:
+        self.url, self.namespace, self.out, self.err = url, namespace, out, err
         self.shown_url = redact_url(url)
         self.base = Limiter.from_url(url, {}, namespace=namespace, register=False)
         self.lim: Limiter | None = None
 
     async def open(self, wanted: Sequence[str] = ()) -> Limiter:
         try:
-            limits = await registered(self.base.redis, self.namespace)
-        except LimiterError:
-            raise
-        except Exception as exc:  # a redis-py error: name the (redacted) URL
+            limits, broken = await registered(self.base.redis, self.namespace, wanted)
+        except (RedisError, RedisClusterException) as exc:
             raise LimiterUnavailable(None, "connect", _reason(exc)) from exc
+        for api, why in broken.items():
+            if api in wanted:
+                raise _Failed(why)
+            print(f"limiter: skipped: {why}", file=self.err)
         unknown = [api for api in wanted if api not in limits]
         if unknown:
-            have = ", ".join(sorted(limits)) or "none"
+            names = await self.base.redis.smembers(apis_key(self.namespace))
+            have = ", ".join(sorted(_text(n) for n in names)) or "none"
             raise _Failed(
                 f"API {unknown[0]!r} is not registered in namespace {self.namespace!r} "
                 f"at {self.shown_url} (registered: {have}). A limiter registers its APIs "
@@ -177,6 +184,19 @@ class _Session:
         if self.lim is not None:
             await self.lim.aclose()
         await self.base.aclose()
+
+
+def _text(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+def _scrub(text: str, url: str) -> str:
+    """``text`` with the URL's password (as written and percent-decoded) masked."""
+    userinfo = url.partition("://")[2].rpartition("@")[0]
+    secret = userinfo.partition(":")[2]
+    for s in {secret, unquote(secret)} - {""}:
+        text = text.replace(s, "***")
+    return text
 
 
 def _reason(exc: BaseException) -> str:
@@ -342,21 +362,26 @@ async def _doctor(session: _Session, args: argparse.Namespace) -> int:
         print(f"{'ok  ' if ok else 'FAIL'}  {what:<10} {detail}", file=out)
 
     print(f"limiter doctor: {session.shown_url}, namespace {session.namespace!r}", file=out)
+    # A cluster client sends PING and INFO to one node unless told: ask every node.
+    every: dict[str, Any] = {}
+    if type(redis).__name__ == "RedisCluster":
+        every = {"target_nodes": "all"}
     try:
         start = time.perf_counter()
-        await redis.ping()
-        say(True, "ping", f"{(time.perf_counter() - start) * 1000:.2f} ms")
+        await redis.ping(**every)
+        nodes = f" ({len(redis.get_nodes())} nodes)" if every else ""
+        say(True, "ping", f"{(time.perf_counter() - start) * 1000:.2f} ms{nodes}")
     except Exception as exc:  # any redis-py error: say it and stop
         say(False, "ping", _reason(exc))
         return 1
     try:
-        info = await redis.info("server")
-        if "redis_version" not in info:  # a cluster client answers per node
-            info = next(iter(info.values()))
-        version = str(info.get("redis_version", "?"))
-        parts = tuple(int(p) for p in version.split(".")[:2] if p.isdigit())
-        mode = info.get("redis_mode", "?")
-        say(parts >= MIN_REDIS, "version", f"Redis {version} ({mode}); needs 6.2 or newer")
+        info = await redis.info("server", **every)
+        infos = list(info.values()) if every else [info]
+        versions = sorted({str(i.get("redis_version", "?")) for i in infos})
+        oldest = min(tuple(int(p) for p in v.split(".")[:2] if p.isdigit()) for v in versions)
+        modes = ", ".join(sorted({str(i.get("redis_mode", "?")) for i in infos}))
+        shown = ", ".join(versions)
+        say(oldest >= MIN_REDIS, "version", f"Redis {shown} ({modes}); needs 6.2 or newer")
     except Exception as exc:
         say(False, "version", _reason(exc))
     names = ("acquire", "release", "renew", "cooldown", "heartbeat", "override", "stats")
@@ -405,15 +430,23 @@ async def run(argv: Sequence[str], out: TextIO | None = None, err: TextIO | None
     """Run one command (``argv`` without the program name); returns the exit status."""
     out = out or sys.stdout
     err = err or sys.stderr
-    args = _parser().parse_args(list(argv))
+    parser = _parser()
+    args = parser.parse_args(list(argv))
     url = getattr(args, "url", None) or os.environ.get("REDIS_URL") or DEFAULT_URL
     namespace = getattr(args, "namespace", None) or "limiter"
     command = _COMMANDS[(args.command, getattr(args, "action", None))]
+    if args.command == "limits" and args.action == "set":
+        given = (args.max_concurrent, args.per_minute, args.per_hour, args.tokens_per_minute)
+        if all(v is None for v in given) and not args.rate:
+            parser.error(
+                "limits set: give at least one of --max-concurrent, --per-minute, "
+                "--per-hour, --rate, --tokens-per-minute"
+            )
     try:
-        session = _Session(url, namespace, out)
-    except ConfigError as exc:
-        print(f"limiter: {exc}", file=err)
-        return 1
+        session = _Session(url, namespace, out, err)
+    except (ConfigError, ValueError) as exc:  # ValueError: redis-py refused the URL
+        print(f"limiter: invalid --url {redact_url(url)}: {_scrub(str(exc), url)}", file=err)
+        return 2
     try:
         return await command(session, args)
     except _Failed as exc:
@@ -431,8 +464,10 @@ async def run(argv: Sequence[str], out: TextIO | None = None, err: TextIO | None
 
 def main(argv: Sequence[str] | None = None) -> None:
     """The ``limiter`` console script."""
+    args = sys.argv[1:] if argv is None else list(argv)
+    logging.basicConfig(level=logging.WARNING, format="limiter: %(message)s")
     try:
-        code = asyncio.run(run(sys.argv[1:] if argv is None else argv))
-    except KeyboardInterrupt:  # --watch ends with Ctrl-C
-        code = 0
+        code = asyncio.run(run(args))
+    except KeyboardInterrupt:  # how --watch ends; anything else interrupted: 130
+        code = 0 if "--watch" in args else 130
     sys.exit(code)

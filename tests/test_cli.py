@@ -12,6 +12,7 @@ import sys
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -106,7 +107,6 @@ async def test_limits_set_show_clear_steer_a_running_application(
     [
         (["limits", "set", "openai", "--rate", "3/1"], "no rate:1s window"),
         (["limits", "set", "zapier", "--tokens-per-minute", "9"], "no token budget"),
-        (["limits", "set", "openai"], "no limit to set"),
         (["limits", "set", "nope", "--max-concurrent", "1"], "API 'nope' is not registered"),
         (["reset", "nope"], "registered: openai, zapier"),
         (["stats", "nope"], "API 'nope' is not registered"),
@@ -130,6 +130,7 @@ async def test_refusals_exit_1_and_say_why(
         (["limits", "set", "openai", "--ttl", "soon"], "not a number of seconds"),
         (["stats", "--watch", "nan"], "must be a number of seconds > 0"),
         (["frobnicate"], "invalid choice"),
+        (["limits", "set", "openai"], "give at least one of --max-concurrent"),
     ],
 )
 async def test_usage_errors_exit_2(
@@ -144,13 +145,14 @@ async def test_usage_errors_exit_2(
 async def test_reset_clears_an_api(app: Limiter, redis_server: RedisServer) -> None:
     for _ in range(3):
         await (await app.acquire("zapier", timeout=0)).release()
+    await (await app.acquire("openai", timeout=0)).release()
     assert (await app.stats("zapier"))["total_requests"] == 3
     code, out, _ = await cli("reset", "zapier", url=redis_server.url)
     assert code == 0
     assert "state reset" in out
     st = await app.stats("zapier")
     assert (st["total_requests"], st["windows"]["rate:3600s"]["used"]) == (0, 0)
-    assert (await app.stats("openai"))["windows"]["rate:60s"]["used"] == 0
+    assert (await app.stats("openai"))["windows"]["rate:60s"]["used"] == 1  # not reset
 
 
 async def test_doctor_reports_a_healthy_redis(app: Limiter, redis_server: RedisServer) -> None:
@@ -172,6 +174,33 @@ def _refused_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])  # closed again: nothing listens there
+
+
+async def test_a_malformed_url_is_a_usage_error_without_the_password() -> None:
+    for url in (
+        "redis://:hunter2@127.0.0.1:notaport/0",
+        "http://:hunter2@127.0.0.1:6379/0",
+        "redis+cluster://:hunter2@/0",
+    ):
+        code, out, err = await cli("doctor", url=url)
+        assert code == 2, (url, err)
+        assert err.startswith("limiter: invalid --url")
+        assert "hunter2" not in out + err
+
+
+async def test_one_corrupt_registry_entry_hides_nothing_else(
+    app: Limiter, redis_server: RedisServer, real_redis: Any
+) -> None:
+    await real_redis.set("limiter:{zapier}:config", '{"rates": [[1e999, 60]]}')
+    code, out, err = await cli("stats", "openai", url=redis_server.url)
+    assert (code, err) == (0, "")
+    code, out, err = await cli("stats", url=redis_server.url)
+    assert code == 0
+    assert "skipped: the configuration of API 'zapier' stored in Redis is not readable" in err
+    assert any(line.startswith("openai") for line in out.splitlines())
+    code, out, err = await cli("stats", "zapier", url=redis_server.url)
+    assert code == 1
+    assert "'zapier' stored in Redis is not readable" in err
 
 
 async def test_doctor_and_stats_on_a_dead_redis_fail_fast_without_the_password() -> None:
@@ -218,5 +247,11 @@ async def test_rates_given_as_n_per_seconds_reach_their_window(
         code, _out, err = await cli("limits", "set", "a", "--rate", "2/1.5", url=redis_server.url)
         assert (code, err) == (0, ""), err
         assert (await lim.stats("a"))["windows"]["rate:1.5s"]["limit"] == 2
+        slots = [await lim.acquire("a", timeout=0) for _ in range(2)]
+        with pytest.raises(AcquireTimeout) as refused:  # the scripts apply it: 2, not 10
+            await lim.acquire("a", timeout=0)
+        assert refused.value.reason == "rate:1.5s"
+        for slot in slots:
+            await slot.release()
     finally:
         await lim.aclose()

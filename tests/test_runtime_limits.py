@@ -66,7 +66,8 @@ async def test_an_override_can_raise_a_limit(make_limiter: LimiterFactory) -> No
 async def test_window_and_token_overrides_apply_to_their_own_window(
     make_limiter: LimiterFactory,
 ) -> None:
-    """Per-hour, a Rate window and the token budget are overridden each on its own."""
+    """Per-hour, a Rate window and the token budget are overridden each on its own, and the
+    scripts enforce each (refusal reasons), not just report it."""
     lim = make_limiter(
         {
             "a": APILimits(
@@ -78,22 +79,71 @@ async def test_window_and_token_overrides_apply_to_their_own_window(
         }
     )
     shown = await lim.set_limits(
-        "a", requests_per_hour=3, rates=[Rate(50, 10.0)], tokens_per_minute=20
+        "a", requests_per_hour=5, rates=[Rate(2, 10.0)], tokens_per_minute=20
     )
-    assert shown == {"rate:3600s": 3, "rate:10s": 50, "tokens": 20, "expires_in": None}
-    first = await lim.acquire("a", timeout=0, tokens=15)
+    assert shown == {"rate:3600s": 5, "rate:10s": 2, "tokens": 20, "expires_in": None}
+    slots = [await lim.acquire("a", timeout=0, tokens=15)]
     with pytest.raises(AcquireTimeout) as refused:
         await lim.acquire("a", timeout=0, tokens=10)  # 25 > 20 tokens
     assert refused.value.reason == "tokens"
-    more = await _admit_all(lim, "a", 2)
+    slots.append(await lim.acquire("a", timeout=0))
     with pytest.raises(AcquireTimeout) as refused:
-        await lim.acquire("a", timeout=0)
+        await lim.acquire("a", timeout=0)  # 3 > 2 in 10 s
+    assert refused.value.reason == "rate:10s"
+    await lim.set_limits("a", rates=[Rate(100, 10.0)])  # the 10 s window back up
+    slots += [await lim.acquire("a", timeout=0) for _ in range(3)]
+    with pytest.raises(AcquireTimeout) as refused:
+        await lim.acquire("a", timeout=0)  # 6 > 5 in an hour
     assert refused.value.reason == "rate:3600s"
     windows = (await lim.stats("a"))["windows"]
-    assert windows["rate:60s"]["limit"] == 100  # not overridden
-    assert windows["rate:10s"]["limit"] == 50
-    for slot in [first, *more]:
+    assert windows["rate:60s"] == {"used": 5, "limit": 100}  # not overridden
+    assert windows["rate:3600s"] == {"used": 5, "limit": 5}
+    for slot in slots:
         await slot.release()
+
+
+async def test_a_request_heavier_than_a_lowered_limit_never_blocks_the_queue(
+    make_limiter: LimiterFactory,
+) -> None:
+    """Tokens 1000 lowered to 20: a new 50-token request is refused at once (ConfigError,
+    nothing queued); one queued before the override is dropped when the queue moves and
+    told why, and the small request behind it is admitted."""
+    lim = make_limiter({"a": APILimits(max_concurrent=1, tokens_per_minute=1000)})
+    held = await lim.acquire("a", timeout=0, tokens=5)
+    heavy = asyncio.create_task(lim.acquire("a", timeout=10, tokens=50))
+    await wait_for_waiters(lim, "a", 1)
+    light = asyncio.create_task(lim.acquire("a", timeout=10, tokens=1))
+    await wait_for_waiters(lim, "a", 2)
+    await lim.set_limits("a", tokens_per_minute=20)
+    with pytest.raises(ConfigError) as never:
+        await lim.acquire("a", timeout=None, tokens=50)
+    assert (never.value.field, never.value.value) == ("tokens", 50)
+    assert "the tokens limit in force is 20" in str(never.value)
+    await held.release()  # the queue moves: the heavy head is dropped, the light admitted
+    with pytest.raises(ConfigError):
+        await asyncio.wait_for(heavy, 5)
+    slot = await asyncio.wait_for(light, 5)
+    st = await lim.stats("a")
+    assert (st["concurrent_requests"], st["waiting"]) == (1, 0)
+    await slot.release()
+
+
+async def test_one_lifetime_covers_the_whole_override(make_limiter: LimiterFactory) -> None:
+    lim = make_limiter({"a": APILimits(max_concurrent=5, requests_per_minute=50)})
+    await lim.set_limits("a", max_concurrent=1, ttl=600)
+    with pytest.raises(ConfigError) as info:
+        await lim.set_limits("a", requests_per_minute=10)  # would make max 1 permanent
+    assert info.value.field == "ttl"
+    assert "ends in 600s" in str(info.value)
+    both = await lim.set_limits("a", requests_per_minute=10, ttl=60)
+    assert both["max_concurrent"] == 1
+    assert 0 < both["expires_in"] <= 60
+    await lim.clear_limits("a")
+    await lim.set_limits("a", max_concurrent=2)
+    with pytest.raises(ConfigError) as info:
+        await lim.set_limits("a", requests_per_minute=10, ttl=60)  # would end max 2
+    assert "has no end" in str(info.value)
+    assert (await lim.stats("a"))["overrides"] == {"max_concurrent": 2, "expires_in": None}
 
 
 async def test_a_lowered_limit_holds_queued_waiters_until_use_falls_below_it(
@@ -186,7 +236,8 @@ async def test_limiters_register_their_limits_with_a_ttl(
     lim = make_limiter(limits, stats_ttl=3600)
     await (await lim.acquire("a", timeout=0)).release()
     await asyncio.gather(*list(lim._background))  # the registry is written in the background
-    found = await registered(redis_client, "limiter")
+    found, broken = await registered(redis_client, "limiter")
+    assert broken == {}
     assert set(found) == {"a", "b"}
     assert found["a"].max_concurrent == 2
     assert [(r.limit, r.period) for r in found["a"].windows] == [(10, 60.0), (3, 1.5)]
@@ -218,3 +269,19 @@ async def test_a_replica_configured_differently_is_warned_about(
         await alike.stats("a")
         await asyncio.gather(*list(alike._background))
     assert not [r for r in caplog.records if "differ" in r.getMessage()]
+
+
+async def test_the_registry_is_written_again_after_a_flush(
+    make_limiter: LimiterFactory, redis_client: Any
+) -> None:
+    """A flush (or a restart) takes the registry too: the next script reload rewrites it."""
+    lim = make_limiter({"a": APILimits(max_concurrent=2)})
+    await lim.stats("a")
+    await asyncio.gather(*list(lim._background))
+    await redis_client.flushall()
+    await redis_client.script_flush()
+    await lim.stats("a")  # NOSCRIPT: the script is loaded again
+    await lim.stats("a")  # the next call writes the registry again
+    await asyncio.gather(*list(lim._background))
+    found, _ = await registered(redis_client, "limiter")
+    assert list(found) == ["a"]

@@ -217,6 +217,17 @@ local function hint_head(head, wait, own)
   end
 end
 
+-- The first window whose limit in force is below this request's weight, or nil.
+-- Only a runtime override can make a request too heavy (the client refuses
+-- those above the configured limits); such a request can never pass.
+local function too_heavy(cost, tokens)
+  for i = 1, NW do
+    local w = (W_KIND[i] == 't') and tokens or cost
+    if w > W_LIMIT[i] then return i end
+  end
+  return nil
+end
+
 -- Admit waiting tickets from the head of the queue while they fit, FIFO.
 -- Each admitted ticket other than `own` is told on its process's channel,
 -- and its admission time kept in `handed` until it is read or released.
@@ -229,26 +240,34 @@ local function drain(own)
     if #head == 0 then return own_admitted, nil, nil, -1, woken end
     local ticket = head[1]
     local slot, cost, tokens = parse_ticket(ticket)
-    local reason, wait = check(cost, tokens)
-    if reason then return own_admitted, ticket, reason, wait, woken end
-    -- A slot handed to another process is leased only until its ticket would
-    -- have expired, until that process renews it: a process that died while
-    -- waiting holds nothing past its tickets' life (ticket_ttl after its death).
-    local lease = nil
-    if ticket ~= own then
-      local expires = tonumber(redis.call('ZSCORE', K_QEXP, ticket) or NOW)
-      lease = math.max(1, math.min(LEASE, expires - NOW))
-    end
-    admit(slot, cost, tokens, lease)
-    redis.call('ZREM', K_QUEUE, ticket)
-    redis.call('ZREM', K_QEXP, ticket)
-    if ticket == own then
-      own_admitted = true
+    if too_heavy(cost, tokens) then
+      -- A limit was lowered under it: it would block the queue for ever. Drop it;
+      -- its waiter asks again at once and is told it can never pass.
+      redis.call('ZREM', K_QUEUE, ticket)
+      redis.call('ZREM', K_QEXP, ticket)
+      if ticket ~= own then tell(slot, 'H ' .. slot .. ' 0') end
     else
-      redis.call('HSET', K_HANDED, slot, int(NOW))
-      redis.call('PEXPIRE', K_HANDED, ttl_ms(LEASE))
-      tell(slot, 'A ' .. slot .. ' ' .. int(NOW))
-      woken = woken + 1
+      local reason, wait = check(cost, tokens)
+      if reason then return own_admitted, ticket, reason, wait, woken end
+      -- A slot handed to another process is leased only until its ticket would
+      -- have expired, until that process renews it: a process that died while
+      -- waiting holds nothing past its tickets' life (ticket_ttl after its death).
+      local lease = nil
+      if ticket ~= own then
+        local expires = tonumber(redis.call('ZSCORE', K_QEXP, ticket) or NOW)
+        lease = math.max(1, math.min(LEASE, expires - NOW))
+      end
+      admit(slot, cost, tokens, lease)
+      redis.call('ZREM', K_QUEUE, ticket)
+      redis.call('ZREM', K_QEXP, ticket)
+      if ticket == own then
+        own_admitted = true
+      else
+        redis.call('HSET', K_HANDED, slot, int(NOW))
+        redis.call('PEXPIRE', K_HANDED, ttl_ms(LEASE))
+        tell(slot, 'A ' .. slot .. ' ' .. int(NOW))
+        woken = woken + 1
+      end
     end
   end
 end

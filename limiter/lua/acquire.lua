@@ -21,6 +21,8 @@
 --       "cooldown", "concurrency" or "w<i>" (the i-th window of ARGV[1]); wait
 --       is how long until that limit could pass when this ticket is at the
 --       head (-1 when it is not: wait for a wake-up on the process channel).
+--   {0, "w<i>", -2, limit in force}  never: heavier than window i's limit as an
+--       override set it (nothing is queued)
 
 local SLOT = ARGV[2]
 local COST = tonumber(ARGV[3])
@@ -40,6 +42,14 @@ if not FIRST and redis.call('ZSCORE', K_HOLDERS, SLOT) then
   redis.call('ZREM', K_QUEUE, TICKET)
   redis.call('ZREM', K_QEXP, TICKET)
   return {1, handed_at(SLOT)}
+end
+
+local heavy = too_heavy(COST, TOKENS)
+if heavy then
+  -- Heavier than a limit an override lowered: it can never pass (nor wait).
+  redis.call('ZREM', K_QUEUE, TICKET)
+  redis.call('ZREM', K_QEXP, TICKET)
+  return {0, 'w' .. heavy, -2, int(W_LIMIT[heavy])}
 end
 
 local function enqueue()

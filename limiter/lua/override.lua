@@ -5,6 +5,11 @@
 -- ARGV[2..] field, value pairs to set ("max_concurrent", "w:<period us>",
 --           "tokens"); none: clear the whole hash
 --
+-- One lifetime covers the whole hash, so a set may not change what the fields
+-- already in force were given: without a lifetime onto an override that ends
+-- (they would stay for ever), or with one onto an override that does not (they
+-- would end). Such a set changes nothing and returns {"ttl", PTTL in force}.
+--
 -- Returns the hash as it now is (flat HGETALL list) and its PTTL.
 
 local key = KEYS[1]
@@ -12,6 +17,10 @@ local ms = tonumber(ARGV[1])
 if #ARGV == 1 then
   redis.call('DEL', key)
   return {{}, -2}
+end
+local left = redis.call('PTTL', key)
+if (ms == 0 and left > 0) or (ms > 0 and left == -1) then
+  return {'ttl', left}
 end
 redis.call('HSET', key, unpack(ARGV, 2))
 if ms > 0 then
