@@ -712,7 +712,9 @@ class Limiter:
         does not end needs none (ConfigError otherwise). Only limits the API has can be
         changed: a window it lacks raises ConfigError. Lowering a limit admits nothing new
         until use falls below it; calls in flight are not interrupted; a waiter heavier
-        than a lowered limit gets ConfigError. Returns the override in force.
+        than a lowered limit gets ConfigError; waiters that fit under a raised limit are
+        admitted at once (but not when a ``ttl`` ends: they notice that at their next
+        check, within ``ticket_ttl / 3``). Returns the override in force.
         """
         plan, _ = self._lookup(api)
         fields = _admin.override_fields(
@@ -738,8 +740,10 @@ class Limiter:
                 field="ttl",
                 value=ttl,
             )
-        log.info("API %r: limits overridden: %s", api, _admin.override_view(plan, flat, pttl))
-        return _admin.override_view(plan, flat, int(pttl))
+        view = _admin.override_view(plan, flat, int(pttl))
+        log.info("API %r: limits overridden: %s", api, view)
+        await self._move_queue(plan)
+        return view
 
     async def clear_limits(self, api: str) -> None:
         """Drop the runtime override of ``api``: its configured limits apply again."""
@@ -747,6 +751,13 @@ class Limiter:
         await self._ensure_ready()
         await self._call(self._scripts.override, [plan.override_key], [0], api, "clear_limits")
         log.info("API %r: limits override cleared", api)
+        await self._move_queue(plan)
+
+    async def _move_queue(self, plan: KeyPlan) -> None:
+        """Let waiters already queued meet the new limits now: admit those that fit (their
+        processes are woken) and drop those a lowered limit makes too heavy. (The renew
+        script with nothing to renew does just that.)"""
+        await self._call(self._scripts.renew, plan.keys, [plan.config, 0], plan.api, "set_limits")
 
     async def reset(self, api: str) -> None:
         """Forget the state of ``api`` in Redis: leases, waiters, windows, cooldown, totals.

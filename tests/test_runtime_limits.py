@@ -285,3 +285,29 @@ async def test_the_registry_is_written_again_after_a_flush(
     await asyncio.gather(*list(lim._background))
     found, _ = await registered(redis_client, "limiter")
     assert list(found) == ["a"]
+
+
+async def test_raising_or_clearing_a_limit_admits_the_waiters_that_now_fit(
+    make_limiter: LimiterFactory,
+) -> None:
+    """Waiters queued behind max 1 are admitted by set_limits itself (max 3), and by
+    clear_limits (back to the configured 3), not at their next periodic check."""
+    lim = make_limiter({"a": APILimits(max_concurrent=3)})
+    await lim.set_limits("a", max_concurrent=1)
+    held = await lim.acquire("a", timeout=0)
+    waiters = [asyncio.create_task(lim.acquire("a", timeout=10)) for _ in range(2)]
+    await wait_for_waiters(lim, "a", 2)
+    await lim.set_limits("a", max_concurrent=3)
+    st = await lim.stats("a")  # decided inside set_limits' own script call
+    assert (st["concurrent_requests"], st["waiting"]) == (3, 0)
+    slots = [await asyncio.wait_for(w, 5) for w in waiters]
+    for slot in slots:
+        await slot.release()
+    await lim.set_limits("a", max_concurrent=1)
+    waiters = [asyncio.create_task(lim.acquire("a", timeout=10)) for _ in range(2)]
+    await wait_for_waiters(lim, "a", 2)
+    await lim.clear_limits("a")
+    st = await lim.stats("a")
+    assert (st["concurrent_requests"], st["waiting"]) == (3, 0)
+    for slot in [held, *[await asyncio.wait_for(w, 5) for w in waiters]]:
+        await slot.release()
