@@ -19,7 +19,15 @@ import math
 from collections.abc import Sequence
 from typing import Any
 
-from ._config import MAX_COUNT, MAX_SECONDS, APILimits, Rate, _finite, _show, check_api_name
+from ._config import (
+    MAX_SECONDS,
+    APILimits,
+    Rate,
+    _finite,
+    _positive_int,
+    _show,
+    check_api_name,
+)
 from ._errors import ConfigError
 from ._scripts import KeyPlan
 
@@ -89,16 +97,6 @@ def describe_difference(ours: str, theirs: str) -> str:
     return "; ".join(parts) or "the same settings"
 
 
-def _count(name: str, value: object) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or not 0 < value <= MAX_COUNT:
-        raise ConfigError(
-            f"{name}={_show(value)}: must be an integer from 1 to 2**53 - 1",
-            field=name,
-            value=value,
-        )
-    return value
-
-
 def override_fields(
     plan: KeyPlan,
     *,
@@ -111,7 +109,8 @@ def override_fields(
     """The override hash's fields for these limits; ConfigError for a window the API lacks."""
     fields: dict[str, int] = {}
     if max_concurrent is not None:
-        fields["max_concurrent"] = _count("max_concurrent", max_concurrent)
+        _positive_int("max_concurrent", max_concurrent)
+        fields["max_concurrent"] = max_concurrent
     windows: list[tuple[str, int, float]] = []
     if requests_per_minute is not None:
         windows.append(("requests_per_minute", requests_per_minute, 60.0))
@@ -131,7 +130,7 @@ def override_fields(
         windows.append((f"rates[{i}]", rate.limit, rate.period))
     known = dict(zip(plan.override_fields, plan.window_names, strict=True))
     for name, limit, period in windows:
-        _count(name, limit)
+        _positive_int(name, limit)
         field = f"w:{round(period * 1_000_000)}"
         if field not in known:
             have = ", ".join(n for f, n in known.items() if f != "tokens") or "none"
@@ -143,7 +142,7 @@ def override_fields(
             )
         fields[field] = limit
     if tokens_per_minute is not None:
-        _count("tokens_per_minute", tokens_per_minute)
+        _positive_int("tokens_per_minute", tokens_per_minute)
         if "tokens" not in known:
             raise ConfigError(
                 f"tokens_per_minute: API {plan.api!r} has no token budget to override; "

@@ -56,10 +56,10 @@ _REDIS_ERRORS = (RedisError, RedisClusterException)
 #: fail_open: heartbeat period, how long a silent limiter still counts as a replica, and
 #: the circuit breaker's probe backoff while Redis is unreachable (seconds).
 _HEARTBEAT_EVERY = 2.0
-#: After a failed registry write, the next admission after this many seconds tries again.
-_REGISTRY_RETRY = 5.0
 _HEARTBEAT_TTL = 6.0
 _PROBE_FIRST, _PROBE_MAX = 0.25, 5.0
+#: After a failed registry write, the next script call this many seconds on tries again.
+_REGISTRY_RETRY = 5.0
 #: Redis errors that mean "unreachable for now" (fail_open admits locally); every other
 #: error (a wrong password, a denied command, CROSSSLOT) is raised under both policies.
 _OUTAGES = (RedisConnectionError, RedisTimeoutError, ClusterDownError, ReadOnlyError)
@@ -732,7 +732,7 @@ class Limiter:
         flat, pttl = await self._call(
             self._scripts.override, [plan.override_key], args, api, "set_limits"
         )
-        if _text(flat) == "ttl":
+        if isinstance(flat, bytes | str):  # {"ttl", PTTL}: refused, nothing changed
             ends = "ends in %.0fs" % (int(pttl) / 1000) if int(pttl) > 0 else "has no end"
             raise ConfigError(
                 f"ttl={_show(ttl)}: the override in force for API {api!r} {ends}, and one "
@@ -742,7 +742,7 @@ class Limiter:
             )
         view = _admin.override_view(plan, flat, int(pttl))
         log.info("API %r: limits overridden: %s", api, view)
-        await self._move_queue(plan)
+        await self._move_queue(plan, "set_limits")
         return view
 
     async def clear_limits(self, api: str) -> None:
@@ -751,13 +751,13 @@ class Limiter:
         await self._ensure_ready()
         await self._call(self._scripts.override, [plan.override_key], [0], api, "clear_limits")
         log.info("API %r: limits override cleared", api)
-        await self._move_queue(plan)
+        await self._move_queue(plan, "clear_limits")
 
-    async def _move_queue(self, plan: KeyPlan) -> None:
+    async def _move_queue(self, plan: KeyPlan, op: str) -> None:
         """Let waiters already queued meet the new limits now: admit those that fit (their
         processes are woken) and drop those a lowered limit makes too heavy. (The renew
         script with nothing to renew does just that.)"""
-        await self._call(self._scripts.renew, plan.keys, [plan.config, 0], plan.api, "set_limits")
+        await self._call(self._scripts.renew, plan.keys, [plan.config, 0], plan.api, op)
 
     async def reset(self, api: str) -> None:
         """Forget the state of ``api`` in Redis: leases, waiters, windows, cooldown, totals.
@@ -939,7 +939,6 @@ class Limiter:
                         differ = _admin.describe_difference(ours, _text(theirs))
                     except ValueError:
                         differ = "what Redis holds is not a limiter configuration"
-
                     log.warning(
                         "API %r: this limiter's limits differ from those another limiter "
                         "registered in namespace %r (%s). Every replica must configure an "

@@ -24,6 +24,7 @@ from urllib.parse import unquote
 
 from redis.exceptions import RedisClusterException, RedisError
 
+from ._admin import _t as _text
 from ._admin import apis_key, registered
 from ._config import Rate
 from ._connect import redact_url
@@ -184,10 +185,6 @@ class _Session:
         if self.lim is not None:
             await self.lim.aclose()
         await self.base.aclose()
-
-
-def _text(value: Any) -> str:
-    return value.decode() if isinstance(value, bytes) else str(value)
 
 
 def _scrub(text: str, url: str) -> str:
