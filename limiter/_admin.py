@@ -44,7 +44,8 @@ __all__ = [
 _CONFIG_FIELDS = ("max_concurrent", "rates", "tokens_per_minute", "lease_ttl", "window_margin")
 
 
-def _t(value: Any) -> str:
+def _text(value: Any) -> str:
+    """A Redis reply (bytes or str) as str."""
     return value.decode() if isinstance(value, bytes) else str(value)
 
 
@@ -186,7 +187,7 @@ def override_view(plan: KeyPlan, flat: Sequence[Any], ttl_ms: int) -> dict[str, 
     names["max_concurrent"] = "max_concurrent"
     out: dict[str, Any] = {}
     for i in range(0, len(flat), 2):
-        field, value = _t(flat[i]), _t(flat[i + 1])
+        field, value = _text(flat[i]), _text(flat[i + 1])
         try:
             out[names.get(field, field)] = int(value)
         except ValueError:
@@ -198,7 +199,7 @@ def override_view(plan: KeyPlan, flat: Sequence[Any], ttl_ms: int) -> dict[str, 
 
 def is_registry_key(key: str | bytes) -> bool:
     """Whether ``key`` is one of the registry's (``<ns>:apis``, ``<ns>:{api}:config``)."""
-    text = _t(key)
+    text = _text(key)
     return text.endswith((":apis", "}:config"))
 
 
@@ -218,7 +219,7 @@ async def registered(
     Returns ``({api: APILimits}, {api: why it is unreadable})``: one corrupt entry does
     not hide the others.
     """
-    names = sorted(_t(n) for n in await redis.smembers(apis_key(namespace)))
+    names = sorted(_text(n) for n in await redis.smembers(apis_key(namespace)))
     if apis:
         names = [api for api in names if api in apis]
     found: dict[str, APILimits] = {}

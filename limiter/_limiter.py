@@ -26,6 +26,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from . import _admin
+from ._admin import _text
 from ._call import call_with_retries
 from ._config import (
     MAX_COUNT,
@@ -86,10 +87,6 @@ def _is_outage(exc: LimiterUnavailable) -> bool:
 
 _OUTCOME_NONE, _OUTCOME_SUCCESS, _OUTCOME_FAILURE = 0, 1, 2
 _WINDOW_WORDS = {"rate:60s": "minute", "rate:3600s": "hour", "rate:1s": "second"}
-
-
-def _text(value: Any) -> str:
-    return value.decode() if isinstance(value, bytes) else str(value)
 
 
 def _redact(exc: BaseException) -> str:

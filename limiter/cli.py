@@ -24,8 +24,7 @@ from urllib.parse import unquote
 
 from redis.exceptions import RedisClusterException, RedisError
 
-from ._admin import _t as _text
-from ._admin import apis_key, registered
+from ._admin import _text, apis_key, registered
 from ._config import Rate
 from ._connect import redact_url
 from ._errors import ConfigError, LimiterError, LimiterUnavailable
