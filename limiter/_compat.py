@@ -71,7 +71,7 @@ class ConcurrencyManager:
         operation_name: str = "operation",
     ) -> T:
         """Run ``operation()`` under ``api_name``'s cluster-wide limits, with retries."""
-        self.limiter._lookup(api_name)  # unknown API: ConfigError before any counting
+        self.limiter.api_limits(api_name)  # unknown API: ConfigError before any counting
         local = self._local[api_name]
         local.total_requests += 1
         local.concurrent_requests += 1

@@ -163,6 +163,11 @@ class Slot:
         return self._local
 
     @property
+    def released(self) -> bool:
+        """True once :meth:`release` (or leaving ``async with``) has begun."""
+        return self._released
+
+    @property
     def held(self) -> bool:
         """True until released, and while no renewal has found the lease gone."""
         return not self._released and not self._lost
@@ -600,8 +605,20 @@ class Limiter:
         )
 
     async def release(self, slot: Slot, *, success: bool = True) -> None:
-        """Release ``slot`` (same as ``await slot.release()``)."""
-        await slot.release(success=success)
+        """Release ``slot``, like ``await slot.release()``, but sure to finish.
+
+        A caller cancelled meanwhile (an SDK cancelling a request's scope) still gets
+        the slot back to the cluster: the release completes in the background and
+        :meth:`aclose` waits for it. Idempotent.
+        """
+        if slot._released:
+            return
+        task = asyncio.ensure_future(slot.release(success=success))
+        try:
+            await asyncio.shield(task)
+        except asyncio.CancelledError:
+            self._keep(task)
+            raise
 
     async def cooldown(self, api: str, seconds: float) -> float:
         """Pause ``api`` for every replica for ``seconds``; returns the pause now in force.
@@ -820,6 +837,10 @@ class Limiter:
         if self._closed:
             raise LimiterUnavailable(api, "acquire", "the limiter was closed")
         return plan, self._limits[api]
+
+    def api_limits(self, api: str) -> APILimits:
+        """The configured limits of ``api``; ConfigError naming it when it is unknown."""
+        return self._lookup(api)[1]
 
     def add_listener(self, listener: Listener) -> None:
         """Call ``listener(event, api, fields)`` on each event, for metrics and tracing.

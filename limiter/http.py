@@ -13,7 +13,6 @@ no room is left.
 
 from __future__ import annotations
 
-import asyncio
 import json
 import logging
 import sys
@@ -188,7 +187,7 @@ class _SlotStream(httpx2.AsyncByteStream):
             await self._inner.aclose()
         finally:
             try:
-                if self._usage is not None and not self._slot._released:
+                if self._usage is not None and not self._slot.released:
                     tokens = self._usage.finish()
                     if tokens is not None:
                         self._slot.report_tokens(tokens)
@@ -244,7 +243,7 @@ class LimitedTransport(httpx2.AsyncBaseTransport):
         timeout: float | None = None,
         learn_from_headers: bool = True,
     ) -> None:
-        lim._lookup(api)  # unknown API: ConfigError now, not at the first request
+        lim.api_limits(api)  # unknown API: ConfigError now, not at the first request
         self.limiter = lim
         self.api = api
         self._inner = inner
@@ -364,15 +363,8 @@ class LimitedTransport(httpx2.AsyncBaseTransport):
         return fresh
 
     async def _release(self, slot: Slot, *, success: bool) -> None:
-        if slot._released:
-            return
-        task = asyncio.ensure_future(slot.release(success=success))
-        try:
-            await asyncio.shield(task)
-        except asyncio.CancelledError:
-            # The SDK cancels a request by cancelling its scope: finish the release anyway.
-            self.limiter._keep(task)
-            raise
+        # The SDK cancels a request by cancelling its scope: Limiter.release finishes anyway.
+        await self.limiter.release(slot, success=success)
 
     async def _learn_headers(self, headers: Any) -> None:
         """The provider has less room than we think: pause every replica until its reset.
