@@ -41,6 +41,8 @@ from mcp.server.mcpserver import Context, MCPServer
 from starlette.responses import JSONResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from ._common import AnnouncingServer, max_in_window
+
 __all__ = [
     "ADMISSION_HEADER",
     "Execution",
@@ -316,17 +318,6 @@ class Referee:
         }
 
 
-def max_in_window(times: list[float], length: float) -> int:
-    """Most of the sorted ``times`` inside any half-open window ``[t, t + length)``."""
-    best = 0
-    first = 0
-    for last, t in enumerate(times):
-        while times[first] <= t - length:
-            first += 1
-        best = max(best, last - first + 1)
-    return best
-
-
 def max_overlap(executions: list[Execution]) -> int:
     """Most executions running at one instant (an end at t frees before a start at t)."""
     events = [(e.start, 1) for e in executions]
@@ -591,7 +582,7 @@ async def _serve(args: argparse.Namespace) -> None:
         hour_seconds=args.hour_seconds,
         log_level=args.log_level.upper(),
     )
-    server = uvicorn.Server(
+    server = AnnouncingServer(
         uvicorn.Config(
             create_app(config),
             host=args.host,
@@ -600,16 +591,10 @@ async def _serve(args: argparse.Namespace) -> None:
             access_log=False,
             lifespan="on",
             timeout_graceful_shutdown=2,  # open SSE GET streams would hold shutdown forever
-        )
+        ),
+        lambda port: f"fake-zapier listening on http://{HOST}:{port}{MCP_PATH}",
     )
-    task = asyncio.create_task(server.serve())
-    # uvicorn offers no readiness event: poll its flag.
-    while not server.started and not task.done():  # noqa: ASYNC110
-        await asyncio.sleep(0.01)
-    if server.started:
-        port = server.servers[0].sockets[0].getsockname()[1]
-        print(f"fake-zapier listening on http://{HOST}:{port}{MCP_PATH}", flush=True)
-    await task
+    await server.serve()
 
 
 def main(argv: list[str] | None = None) -> int:
