@@ -1,7 +1,8 @@
 """Shared fixtures: a real redis-server per test session, fakeredis, limiter factories.
 
 Every admission test runs twice through ``redis_client``: once on fakeredis (with lupa
-for Lua) and once on a real ``redis-server`` this session started on a free port.
+for Lua) and once on a real ``redis-server`` this session started on a free port. The
+chatbot tests get both fakes from ``providers`` (built by ``tests._replica``).
 """
 
 from __future__ import annotations
@@ -10,7 +11,7 @@ import asyncio
 import gc
 import os
 from collections.abc import AsyncIterator, Callable, Iterator, Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import fakeredis
 import pytest
@@ -19,6 +20,12 @@ from hypothesis import settings
 
 from limiter import APILimits, Limiter
 from limiter.testing import RedisServer
+
+if TYPE_CHECKING:
+    from tests._replica import Providers
+
+# Helpers that used to live in test modules keep pytest's detailed assertion messages.
+pytest.register_assert_rewrite("tests._fleet", "tests._replica", "tests._servers")
 
 # The default suite draws the same examples every run (a CI run passes or fails for the
 # code, not for the draw); `make fuzz` draws new ones each time (HYPOTHESIS_PROFILE=fuzz).
@@ -94,6 +101,20 @@ async def make_limiter(redis_client: Any) -> AsyncIterator[LimiterFactory]:
     yield factory
     for lim in made:
         await lim.aclose()
+
+
+@pytest.fixture
+async def providers(
+    redis_server: RedisServer, real_redis: aioredis.Redis
+) -> AsyncIterator[Providers]:
+    """Fake OpenAI (accepting only KEY) and fake Zapier (only TOKEN), on a flushed Redis.
+
+    See ``tests._replica``; imported here, so that only the tests using the fakes load them.
+    """
+    from tests._replica import serve_providers
+
+    async with serve_providers(redis_server, real_redis) as served:
+        yield served
 
 
 async def wait_for_waiters(lim: Limiter, api: str, n: int, within: float = 5.0) -> None:

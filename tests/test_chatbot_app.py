@@ -2,168 +2,26 @@
 
 The app's own lifespan runs (a real ``Limiter.from_url`` on the session's redis-server);
 the fake OpenAI API and the fake Zapier MCP server run with uvicorn in the test's event
-loop on free 127.0.0.1 ports and referee what reached them (``/admin/record``).
+loop on free 127.0.0.1 ports and referee what reached them (``/admin/record``). Both come
+from the ``providers`` fixture (``conftest``) and ``running`` (``tests._replica``).
 """
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import json
 import socket
-from collections.abc import AsyncIterator
-from dataclasses import dataclass, replace
 from typing import Any
 
-import httpx2
 import pytest
-import redis.asyncio as aioredis
-import uvicorn
-from fastapi import FastAPI
 from prometheus_client.parser import text_string_to_metric_families
 
-from chatbot.app import create_app
-from chatbot.fakes.openai_server import FakeOpenAI, FakeOpenAIConfig
-from chatbot.fakes.openai_server import create_app as create_fake_openai
-from chatbot.fakes.zapier_server import FakeZapierApp, FakeZapierConfig
-from chatbot.fakes.zapier_server import create_app as create_fake_zapier
-from chatbot.settings import Settings
-from limiter import APILimits
 from limiter._admin import is_registry_key
-from limiter.testing import RedisServer
+from tests._replica import KEY, NAMESPACE, TOKEN, Providers, running
 
 pytestmark = pytest.mark.redis
 
-KEY = "sk-apptest-SECRET-5f0c9d2e7a41b386"
 WRONG_KEY = "sk-apptest-WRONG-0b1c2d3e4f5a6978"
-TOKEN = "zap-apptest-SECRET-token-71d3"
-NAMESPACE = "apptest"
 EMAIL_TEXT = "Please send an email to ana@example.com saying the order shipped"
-LIMITS = {
-    "openai": APILimits(
-        max_concurrent=4, retry_attempts=1, backoff_min=0.01, backoff_max=0.05, lease_ttl=5.0
-    ),
-    "zapier": APILimits(
-        max_concurrent=2, retry_attempts=1, backoff_min=0.01, backoff_max=0.05, lease_ttl=5.0
-    ),
-}
-
-
-class _Server(uvicorn.Server):
-    """uvicorn in a background task, leaving pytest's signal handlers alone."""
-
-    def capture_signals(self) -> contextlib.AbstractContextManager[None]:
-        return contextlib.nullcontext()
-
-
-@dataclass
-class Served:
-    """A fake provider served in this event loop."""
-
-    url: str
-    server: _Server
-    task: asyncio.Task[None]
-
-    async def stop(self) -> None:
-        if not self.task.done():
-            self.server.should_exit = True
-            await asyncio.wait_for(self.task, timeout=10)
-
-
-@contextlib.asynccontextmanager
-async def _serve(app: Any, *, lifespan: str) -> AsyncIterator[Served]:
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    sock.bind(("127.0.0.1", 0))
-    port = sock.getsockname()[1]
-    server = _Server(
-        uvicorn.Config(
-            app,
-            log_config=None,
-            log_level="warning",
-            access_log=False,
-            lifespan=lifespan,
-            ws="none",
-            timeout_graceful_shutdown=2,
-        )
-    )
-    task = asyncio.create_task(server.serve(sockets=[sock]))
-    served = Served(f"http://127.0.0.1:{port}", server, task)
-    try:
-        async with asyncio.timeout(10):
-            while not server.started:
-                if task.done():
-                    await task
-                await asyncio.sleep(0.005)
-        yield served
-    finally:
-        await served.stop()
-        sock.close()
-
-
-@dataclass
-class Providers:
-    """Both fakes, the real redis-server (flushed) and a client of it."""
-
-    redis: aioredis.Redis
-    redis_url: str
-    openai: Served
-    openai_fake: FakeOpenAI
-    zapier: Served
-    zapier_app: FakeZapierApp
-
-    def settings(self, **overrides: Any) -> Settings:
-        base = Settings(
-            redis_url=self.redis_url,
-            openai_base_url=f"{self.openai.url}/v1",
-            openai_api_key=KEY,
-            zapier_mcp_url=f"{self.zapier.url}/mcp",
-            zapier_token=TOKEN,
-            namespace=NAMESPACE,
-            limits=LIMITS,
-            message_timeout=10.0,
-            replica="replica-test",
-        )
-        return replace(base, **overrides)
-
-    def openai_record(self) -> dict[str, Any]:
-        return self.openai_fake.snapshot()
-
-    def zapier_record(self) -> dict[str, Any]:
-        return self.zapier_app.referee.snapshot()
-
-
-@pytest.fixture
-async def providers(
-    redis_server: RedisServer, real_redis: aioredis.Redis
-) -> AsyncIterator[Providers]:
-    """Fake OpenAI (accepting only KEY) and fake Zapier (only TOKEN), on a flushed Redis."""
-    fake_openai = create_fake_openai(FakeOpenAIConfig(api_keys=(KEY,)))
-    fake_zapier = create_fake_zapier(FakeZapierConfig(token=TOKEN, latency=0.01))
-    async with (
-        _serve(fake_openai, lifespan="off") as openai_served,
-        _serve(fake_zapier, lifespan="on") as zapier_served,
-    ):
-        yield Providers(
-            real_redis,
-            redis_server.url,
-            openai_served,
-            fake_openai.state.fake,
-            zapier_served,
-            fake_zapier,
-        )
-
-
-@contextlib.asynccontextmanager
-async def running(settings: Settings) -> AsyncIterator[tuple[FastAPI, httpx2.AsyncClient]]:
-    """The replica with its lifespan running, and an ASGI client of it."""
-    app = create_app(settings)
-    async with (
-        app.router.lifespan_context(app),
-        httpx2.AsyncClient(
-            transport=httpx2.ASGITransport(app=app), base_url="http://chatbot", timeout=30
-        ) as client,
-    ):
-        yield app, client
 
 
 def samples(exposition: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:

@@ -26,8 +26,8 @@ from limiter._admin import is_registry_key
 from limiter.cli import run
 from limiter.testing import RedisServer
 from tests._cluster import RedisClusterNodes
+from tests._fleet import Fleet, max_overlap, most_admissions, window_violations
 from tests.conftest import wait_for_waiters
-from tests.test_multiprocess import Fleet, max_overlap, most_admissions, window_violations
 
 pytestmark = [pytest.mark.redis]
 

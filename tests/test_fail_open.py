@@ -18,8 +18,8 @@ import pytest
 
 from limiter import AcquireTimeout, APILimits, Limiter, LimiterUnavailable, Rate
 from limiter.testing import RedisServer
+from tests._fleet import max_overlap
 from tests._proxy import Proxy
-from tests.test_multiprocess import max_overlap
 
 pytestmark = [pytest.mark.redis]
 

@@ -19,31 +19,25 @@ The record at ``GET /admin/record`` (times are ``time.monotonic`` seconds)::
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import math
 import signal
-import socket
 import sys
-from collections.abc import AsyncIterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import httpx2
 import openai
 import pytest
-import uvicorn
 
 from chatbot.fakes.openai_server import (
     DEFAULT_API_KEY,
-    FakeOpenAI,
     FakeOpenAIConfig,
-    create_app,
     embed,
     go_duration,
     max_in_window,
 )
+from tests._servers import serve_fake_openai as serve
 
 KEY = DEFAULT_API_KEY
 MODEL = "gpt-4o-mini"
@@ -73,55 +67,6 @@ SHEET_TOOL: Any = {
         "parameters": {"type": "object", "properties": {"row": {"type": "string"}}},
     },
 }
-
-
-@dataclass
-class Running:
-    fake: FakeOpenAI
-    port: int
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    def client(self, key: str = KEY) -> openai.AsyncOpenAI:
-        return openai.AsyncOpenAI(base_url=f"{self.url}/v1", api_key=key, max_retries=0)
-
-    async def admin(self, method: str, path: str, body: Any = None) -> Any:
-        async with httpx2.AsyncClient(base_url=self.url) as http:
-            response = await http.request(method, path, json=body)
-            return response.status_code, response.json()
-
-    async def record(self) -> dict[str, Any]:
-        status, body = await self.admin("GET", "/admin/record")
-        assert status == 200
-        return body  # type: ignore[no-any-return]
-
-
-@contextlib.asynccontextmanager
-async def serve(config: FakeOpenAIConfig) -> AsyncIterator[Running]:
-    """Run the fake with uvicorn in this event loop on a free 127.0.0.1 port."""
-    app = create_app(config)
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    sock.bind(("127.0.0.1", 0))
-    port = sock.getsockname()[1]
-    server = uvicorn.Server(
-        uvicorn.Config(
-            app, log_config=None, log_level="warning", access_log=False, lifespan="off", ws="none"
-        )
-    )
-    task = asyncio.create_task(server.serve(sockets=[sock]))
-    try:
-        async with asyncio.timeout(5):
-            while not server.started:
-                if task.done():
-                    await task
-                await asyncio.sleep(0.005)
-        yield Running(app.state.fake, port)
-    finally:
-        server.should_exit = True
-        await task
-        sock.close()
 
 
 def chat(

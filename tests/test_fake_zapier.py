@@ -16,52 +16,16 @@ from typing import Any
 import httpx2
 import mcp
 import pytest
-import uvicorn
 from mcp.client.streamable_http import streamable_http_client
 from mcp.shared.exceptions import MCPError
 
-from chatbot.fakes.zapier_server import FakeZapierApp, FakeZapierConfig, create_app
+from chatbot.fakes.zapier_server import FakeZapierConfig
+from tests._servers import serve_fake_zapier as serve
 
 TOKEN = "zap-test-token"
 TIMEOUT = httpx2.Timeout(30.0, read=300.0)  # the MCP SDK's own defaults (DESIGN.md)
 PROTOCOL_VERSION = "2025-11-25"
 EMAIL = {"to": "ada@example.com", "subject": "Hi", "body": "Hello"}
-
-
-class _Server(uvicorn.Server):
-    """uvicorn in a background task, leaving pytest's signal handlers alone."""
-
-    def capture_signals(self) -> contextlib.AbstractContextManager[None]:
-        return contextlib.nullcontext()
-
-
-@contextlib.asynccontextmanager
-async def serve(config: FakeZapierConfig) -> AsyncIterator[tuple[str, FakeZapierApp]]:
-    """Run a fresh fake Zapier app on a free 127.0.0.1 port; yield its base URL and app."""
-    app = create_app(config)
-    server = _Server(
-        uvicorn.Config(
-            app,
-            host="127.0.0.1",
-            port=0,
-            log_level="warning",
-            access_log=False,
-            lifespan="on",
-            ws="none",
-            timeout_graceful_shutdown=2,
-        )
-    )
-    task = asyncio.create_task(server.serve())
-    try:
-        while not server.started:
-            if task.done():
-                task.result()
-            await asyncio.sleep(0.01)
-        port = server.servers[0].sockets[0].getsockname()[1]
-        yield f"http://127.0.0.1:{port}", app
-    finally:
-        server.should_exit = True
-        await asyncio.wait_for(task, timeout=10)
 
 
 def config(**overrides: Any) -> FakeZapierConfig:

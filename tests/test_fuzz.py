@@ -34,7 +34,7 @@ from limiter._config import MAX_COUNT, MAX_SECONDS
 from limiter._retry import MAX_HINT, classify_response
 from limiter.http import LimitedTransport
 from tests._provider import QUOTA, RATE_LIMITED, TOO_LARGE
-from tests.test_chatbot_app import providers, running  # noqa: F401 (providers: a fixture)
+from tests._replica import running
 
 #: 366 days: the documented longest period, lease or margin (limiter._config.MAX_SECONDS).
 YEAR = 366 * 86_400
@@ -598,7 +598,7 @@ _CONTENT_TYPE = st.sampled_from(
 
 
 @pytest.fixture
-async def chatbot(providers: Any) -> AsyncIterator[tuple[Any, httpx2.AsyncClient]]:  # noqa: F811
+async def chatbot(providers: Any) -> AsyncIterator[tuple[Any, httpx2.AsyncClient]]:
     """The chatbot replica (its lifespan running) on the fakes and the session's Redis."""
     async with running(providers.settings()) as (app, client):
         yield app, client

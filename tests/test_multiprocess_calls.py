@@ -1,10 +1,11 @@
 """``Limiter.call``, ``cooldown``, ``ConcurrencyManager`` and token budgets across processes.
 
 Worker processes (``python -m tests._call_workers``, see that module) share one real
-redis-server; the worker/barrier protocol, the ``Fleet`` of processes and the overlap
-measure are those of ``tests/test_multiprocess.py``. Synchronisation goes through Redis
-lists, or reads the limiter's state through its public ``stats()``, never sleeps. Every
-process started is reaped by the ``fleet`` fixture, also when a test fails.
+redis-server; the worker/barrier protocol is that of ``tests/test_multiprocess.py``, the
+``Fleet`` of processes and the overlap measure come from ``tests/_fleet.py``.
+Synchronisation goes through Redis lists, or reads the limiter's state through its public
+``stats()``, never sleeps. Every process started is reaped by the ``fleet`` fixture, also
+when a test fails.
 """
 
 from __future__ import annotations
@@ -21,8 +22,8 @@ import redis.asyncio as aioredis
 
 from limiter import APILimits, Limiter
 from limiter.testing import RedisServer
+from tests._fleet import Fleet, max_overlap
 from tests._workers import until_waiting
-from tests.test_multiprocess import Fleet, max_overlap
 
 pytestmark = [pytest.mark.redis, pytest.mark.multiprocess]
 

@@ -39,9 +39,8 @@ from chatbot.settings import Settings
 from limiter import AcquireTimeout, APILimits, Limiter, LimiterUnavailable
 from limiter.http import LimitedTransport, ProviderAuthError, openai_client, zapier_mcp
 from limiter.testing import RedisServer, TLSFiles, find_redis_server, free_port, tls_supported
-from tests.test_chatbot_app import running
-from tests.test_fake_openai import serve as serve_fake_openai
-from tests.test_fake_zapier import serve as serve_fake_zapier
+from tests._replica import running
+from tests._servers import serve_fake_openai, serve_fake_zapier
 
 pytestmark = pytest.mark.redis
 
