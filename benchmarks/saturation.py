@@ -102,10 +102,10 @@ def worker(
 
 
 async def _read_window_log(url: str, namespace: str, stop: asyncio.Event) -> dict[str, int]:
-    """Every entry of the window's sorted set seen while the run lasts: slot id -> time."""
+    """Every entry of the request log seen while the run lasts: slot id -> time."""
     seen: dict[str, int] = {}
     client = aioredis.from_url(url)
-    pattern = f"{namespace}:{{{API}}}:w:*"
+    pattern = f"{namespace}:{{{API}}}:requests"
     key: bytes | None = None
     try:
         while True:

@@ -15,21 +15,25 @@ a window (its key would not be among the script's keys).
 from __future__ import annotations
 
 import json
+import logging
 import math
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ._config import (
     MAX_SECONDS,
     APILimits,
     Rate,
-    _finite,
-    _positive_int,
-    _show,
     check_api_name,
+    finite,
+    positive_int,
+    show,
 )
+from ._contract import KeyPlan, text
 from ._errors import ConfigError
-from ._scripts import KeyPlan
+
+if TYPE_CHECKING:
+    from ._runner import ScriptRunner
 
 __all__ = [
     "check_ttl",
@@ -38,15 +42,14 @@ __all__ = [
     "override_fields",
     "override_view",
     "registered",
+    "set_override",
+    "stats_view",
 ]
+
+log = logging.getLogger("limiter")
 
 #: Fields of the registry's JSON (what admission in Redis depends on).
 _CONFIG_FIELDS = ("max_concurrent", "rates", "tokens_per_minute", "lease_ttl", "window_margin")
-
-
-def _text(value: Any) -> str:
-    """A Redis reply (bytes or str) as str."""
-    return value.decode() if isinstance(value, bytes) else str(value)
 
 
 def config_json(limits: APILimits) -> str:
@@ -110,7 +113,7 @@ def override_fields(
     """The override hash's fields for these limits; ConfigError for a window the API lacks."""
     fields: dict[str, int] = {}
     if max_concurrent is not None:
-        _positive_int("max_concurrent", max_concurrent)
+        positive_int("max_concurrent", max_concurrent)
         fields["max_concurrent"] = max_concurrent
     windows: list[tuple[str, int, float]] = []
     if requests_per_minute is not None:
@@ -119,19 +122,19 @@ def override_fields(
         windows.append(("requests_per_hour", requests_per_hour, 3600.0))
     if isinstance(rates, str | bytes) or not isinstance(rates, Sequence):
         raise ConfigError(
-            f"rates={_show(rates)}: must be a sequence of Rate", field="rates", value=rates
+            f"rates={show(rates)}: must be a sequence of Rate", field="rates", value=rates
         )
     for i, rate in enumerate(rates):
         if not isinstance(rate, Rate):
             raise ConfigError(
-                f"rates[{i}]={_show(rate)}: must be a Rate(limit, period)",
+                f"rates[{i}]={show(rate)}: must be a Rate(limit, period)",
                 field=f"rates[{i}]",
                 value=rate,
             )
         windows.append((f"rates[{i}]", rate.limit, rate.period))
-    known = dict(zip(plan.override_fields, plan.window_names, strict=True))
+    known = {w.id: w.name for w in plan.windows}
     for name, limit, period in windows:
-        _positive_int(name, limit)
+        positive_int(name, limit)
         field = f"w:{round(period * 1_000_000)}"
         if field not in known:
             have = ", ".join(n for f, n in known.items() if f != "tokens") or "none"
@@ -143,7 +146,7 @@ def override_fields(
             )
         fields[field] = limit
     if tokens_per_minute is not None:
-        _positive_int("tokens_per_minute", tokens_per_minute)
+        positive_int("tokens_per_minute", tokens_per_minute)
         if "tokens" not in known:
             raise ConfigError(
                 f"tokens_per_minute: API {plan.api!r} has no token budget to override; "
@@ -166,15 +169,39 @@ def check_ttl(ttl: object) -> int:
     """``ttl`` seconds as PEXPIRE milliseconds (0: none); ConfigError naming it if invalid."""
     if ttl is None:
         return 0
-    number = _finite(ttl)
+    number = finite(ttl)
     if number is None or not 0.001 <= number <= MAX_SECONDS:
         raise ConfigError(
-            f"ttl={_show(ttl)}: must be a number of seconds from 0.001 to "
+            f"ttl={show(ttl)}: must be a number of seconds from 0.001 to "
             f"{MAX_SECONDS:.0f} (366 days), or None",
             field="ttl",
             value=ttl,
         )
     return max(1, math.ceil(number * 1000))
+
+
+async def set_override(
+    runner: ScriptRunner, plan: KeyPlan, fields: dict[str, int], ttl: object, ttl_ms: int
+) -> dict[str, Any]:
+    """Write an override (``fields``, ``ttl_ms``; 0: no end) and move the queue to meet it.
+
+    Returns the override in force; ConfigError when the lifetimes disagree (nothing
+    changed).
+    """
+    pairs = tuple(x for item in fields.items() for x in item)
+    flat, left = await runner.run("override", plan, ttl_ms, tail=pairs, label="set_limits")
+    if isinstance(flat, bytes | str):  # {"ttl", ms left}: refused, nothing changed
+        ends = "ends in %.0fs" % (int(left) / 1000) if int(left) > 0 else "has no end"
+        raise ConfigError(
+            f"ttl={show(ttl)}: the override in force for API {plan.api!r} {ends}, and one "
+            "lifetime covers all of it; clear it first, or give the same kind of ttl",
+            field="ttl",
+            value=ttl,
+        )
+    view = override_view(plan, flat, int(left))
+    log.info("API %r: limits overridden: %s", plan.api, view)
+    await runner.run("move", plan, label="set_limits")
+    return view
 
 
 def override_view(plan: KeyPlan, flat: Sequence[Any], ttl_ms: int) -> dict[str, Any]:
@@ -183,11 +210,11 @@ def override_view(plan: KeyPlan, flat: Sequence[Any], ttl_ms: int) -> dict[str, 
     Fields the API does not have (written by hand, or left from an older configuration)
     are shown under their raw names: the scripts ignore them.
     """
-    names = dict(zip(plan.override_fields, plan.window_names, strict=True))
+    names = {w.id: w.name for w in plan.windows}
     names["max_concurrent"] = "max_concurrent"
     out: dict[str, Any] = {}
     for i in range(0, len(flat), 2):
-        field, value = _text(flat[i]), _text(flat[i + 1])
+        field, value = text(flat[i]), text(flat[i + 1])
         try:
             out[names.get(field, field)] = int(value)
         except ValueError:
@@ -199,8 +226,7 @@ def override_view(plan: KeyPlan, flat: Sequence[Any], ttl_ms: int) -> dict[str, 
 
 def is_registry_key(key: str | bytes) -> bool:
     """Whether ``key`` is one of the registry's (``<ns>:apis``, ``<ns>:{api}:config``)."""
-    text = _text(key)
-    return text.endswith((":apis", "}:config"))
+    return text(key).endswith((":apis", "}:config"))
 
 
 def apis_key(namespace: str) -> str:
@@ -219,7 +245,7 @@ async def registered(
     Returns ``({api: APILimits}, {api: why it is unreadable})``: one corrupt entry does
     not hide the others.
     """
-    names = sorted(_text(n) for n in await redis.smembers(apis_key(namespace)))
+    names = sorted(text(n) for n in await redis.smembers(apis_key(namespace)))
     if apis:
         names = [api for api in names if api in apis]
     found: dict[str, APILimits] = {}
@@ -230,11 +256,47 @@ async def registered(
         except ConfigError as exc:  # a name no limiter could have written
             broken[api] = str(exc)
             continue
-        text = await redis.get(key)
-        if text is None:
+        stored = await redis.get(key)
+        if stored is None:
             continue  # expired: that API has not been used for stats_ttl
         try:
-            found[api] = limits_from_config(api, text)
+            found[api] = limits_from_config(api, stored)
         except ConfigError as exc:
             broken[api] = str(exc)
     return found, broken
+
+
+def stats_view(plan: KeyPlan, limits: APILimits, reply: Sequence[Any]) -> dict[str, Any]:
+    """``Limiter.stats()``'s dict for one API from stats.lua's reply."""
+    in_flight, waiting, cooldown_ms, flat, used, override, override_ms = reply
+    overrides = override_view(plan, override, int(override_ms))
+    counters = {text(flat[i]): int(flat[i + 1]) for i in range(0, len(flat), 2)}
+    ok = counters.get("successful_requests", 0)
+    failed = counters.get("failed_requests", 0)
+    done = ok + failed
+    refusals: dict[str, int] = {}
+    for field, n in counters.items():
+        if field.startswith("refused:"):
+            code = field.removeprefix("refused:")
+            name = plan.reasons.get(code, code)
+            refusals[name] = refusals.get(name, 0) + n
+    windows = {
+        w.name: {"used": int(u), "limit": overrides.get(w.name, w.limit)}
+        for w, u in zip(plan.windows, used, strict=True)
+    }
+    return {
+        "total_requests": done + int(in_flight),
+        "successful_requests": ok,
+        "failed_requests": failed,
+        "success_rate": (100.0 * ok / done) if done else 0.0,
+        "average_response_time": (counters.get("response_time_us", 0) / 1e6 / done)
+        if done
+        else 0.0,
+        "concurrent_requests": int(in_flight),
+        "max_concurrent": overrides.get("max_concurrent", limits.max_concurrent),
+        "waiting": int(waiting),
+        "refusals": refusals,
+        "cooldown_remaining": int(cooldown_ms) / 1000,
+        "windows": windows,
+        "overrides": overrides,
+    }

@@ -91,9 +91,9 @@ def retrying(
 
     def before_sleep(rs: RetryCallState) -> None:
         verdict = _verdict(rs, idempotent)
-        if limiter._listeners:
+        if limiter.has_listeners:
             kind = verdict.kind if verdict else "error"
-            limiter._emit("retry", api, kind=kind, wait=rs.upcoming_sleep)
+            limiter.emit("retry", api, kind=kind, wait=rs.upcoming_sleep)
         log.warning(
             "%s failed (attempt %d/%d, %s): retrying in %.2fs",
             label,
@@ -179,11 +179,11 @@ async def pause_if_asked(limiter: Limiter, api: str, verdict: Verdict) -> None:
             seconds,
         )
         await limiter.cooldown(api, seconds)
-        limiter._emit("provider_pause", api, kind="quota", seconds=seconds)
+        limiter.emit("provider_pause", api, kind="quota", seconds=seconds)
     elif verdict.kind == "rate_limited":
         seconds = verdict.retry_after or limits.backoff_min
         log.warning(
             "%s answered 429: pausing it for every replica for %.2fs", display_name(api), seconds
         )
         await limiter.cooldown(api, seconds)
-        limiter._emit("provider_pause", api, kind="rate_limited", seconds=seconds)
+        limiter.emit("provider_pause", api, kind="rate_limited", seconds=seconds)

@@ -11,7 +11,18 @@ from typing import Final
 
 from ._errors import ConfigError
 
-__all__ = ["DEFAULT_LIMITS", "APILimits", "Rate", "check_api_name", "format_period"]
+__all__ = [
+    "DEFAULT_LIMITS",
+    "MAX_COUNT",
+    "MAX_SECONDS",
+    "APILimits",
+    "Rate",
+    "check_api_name",
+    "finite",
+    "format_period",
+    "positive_int",
+    "show",
+]
 
 _API_NAME = re.compile(r"[A-Za-z0-9_.:\-]{1,100}")  # fullmatch: "$" would let "a\n" in
 
@@ -28,7 +39,7 @@ def _is_int(value: object) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
-def _show(value: object) -> str:
+def show(value: object) -> str:
     """``repr(value)`` for a message, shortened; safe for ints too long to print."""
     try:
         text = repr(value)
@@ -37,17 +48,17 @@ def _show(value: object) -> str:
     return text if len(text) <= 200 else text[:200] + "..."
 
 
-def _positive_int(name: str, value: object, *, optional: bool = False) -> None:
+def positive_int(name: str, value: object, *, optional: bool = False) -> None:
     if value is None and optional:
         return
     if not _is_int(value) or not 0 < value <= MAX_COUNT:  # type: ignore[operator]
         kind = "a positive integer or None" if optional else "a positive integer"
         raise ConfigError(
-            f"{name}={_show(value)}: must be {kind} (at most 2**53 - 1)", field=name, value=value
+            f"{name}={show(value)}: must be {kind} (at most 2**53 - 1)", field=name, value=value
         )
 
 
-def _finite(value: object) -> float | None:
+def finite(value: object) -> float | None:
     """``value`` as a finite float, or None when it is no number, a bool, NaN, inf or too big."""
     if not isinstance(value, int | float) or isinstance(value, bool):
         return None
@@ -61,16 +72,16 @@ def _finite(value: object) -> float | None:
 def _positive_float(name: str, value: object, *, optional: bool = False) -> None:
     if value is None and optional:
         return
-    number = _finite(value)
+    number = finite(value)
     if number is None or number <= 0:
         kind = "a finite number of seconds > 0 or None" if optional else "a finite number > 0"
-        raise ConfigError(f"{name}={_show(value)}: must be {kind}", field=name, value=value)
+        raise ConfigError(f"{name}={show(value)}: must be {kind}", field=name, value=value)
 
 
 def _at_most_max_seconds(name: str, value: float) -> None:
     if value > MAX_SECONDS:
         raise ConfigError(
-            f"{name}={_show(value)}: must be at most {MAX_SECONDS:.0f} seconds (366 days)",
+            f"{name}={show(value)}: must be at most {MAX_SECONDS:.0f} seconds (366 days)",
             field=name,
             value=value,
         )
@@ -85,7 +96,7 @@ def check_api_name(api: object) -> str:
     """Return ``api`` if it can name an API (it becomes a Redis hash tag), else raise."""
     if not isinstance(api, str) or not _API_NAME.fullmatch(api):
         raise ConfigError(
-            f"API name {_show(api)}: must be 1-100 characters of letters, digits, "
+            f"API name {show(api)}: must be 1-100 characters of letters, digits, "
             "'_', '.', ':' or '-'",
             field="api",
             value=api,
@@ -103,11 +114,11 @@ class Rate:
     period: float
 
     def __post_init__(self) -> None:
-        _positive_int("Rate.limit", self.limit)
+        positive_int("Rate.limit", self.limit)
         _positive_float("Rate.period", self.period)
         if self.period < 0.001:
             raise ConfigError(
-                f"Rate.period={_show(self.period)}: must be at least 0.001 seconds",
+                f"Rate.period={show(self.period)}: must be at least 0.001 seconds",
                 field="Rate.period",
                 value=self.period,
             )
@@ -157,33 +168,32 @@ class APILimits:
     windows: tuple[Rate, ...] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
-        _positive_int("APILimits.max_concurrent", self.max_concurrent, optional=True)
-        _positive_int("APILimits.requests_per_minute", self.requests_per_minute, optional=True)
-        _positive_int("APILimits.requests_per_hour", self.requests_per_hour, optional=True)
-        _positive_int("APILimits.tokens_per_minute", self.tokens_per_minute, optional=True)
-        _positive_int("APILimits.retry_attempts", self.retry_attempts)
+        positive_int("APILimits.max_concurrent", self.max_concurrent, optional=True)
+        positive_int("APILimits.requests_per_minute", self.requests_per_minute, optional=True)
+        positive_int("APILimits.requests_per_hour", self.requests_per_hour, optional=True)
+        positive_int("APILimits.tokens_per_minute", self.tokens_per_minute, optional=True)
+        positive_int("APILimits.retry_attempts", self.retry_attempts)
         _positive_float("APILimits.backoff_min", self.backoff_min)
         _positive_float("APILimits.backoff_max", self.backoff_max)
         _positive_float("APILimits.lease_ttl", self.lease_ttl)
         _positive_float("APILimits.acquire_timeout", self.acquire_timeout, optional=True)
-        margin = _finite(self.window_margin)
+        margin = finite(self.window_margin)
         if margin is None or margin < 0:
             raise ConfigError(
-                f"APILimits.window_margin={_show(self.window_margin)}: "
-                "must be a finite number >= 0",
+                f"APILimits.window_margin={show(self.window_margin)}: must be a finite number >= 0",
                 field="APILimits.window_margin",
                 value=self.window_margin,
             )
         if self.backoff_min > self.backoff_max:
             raise ConfigError(
-                f"APILimits.backoff_min={_show(self.backoff_min)} is greater than "
-                f"backoff_max={_show(self.backoff_max)}",
+                f"APILimits.backoff_min={show(self.backoff_min)} is greater than "
+                f"backoff_max={show(self.backoff_max)}",
                 field="APILimits.backoff_min",
                 value=self.backoff_min,
             )
         if self.lease_ttl < 0.1:
             raise ConfigError(
-                f"APILimits.lease_ttl={_show(self.lease_ttl)}: must be at least 0.1 seconds",
+                f"APILimits.lease_ttl={show(self.lease_ttl)}: must be at least 0.1 seconds",
                 field="APILimits.lease_ttl",
                 value=self.lease_ttl,
             )
@@ -191,7 +201,7 @@ class APILimits:
         _at_most_max_seconds("APILimits.window_margin", self.window_margin)
         if isinstance(self.rates, str | bytes) or not isinstance(self.rates, Sequence):
             raise ConfigError(
-                f"APILimits.rates={_show(self.rates)}: must be a sequence of Rate",
+                f"APILimits.rates={show(self.rates)}: must be a sequence of Rate",
                 field="APILimits.rates",
                 value=self.rates,
             )
@@ -203,7 +213,7 @@ class APILimits:
         for i, rate in enumerate(self.rates):
             if not isinstance(rate, Rate):
                 raise ConfigError(
-                    f"APILimits.rates[{i}]={_show(rate)}: must be a Rate(limit, period)",
+                    f"APILimits.rates[{i}]={show(rate)}: must be a Rate(limit, period)",
                     field=f"APILimits.rates[{i}]",
                     value=rate,
                 )
@@ -214,7 +224,7 @@ class APILimits:
             if key in seen:
                 raise ConfigError(
                     f"APILimits.rates: two windows of {format_period(rate.period)} "
-                    f"({_show(seen[key])} and {_show(rate)}); keep one",
+                    f"({show(seen[key])} and {show(rate)}); keep one",
                     field="APILimits.rates",
                     value=rate,
                 )
@@ -227,7 +237,7 @@ def validate_limits(limits: Mapping[str, APILimits]) -> dict[str, APILimits]:
     """Check a ``{api: APILimits}`` mapping and return a plain copy of it."""
     if not isinstance(limits, Mapping):
         raise ConfigError(
-            f"limits={_show(limits)}: must be a mapping of API name to APILimits",
+            f"limits={show(limits)}: must be a mapping of API name to APILimits",
             field="limits",
             value=limits,
         )
@@ -236,8 +246,8 @@ def validate_limits(limits: Mapping[str, APILimits]) -> dict[str, APILimits]:
         check_api_name(api)
         if not isinstance(lim, APILimits):
             raise ConfigError(
-                f"limits[{_show(api)}]={_show(lim)}: must be an APILimits",
-                field=f"limits[{_show(api)}]",
+                f"limits[{show(api)}]={show(lim)}: must be an APILimits",
+                field=f"limits[{show(api)}]",
                 value=lim,
             )
         out[api] = lim

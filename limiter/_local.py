@@ -13,7 +13,7 @@ import math
 from collections import deque
 
 from ._config import APILimits
-from ._scripts import KeyPlan
+from ._contract import KeyPlan
 
 __all__ = ["LocalGate"]
 
@@ -37,13 +37,8 @@ class LocalGate:
             None if limits.max_concurrent is None else limits.max_concurrent // share
         )
         #: (limit, period in seconds, kind "r" requests / "t" tokens) per window.
-        self.windows = [
-            (limit // share, period_us / 1_000_000, kind)
-            for limit, period_us, kind in zip(
-                plan.window_limits, plan.window_periods, plan.window_kinds, strict=True
-            )
-        ]
-        self.names = plan.window_names
+        self.windows = [(w.limit // share, w.period_us / 1_000_000, w.kind) for w in plan.windows]
+        self.names = tuple(w.name for w in plan.windows)
         self.logs: list[deque[tuple[float, int]]] = [deque() for _ in self.windows]
         self.in_flight = 0
         self.paused_until = 0.0

@@ -24,12 +24,12 @@ from urllib.parse import unquote
 
 from redis.exceptions import RedisClusterException, RedisError
 
-from ._admin import _text, apis_key, registered
+from ._admin import apis_key, registered
 from ._config import Rate
 from ._connect import redact_url
+from ._contract import OPERATIONS, lua_source, text
 from ._errors import ConfigError, LimiterError, LimiterUnavailable
 from ._limiter import Limiter
-from ._scripts import lua_source
 
 __all__ = ["main"]
 
@@ -169,7 +169,7 @@ class _Session:
         unknown = [api for api in wanted if api not in limits]
         if unknown:
             names = await self.base.redis.smembers(apis_key(self.namespace))
-            have = ", ".join(sorted(_text(n) for n in names)) or "none"
+            have = ", ".join(sorted(text(n) for n in names)) or "none"
             raise _Failed(
                 f"API {unknown[0]!r} is not registered in namespace {self.namespace!r} "
                 f"at {self.shown_url} (registered: {have}). A limiter registers its APIs "
@@ -380,7 +380,7 @@ async def _doctor(session: _Session, args: argparse.Namespace) -> int:
         say(oldest >= MIN_REDIS, "version", f"Redis {shown} ({modes}); needs 6.2 or newer")
     except Exception as exc:
         say(False, "version", _reason(exc))
-    names = ("acquire", "release", "renew", "cooldown", "heartbeat", "override", "stats")
+    names = tuple(OPERATIONS)
     try:
         for name in names:
             await redis.script_load(lua_source(name))

@@ -265,8 +265,8 @@ async def test_expired_lease_frees_the_slot(make_limiter: LimiterFactory) -> Non
     crashed = make_limiter({"a": APILimits(max_concurrent=1, lease_ttl=0.3)})
     other = make_limiter({"a": APILimits(max_concurrent=1, lease_ttl=0.3)})
     slot = await crashed.acquire("a")
-    assert crashed._renewer is not None
-    crashed._renewer.cancel()  # the process is gone: nobody renews
+    assert crashed._waiting._renewer is not None
+    crashed._waiting._renewer.cancel()  # the process is gone: nobody renews
     start = time.monotonic()
     mine = await other.acquire("a", timeout=3)
     waited = time.monotonic() - start

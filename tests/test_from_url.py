@@ -16,7 +16,7 @@ pytestmark = pytest.mark.redis
 async def test_burst_larger_than_the_pool(redis_server: RedisServer) -> None:
     """300 concurrent slot() calls in one process all succeed through a 50-connection pool."""
     async with Limiter.from_url(redis_server.url, {"a": APILimits(max_concurrent=10)}) as lim:
-        await lim._redis.flushall()
+        await lim.redis.flushall()
         in_flight = peak = 0
 
         async def one() -> None:

@@ -14,8 +14,8 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
 
 from limiter import APILimits, Rate
+from limiter._contract import KeyPlan, lua_source
 from limiter._retry import MAX_HINT, classify_response, parse_duration, parse_retry_after
-from limiter._scripts import KeyPlan, lua_source
 from limiter.testing import RedisServer
 
 #: Lease length and ticket length given to the scripts (seconds).
@@ -56,9 +56,10 @@ class LimiterModel(RuleBasedStateMachine):
         super().__init__()
         self.client = _CLIENT["client"]
         self.client.flushall()
-        self.acquire = self.client.register_script(lua_source("acquire"))
-        self.release = self.client.register_script(lua_source("release"))
-        self.renew = self.client.register_script(lua_source("renew"))
+        self.scripts = {
+            op: self.client.register_script(lua_source(op))
+            for op in ("acquire", "release", "renew")
+        }
         self.counter = 0
         #: slot id -> (admission time, lower bound of lease expiry, upper bound), microseconds.
         self.holders: dict[str, tuple[int, int, int]] = {}
@@ -78,13 +79,15 @@ class LimiterModel(RuleBasedStateMachine):
             max_concurrent=max_concurrent, rates=[Rate(limit, period)], lease_ttl=LEASE
         )
         self.plan = KeyPlan.build("mdl", "api", limits, ticket_ttl=LEASE, stats_ttl=60.0)
-        self.window_key = self.plan.keys[7]
+        self.window_key = self.plan.key("requests")
+        self.window_id = self.plan.windows[0].id.encode()
 
-    def _call(self, script: Any, *extra: Any) -> tuple[int, Any, int]:
-        """Run ``script`` with the plan's keys and ARGV; return (TIME before, reply, TIME after)."""
+    def _call(self, op: str, *extra: Any, tail: tuple[Any, ...] = ()) -> tuple[int, Any, int]:
+        """Run script ``op`` with the plan's KEYS and ARGV: (TIME before, reply, TIME after)."""
         assert self.plan is not None
         t0 = _now(self.client)
-        res = script(keys=list(self.plan.keys), args=[self.plan.config, *extra])
+        args = list(self.plan.argv(op, *extra, tail=tail))
+        res = self.scripts[op](keys=list(self.plan.keys), args=args)
         t1 = _now(self.client)
         return t0, res, t1
 
@@ -93,7 +96,7 @@ class LimiterModel(RuleBasedStateMachine):
         """Acquire in "try" mode: refused when surely full, admitted when surely free."""
         self.counter += 1
         slot = f"p1.{self.counter}"
-        t0, res, t1 = self._call(self.acquire, slot, 1, 0, b"try", b"1")
+        t0, res, t1 = self._call("acquire", slot, 1, 0, b"try", 1)
         # The script's NOW lies in [t0, t1]. A lease is alive at NOW iff expiry > NOW;
         # an admission is in the window at NOW iff its time > NOW - period.
         # "Surely" = true for every NOW in [t0 - MARGIN, t1 + MARGIN].
@@ -112,7 +115,7 @@ class LimiterModel(RuleBasedStateMachine):
             self.holders[slot] = (at, at + LEASE_US, at + LEASE_US)
             self.admissions.append(at)
         else:
-            assert res[1] in (b"concurrency", b"w1"), res
+            assert res[1] in (b"concurrency", self.window_id), res
             assert int(res[3]) == 1  # nobody queues in "try" mode: the caller is the head
 
     @precondition(lambda self: bool(self.holders))
@@ -121,7 +124,7 @@ class LimiterModel(RuleBasedStateMachine):
         """Release a held slot: held=1 when its lease is surely alive, 0 when surely expired."""
         slot = sorted(self.holders)[index % len(self.holders)]
         at, lo, hi = self.holders.pop(slot)
-        t0, res, t1 = self._call(self.release, slot, b"", 1, at, 0, -1, b"0")
+        t0, res, t1 = self._call("release", slot, 1, at, 0, -1, 0)
         held = int(res[0])
         if lo > t1 + MARGIN:
             assert held == 1, f"surely alive lease of {slot} reported lost"
@@ -134,7 +137,7 @@ class LimiterModel(RuleBasedStateMachine):
     def renew_all(self) -> None:
         """Renew every held slot: surely-alive ones are extended, surely-expired ones are lost."""
         slots = sorted(self.holders)
-        t0, res, t1 = self._call(self.renew, len(slots), *slots)
+        t0, res, t1 = self._call("renew", len(slots), tail=tuple(slots))
         lost = {s.decode() for s in res[0]}
         assert res[1] == []
         assert res[2] == []

@@ -70,7 +70,8 @@ LIMITER_ACL = (
     "resetkeys ~limiter:* resetchannels &limiter:wake:* -@all "
     "+evalsha +script|load +subscribe "
     "+time +zadd +zrem +zscore +zcard +zcount +zrange +zrangebyscore +zremrangebyscore "
-    "+hset +hget +hmget +hdel +hincrby +hgetall +set +sadd +pttl +pexpire +publish"
+    "+hset +hget +hmget +hdel +hincrby +hgetall +set +sadd +pexpire +persist +del "
+    "+publish"
 )
 ACL_LINES = [f"user fleet on >{FLEET_PASSWORD} {LIMITER_ACL}"]
 

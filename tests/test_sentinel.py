@@ -106,7 +106,7 @@ async def test_concurrent_master_lookups_keep_every_sentinel() -> None:
     another, which was then never asked again nor closed (leaked connections).
     """
     lim = Limiter.from_url("redis+sentinel://127.0.0.1:1,127.0.0.1:2,127.0.0.1:3/svc", {})
-    sentinel = lim._redis._limiter_sentinel
+    sentinel = lim.redis._limiter_sentinel
     real = list(sentinel.sentinels)
     stubs = [_StubSentinel("s0", False), _StubSentinel("s1", False), _StubSentinel("s2", True)]
     sentinel.sentinels[:] = stubs

@@ -1,14 +1,13 @@
 -- acquire.lua: admit one request, or queue it fairly and say why not.
 --
--- KEYS and ARGV[1]: see _common.lua (holders, queue, qexp, cooldown, stats,
--- extra, handed, then one key per window; the API's configuration).
--- Operation ARGV:
---   ARGV[2]  slot id "<process id>.<n>", unique per request
---   ARGV[3]  cost: weight in request windows (integer >= 1)
---   ARGV[4]  tokens: weight in the token window (integer >= 0)
---   ARGV[5]  mode: "wait" (join the FIFO queue when refused) or
---            "try" (never queue; refuse when anyone is waiting)
---   ARGV[6]  "1" on a request's first call, "0" when a waiter asks again
+-- KEYS: the API's keys (_common.lua). ARGV: the call's own, then the API's
+-- configuration (limiter/_contract.py binds both to the names used here):
+--   SLOT    slot id "<process id>.<n>", unique per request
+--   COST    weight in the request windows (integer >= 1)
+--   TOKENS  weight in the token window (integer >= 0)
+--   MODE    "wait" (join the FIFO queue when refused) or "try" (never queue;
+--           refuse when anyone is waiting)
+--   FIRST   1 on a request's first call, 0 when a waiter asks again
 --
 -- All or nothing: concurrency, every window, tokens and the cooldown are
 -- checked together; a refusal records nothing but the ticket (mode "wait")
@@ -18,39 +17,13 @@
 --   {1, admission time (microseconds, Redis TIME)}   admitted; the lease runs
 --                                                    until admission + lease
 --   {0, reason, wait (microseconds), at_head (0/1)}  refused, where reason is
---       "cooldown", "concurrency" or "w<i>" (the i-th window of ARGV[1]); wait
---       is how long until that limit could pass when this ticket is at the
---       head (-1 when it is not: wait for a wake-up on the process channel).
---   {0, "w<i>", -2, limit in force}  never: heavier than window i's limit as an
---       override set it (nothing is queued)
+--       "cooldown", "concurrency" or a window's id ("w:<period us>", "tokens");
+--       wait is how long until that limit could pass when this ticket is at
+--       the head (-1 when it is not: wait for a wake-up on the process channel)
+--   {0, window id, -2, limit in force}  never: heavier than that window's limit
+--       as an override set it (nothing is queued)
 
-local SLOT = ARGV[2]
-local COST = tonumber(ARGV[3])
-local TOKENS = tonumber(ARGV[4])
-local MODE = ARGV[5]
-local FIRST = ARGV[6] == '1'
 local TICKET = SLOT .. '|' .. int(COST) .. '|' .. int(TOKENS)
-
-prune_leases()
-local waiting = redis.call('ZCARD', K_QUEUE)
-if waiting > 0 then prune_tickets() end
-
-if not FIRST and redis.call('ZSCORE', K_HOLDERS, SLOT) then
-  -- Admitted by someone else's release meanwhile (its wake-up may be in flight).
-  -- The waiter is alive: its short hand-over lease becomes a full one.
-  redis.call('ZADD', K_HOLDERS, int(NOW + LEASE), SLOT)
-  redis.call('ZREM', K_QUEUE, TICKET)
-  redis.call('ZREM', K_QEXP, TICKET)
-  return {1, handed_at(SLOT)}
-end
-
-local heavy = too_heavy(COST, TOKENS)
-if heavy then
-  -- Heavier than a limit an override lowered: it can never pass (nor wait).
-  redis.call('ZREM', K_QUEUE, TICKET)
-  redis.call('ZREM', K_QEXP, TICKET)
-  return {0, 'w' .. heavy, -2, int(W_LIMIT[heavy])}
-end
 
 local function enqueue()
   local new = false
@@ -58,45 +31,72 @@ local function enqueue()
     redis.call('ZADD', K_QUEUE, int(NOW), TICKET)
     new = true
   end
-  redis.call('ZADD', K_QEXP, int(NOW + TICKET_TTL), TICKET)
-  redis.call('PEXPIRE', K_QUEUE, ttl_ms(TICKET_TTL))
-  redis.call('PEXPIRE', K_QEXP, ttl_ms(TICKET_TTL))
+  redis.call('ZADD', K_QEXP, int(NOW + TICKET_US), TICKET)
+  redis.call('PEXPIRE', K_QUEUE, ttl_ms(TICKET_US))
+  redis.call('PEXPIRE', K_QEXP, ttl_ms(TICKET_US))
   return new
 end
 
-if waiting == 0 or redis.call('ZCARD', K_QUEUE) == 0 then
-  -- Nobody waits: the common, fast case.
-  local reason, wait = check(COST, TOKENS)
-  if not reason then
-    admit(SLOT, COST, TOKENS)
-    return {1, NOW}
+local function run()
+  local waiting = redis.call('ZCARD', K_QUEUE)
+  if waiting > 0 then prune_tickets() end
+
+  if FIRST == 0 and lease_of(SLOT) then
+    -- Admitted by someone else's release meanwhile (its wake-up may be in flight).
+    -- The waiter is alive: its short hand-over lease becomes a full one.
+    redis.call('ZADD', K_HOLDERS, int(NOW + LEASE_US), SLOT)
+    load_state()
+    keep('holders', K_HOLDERS, LEASE_US)
+    drop_ticket(TICKET)
+    return {1, handed_at(SLOT)}
   end
-  if FIRST then count_refusal(reason) end
-  if MODE == 'wait' then enqueue() end
-  return {0, reason, wait, 1}
+
+  local heavy = too_heavy(COST, TOKENS)
+  if heavy then
+    -- Heavier than a limit an override lowered: it can never pass (nor wait).
+    drop_ticket(TICKET)
+    return {0, heavy.id, -2, int(heavy.limit)}
+  end
+
+  if waiting == 0 or redis.call('ZCARD', K_QUEUE) == 0 then
+    -- Nobody waits: the common, fast case.
+    local reason, wait = check(COST, TOKENS)
+    if not reason then
+      admit(SLOT, COST, TOKENS)
+      return {1, NOW}
+    end
+    if FIRST == 1 then count_refusal(reason) end
+    if MODE == 'wait' then enqueue() end
+    return {0, reason, wait, 1}
+  end
+
+  prune_leases()
+  if MODE == 'try' then
+    local _, head, reason, wait, woken = drain(nil)
+    if woken > 0 then hint_head(head, wait, nil) end
+    if head then
+      count_refusal(reason)
+      return {0, reason, -1, 0}
+    end
+    local r, w = check(COST, TOKENS)
+    if not r then
+      admit(SLOT, COST, TOKENS)
+      return {1, NOW}
+    end
+    count_refusal(r)
+    return {0, r, w, 1}
+  end
+
+  local new = enqueue()
+  local own, head, reason, wait, woken = drain(TICKET)
+  -- A new head (after this ticket or others were admitted) learns how long it must wait.
+  if own or woken > 0 then hint_head(head, wait, TICKET) end
+  if own then return {1, NOW} end
+  if new and FIRST == 1 then count_refusal(reason) end
+  if head == TICKET then return {0, reason, wait, 1} end
+  return {0, reason, -1, 0}
 end
 
-if MODE == 'try' then
-  local _, head, reason, wait, woken = drain(nil)
-  if woken > 0 then hint_head(head, wait, nil) end
-  if head then
-    count_refusal(reason)
-    return {0, reason, -1, 0}
-  end
-  local r, w = check(COST, TOKENS)
-  if not r then
-    admit(SLOT, COST, TOKENS)
-    return {1, NOW}
-  end
-  count_refusal(r)
-  return {0, r, w, 1}
-end
-
-local new = enqueue()
-local own, head, reason, wait, woken = drain(TICKET)
--- A new head (after this ticket or others were admitted) learns how long it must wait.
-if own or woken > 0 then hint_head(head, wait, TICKET) end
-if own then return {1, NOW} end
-if new and FIRST then count_refusal(reason) end
-if head == TICKET then return {0, reason, wait, 1} end
-return {0, reason, -1, 0}
+local result = run()
+flush()
+return result

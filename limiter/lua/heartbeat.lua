@@ -1,12 +1,15 @@
--- Heartbeat of one limiter (one replica): count the live ones.
--- KEYS[1]  <namespace>:replicas   ZSET  process id -> expiry (ms of Redis TIME)
--- ARGV[1]  this limiter's process id
--- ARGV[2]  ttl in ms: a limiter that stops beating leaves the count after this long
+-- heartbeat.lua: one limiter (one replica) says it is alive; count the live ones.
+--
+-- KEYS and ARGV (limiter/_contract.py binds them):
+--   K_REPLICAS  <namespace>:replicas  ZSET  process id -> expiry (ms of Redis TIME)
+--   PROCESS     this limiter's process id
+--   TTL_MS      a limiter that stops beating leaves the count after this long
+--
 -- Returns the number of live limiters, this one included.
+
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-local ttl = tonumber(ARGV[2])
-redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
-redis.call('ZADD', KEYS[1], now + ttl, ARGV[1])
-redis.call('PEXPIRE', KEYS[1], ttl)
-return redis.call('ZCARD', KEYS[1])
+redis.call('ZREMRANGEBYSCORE', K_REPLICAS, '-inf', now)
+redis.call('ZADD', K_REPLICAS, now + TTL_MS, PROCESS)
+redis.call('PEXPIRE', K_REPLICAS, TTL_MS)
+return redis.call('ZCARD', K_REPLICAS)

@@ -1,31 +1,72 @@
 -- override.lua: set or clear an API's runtime limits (`limiter limits set|clear`).
 --
--- KEYS[1]  override HASH (limiter:{api}:override), read by every admission script
--- ARGV[1]  lifetime, milliseconds (0: until cleared)
--- ARGV[2..] field, value pairs to set ("max_concurrent", "w:<period us>",
---           "tokens"); none: clear the whole hash
+-- KEYS: the API's keys (_common.lua); only K_STATE is touched (its o:* fields,
+-- which every admission script applies in place of the configured limits).
+-- ARGV: the call's own, then the API's configuration, then a tail
+-- (limiter/_contract.py binds them):
+--   TTL_MS             lifetime, milliseconds (0: until cleared)
+--   ARGV[TAIL_AT ...]  field, value pairs to set ("max_concurrent",
+--                      "w:<period us>", "tokens"); none: clear the override
 --
--- One lifetime covers the whole hash, so a set may not change what the fields
--- already in force were given: without a lifetime onto an override that ends
--- (they would stay for ever), or with one onto an override that does not (they
--- would end). Such a set changes nothing and returns {"ttl", PTTL in force}.
+-- One lifetime (o:until) covers the whole override, so a set may not change
+-- what the fields already in force were given: without a lifetime onto an
+-- override that ends (they would stay for ever), or with one onto an override
+-- that does not (they would end). Such a set changes nothing and returns
+-- {"ttl", milliseconds left}. An override whose lifetime ended is gone.
 --
--- Returns the hash as it now is (flat HGETALL list) and its PTTL.
+-- Returns the override as it now is (flat field, value list, names without
+-- "o:") and its milliseconds left (-1: no end, -2: none).
 
-local key = KEYS[1]
-local ms = tonumber(ARGV[1])
-if #ARGV == 1 then
-  redis.call('DEL', key)
+load_state()
+
+-- The override's fields as stored, those of an ended one deleted.
+local function stored()
+  local raw = redis.call('HGETALL', K_STATE)
+  local names, flat = {}, {}
+  for i = 1, #raw, 2 do
+    local name = string.match(raw[i], '^o:(.*)$')
+    if name then
+      names[#names + 1] = raw[i]
+      if name ~= 'until' then
+        flat[#flat + 1] = name
+        flat[#flat + 1] = raw[i + 1]
+      end
+    end
+  end
+  return names, flat
+end
+
+local function left()
+  local u = ST.override_until
+  if u == nil then return -2 end
+  if u == 0 then return -1 end
+  return math.ceil((u - NOW) / 1000)
+end
+
+local names = stored()
+local ended = ST.override_until and ST.override_until > 0 and ST.override_until <= NOW
+if #names > 0 and (ended or #ARGV < TAIL_AT) then
+  redis.call('HDEL', K_STATE, unpack(names))
+end
+if ended or #ARGV < TAIL_AT then ST.override_until = nil end
+if #ARGV < TAIL_AT then
+  flush()
   return {{}, -2}
 end
-local left = redis.call('PTTL', key)
-if (ms == 0 and left > 0) or (ms > 0 and left == -1) then
-  return {'ttl', left}
+
+local l = left()
+if (TTL_MS == 0 and l > 0) or (TTL_MS > 0 and l == -1) then
+  return {'ttl', l}
 end
-redis.call('HSET', key, unpack(ARGV, 2))
-if ms > 0 then
-  redis.call('PEXPIRE', key, ms)
-else
-  redis.call('PERSIST', key)
+local set = {}
+for i = TAIL_AT, #ARGV, 2 do
+  set[#set + 1] = 'o:' .. ARGV[i]
+  set[#set + 1] = ARGV[i + 1]
 end
-return {redis.call('HGETALL', key), redis.call('PTTL', key)}
+ST.override_until = (TTL_MS > 0) and (NOW + TTL_MS * 1000) or 0
+set[#set + 1] = 'o:until'
+set[#set + 1] = int(ST.override_until)
+redis.call('HSET', K_STATE, unpack(set))
+flush()
+local _, flat = stored()
+return {flat, left()}

@@ -1,0 +1,123 @@
+"""Checks of what a caller passes to the Limiter: a ConfigError naming the field and value.
+
+Pure: no I/O, no state. Called by the Limiter façade before anything reaches Redis, so a
+bad argument queues nothing and consumes nothing.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import TYPE_CHECKING
+
+from ._config import MAX_COUNT, MAX_SECONDS, finite, show
+from ._errors import ConfigError
+
+if TYPE_CHECKING:
+    from ._contract import KeyPlan
+
+__all__ = [
+    "check_cooldown",
+    "check_key",
+    "check_namespace",
+    "check_request",
+    "check_seconds",
+    "check_timeout",
+]
+
+
+def utf8(value: str) -> bool:
+    """False for text that cannot be sent to Redis (a lone surrogate)."""
+    try:
+        value.encode()
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def check_namespace(namespace: object) -> str:
+    if (
+        not isinstance(namespace, str)
+        or not 0 < len(namespace) <= 100
+        or any(c in "{} \t\n\r\x0b\x0c" for c in namespace)  # hash tags, channel words
+        or not utf8(namespace)
+    ):
+        raise ConfigError(
+            f"namespace={show(namespace)}: must be 1-100 characters of UTF-8 text "
+            "without braces or whitespace",
+            field="namespace",
+            value=namespace,
+        )
+    return namespace
+
+
+def check_seconds(name: str, value: object, low: float) -> float:
+    """A duration setting from ``low`` seconds to 366 days."""
+    number = finite(value)
+    if number is None or not low <= number <= MAX_SECONDS:
+        raise ConfigError(
+            f"{name}={show(value)}: must be a number of seconds from {low:g} to "
+            f"{MAX_SECONDS:.0f} (366 days)",
+            field=name,
+            value=value,
+        )
+    return number
+
+
+def check_cooldown(seconds: object) -> float:
+    number = finite(seconds)
+    if number is None or not 0 < number <= MAX_SECONDS:
+        raise ConfigError(
+            f"cooldown seconds={show(seconds)}: must be a number > 0 and at most "
+            f"{MAX_SECONDS:.0f} (366 days)",
+            field="seconds",
+            value=seconds,
+        )
+    return number
+
+
+def check_key(key: object) -> str:
+    if not isinstance(key, str) or not key or not utf8(key):
+        raise ConfigError(
+            f"key={show(key)}: must be a non-empty string of UTF-8 text", field="key", value=key
+        )
+    return key
+
+
+def check_timeout(timeout: object) -> float | None:
+    """``timeout`` of acquire/slot as seconds (inf: no bound), or None."""
+    if timeout is None:
+        return None
+    number = finite(timeout)
+    if number is None and timeout == math.inf and not isinstance(timeout, bool):
+        number = math.inf  # wait without bound, as None with no acquire_timeout
+    if number is None or number < 0:
+        raise ConfigError(
+            f"timeout={show(timeout)}: must be a number of seconds >= 0 or None",
+            field="timeout",
+            value=timeout,
+        )
+    return number
+
+
+def check_request(plan: KeyPlan, cost: object, tokens: object) -> None:
+    """``cost`` and ``tokens`` are whole numbers in range, and no configured limit is
+    below them (such a request could never pass)."""
+    if not isinstance(cost, int) or isinstance(cost, bool) or not 1 <= cost <= MAX_COUNT:
+        raise ConfigError(
+            f"cost={show(cost)}: must be an integer from 1 to 2**53 - 1", field="cost", value=cost
+        )
+    if not isinstance(tokens, int) or isinstance(tokens, bool) or not 0 <= tokens <= MAX_COUNT:
+        raise ConfigError(
+            f"tokens={show(tokens)}: must be an integer from 0 to 2**53 - 1",
+            field="tokens",
+            value=tokens,
+        )
+    for w in plan.windows:
+        weight, what = (tokens, "tokens") if w.kind == "t" else (cost, "cost")
+        if weight > w.limit:
+            raise ConfigError(
+                f"{what}={weight} for API {plan.api!r} can never pass: "
+                f"the {w.name} limit is {w.limit}",
+                field=what,
+                value=weight,
+            )

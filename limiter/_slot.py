@@ -1,0 +1,188 @@
+"""``Slot``, the caller's handle on one admission, and ``SlotState``, what the engine knows of it.
+
+Owns: nothing in Redis. A :class:`Slot` holds one :class:`SlotState` and releases it
+through the state's ``owner`` (the part that admitted it: ``_admission.Admission`` for
+slots decided in Redis, ``_failopen.FailOpen`` for slots admitted locally while Redis was
+unreachable). Only the owner changes a state's fields, except ``actual_tokens``
+(:meth:`Slot.report_tokens`) and ``released``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass
+from types import TracebackType
+from typing import TYPE_CHECKING, Any, Protocol, Self
+
+from ._config import MAX_COUNT, show
+from ._errors import ConfigError, LeaseLost
+
+if TYPE_CHECKING:
+    from ._contract import KeyPlan
+    from ._local import LocalGate
+
+__all__ = ["OUTCOME_FAILURE", "OUTCOME_SUCCESS", "Slot", "SlotContext", "SlotOwner", "SlotState"]
+
+#: What a release counts in the totals (release.lua's OUTCOME).
+OUTCOME_SUCCESS, OUTCOME_FAILURE = 1, 2
+
+
+class SlotOwner(Protocol):
+    """The part that admitted a slot and gives it back."""
+
+    async def release_slot(self, state: SlotState, outcome: int) -> None: ...
+
+    def keep(self, task: asyncio.Future[Any]) -> None: ...
+
+
+@dataclass(slots=True, eq=False)
+class SlotState:
+    """One admission as its owner tracks it."""
+
+    owner: SlotOwner
+    plan: KeyPlan
+    id: str
+    #: Admission time, microseconds of Redis TIME (local slots: of this host's clock).
+    acquired_at: int
+    cost: int
+    tokens: int
+    #: Handed over by another process's release: its admission time may still be kept in
+    #: Redis, and its first lease is a ticket's length until the renewer makes it full.
+    handed: bool = False
+    short_lease: bool = False
+    #: Admitted by this process alone while Redis was unreachable (fail_open).
+    local: bool = False
+    #: The local share this slot counts in (fail_open), if any.
+    gate: LocalGate | None = None
+    actual_tokens: int = -1
+    released: bool = False
+    lost: bool = False
+
+
+class Slot:
+    """One admission: a concurrency slot (a lease in Redis) plus one hit in every window.
+
+    Release it exactly once, with ``await slot.release()`` or by leaving ``async with``.
+    """
+
+    __slots__ = ("_state",)
+
+    def __init__(self, state: SlotState) -> None:
+        self._state = state
+
+    def __repr__(self) -> str:
+        s = self._state
+        state = "released" if s.released else ("lost" if s.lost else "held")
+        where = " local" if s.local else ""
+        return f"<Slot {self.api} {s.id} {state}{where}>"
+
+    @property
+    def api(self) -> str:
+        """The API this slot admits a call to."""
+        return self._state.plan.api
+
+    @property
+    def id(self) -> str:
+        """Unique id of the slot (``"<process id>.<n>"``)."""
+        return self._state.id
+
+    @property
+    def acquired_at(self) -> int:
+        """Admission time, microseconds of Redis TIME (the cluster's one clock)."""
+        return self._state.acquired_at
+
+    @property
+    def cost(self) -> int:
+        """Weight of this admission in the request windows."""
+        return self._state.cost
+
+    @property
+    def tokens(self) -> int:
+        """Tokens reserved at admission."""
+        return self._state.tokens
+
+    @property
+    def local(self) -> bool:
+        """True when this process admitted it alone, Redis being unreachable (fail_open)."""
+        return self._state.local
+
+    @property
+    def released(self) -> bool:
+        """True once :meth:`release` (or leaving ``async with``) has begun."""
+        return self._state.released
+
+    @property
+    def held(self) -> bool:
+        """True until released, and while no renewal has found the lease gone."""
+        return not self._state.released and not self._state.lost
+
+    def report_tokens(self, n: int) -> None:
+        """Report the tokens really used; the reservation is corrected on release."""
+        if not isinstance(n, int) or isinstance(n, bool) or not 0 <= n <= MAX_COUNT:
+            raise ConfigError(
+                f"report_tokens(n={show(n)}): must be an integer from 0 to 2**53 - 1",
+                field="tokens",
+                value=n,
+            )
+        self._state.actual_tokens = n
+
+    async def release(self, *, success: bool = True) -> None:
+        """Free the slot for the next waiter; counts a success or failure in ``stats()``.
+
+        Idempotent. Raises :class:`LeaseLost` if the lease was found gone.
+        """
+        state = self._state
+        if state.released:
+            return
+        state.released = True
+        await state.owner.release_slot(state, OUTCOME_SUCCESS if success else OUTCOME_FAILURE)
+
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        state = self._state
+        if state.released:
+            return
+        state.released = True
+        outcome = OUTCOME_SUCCESS if exc is None else OUTCOME_FAILURE
+        task = asyncio.ensure_future(state.owner.release_slot(state, outcome))
+        try:
+            await asyncio.shield(task)
+        except asyncio.CancelledError:
+            # Cancelled while releasing: the release still completes in the background.
+            state.owner.keep(task)
+            raise
+        except LeaseLost as lost:
+            if exc is None:
+                raise
+            exc.add_note(str(lost))
+
+
+class SlotContext:
+    """``async with lim.slot(...) as slot``: acquire on enter, release on exit."""
+
+    __slots__ = ("_acquire", "_slot")
+
+    def __init__(self, acquire: Any) -> None:
+        #: A zero-argument coroutine function returning the admitted Slot.
+        self._acquire = acquire
+        self._slot: Slot | None = None
+
+    async def __aenter__(self) -> Slot:
+        self._slot = await self._acquire()
+        return self._slot
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        if self._slot is not None:
+            await self._slot.__aexit__(exc_type, exc, tb)

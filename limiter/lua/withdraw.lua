@@ -1,0 +1,39 @@
+-- withdraw.lua: take a waiter's ticket out of the queue (it timed out or was
+-- cancelled), and give back a slot that was handed to it meanwhile.
+--
+-- KEYS: the API's keys (_common.lua). ARGV: the call's own, then the API's
+-- configuration (limiter/_contract.py binds both to the names used here):
+--   SLOT    the waiter's slot id
+--   TICKET  its ticket "<slot id>|<cost>|<tokens>"
+--
+-- A slot handed to the waiter (or admitted by a call whose caller gave up on
+-- its answer) never ran: its lease goes, and its hits in every window, tokens
+-- included, are taken back. Nothing is counted in the totals.
+--
+-- Returns {held, woken}: held is 1 when such a slot was found and freed;
+-- woken is how many waiters the freed room admitted.
+
+drop_ticket(TICKET)
+local held = 0
+if lease_of(SLOT) then
+  redis.call('ZREM', K_HOLDERS, SLOT)
+  held = 1
+  local _, cost, tokens = parse_ticket(TICKET)
+  for kind, n in pairs({r = cost, t = tokens}) do
+    local log = LONGEST[kind] and LONGEST[kind].log
+    if log and n > 0 then
+      measure(kind)
+      local member = SLOT .. '|' .. int(n)
+      local at = tonumber(redis.call('ZSCORE', log, member))
+      if at then
+        redis.call('ZREM', log, member)
+        remove_weight(kind, n, at)
+      end
+    end
+  end
+end
+redis.call('HDEL', K_HANDED, SLOT)
+
+local woken = move_queue()
+flush()
+return {held, woken}
