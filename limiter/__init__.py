@@ -6,7 +6,14 @@ concurrency slots (leases), exact rolling windows, token budgets and provider co
 
 from ._compat import ConcurrencyManager
 from ._config import DEFAULT_LIMITS, APILimits, Rate
-from ._errors import AcquireTimeout, ConfigError, LeaseLost, LimiterError, LimiterUnavailable
+from ._errors import (
+    AcquireTimeout,
+    ConfigError,
+    LeaseLost,
+    LimiterError,
+    LimiterUnavailable,
+    ProviderAuthError,
+)
 from ._limiter import Limiter, Slot
 
 __all__ = [
@@ -19,6 +26,7 @@ __all__ = [
     "Limiter",
     "LimiterError",
     "LimiterUnavailable",
+    "ProviderAuthError",
     "Rate",
     "Slot",
 ]

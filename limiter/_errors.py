@@ -6,15 +6,23 @@ Every error the limiter raises on purpose is a :class:`LimiterError`::
     ├── ConfigError          (also ValueError)   bad limits, unknown API, impossible request
     ├── AcquireTimeout       (also TimeoutError) the wait for admission ran out
     ├── LimiterUnavailable                       Redis unreachable or erroring (fail_closed)
-    └── LeaseLost                                a held slot's lease was found gone
+    ├── LeaseLost                                a held slot's lease was found gone
+    └── ProviderAuthError                        the provider refused our credentials (401/403)
 
-Errors carry their context as attributes (``api``, ``reason``, ``waited``) and never a
-secret: messages name APIs, fields and values, not URLs with passwords.
+Errors carry their context as attributes (``api``, ``reason``, ``waited``, ``status``) and
+never a secret: messages name APIs, fields and values, not URLs with passwords, keys or tokens.
 """
 
 from __future__ import annotations
 
-__all__ = ["AcquireTimeout", "ConfigError", "LeaseLost", "LimiterError", "LimiterUnavailable"]
+__all__ = [
+    "AcquireTimeout",
+    "ConfigError",
+    "LeaseLost",
+    "LimiterError",
+    "LimiterUnavailable",
+    "ProviderAuthError",
+]
 
 
 class LimiterError(Exception):
@@ -81,3 +89,20 @@ class LeaseLost(LimiterError):
         self.api = api
         #: The slot's id.
         self.slot_id = slot_id
+
+
+class ProviderAuthError(LimiterError):
+    """The provider refused our credentials (HTTP 401/403); retrying cannot help.
+
+    Raised by :func:`limiter.http.zapier_mcp` when the SDK would report a refused token as a
+    bare error. The message names the API and the status, never the credentials.
+    """
+
+    def __init__(self, api: str, status: int, *, display: str | None = None) -> None:
+        super().__init__(
+            f"{display or api} answered HTTP {status}: the API key or token was refused"
+        )
+        #: The API concerned.
+        self.api = api
+        #: The HTTP status (401 or 403).
+        self.status = status

@@ -1,159 +1,40 @@
-"""The providers' SDKs, limited at the HTTP layer.
+"""The limited HTTP transport: one slot per limited request, held until its body closes.
 
-:class:`LimitedTransport` is an async transport for ``httpx2`` (what ``openai`` 3.x and
-``mcp`` 2.x speak through) and for plain ``httpx``. Every request it limits holds one slot
-from before it is sent until its response body is closed (streaming included), is retried
-with the policy of :mod:`limiter._retry` (a 429 pauses the API for every replica), and the
-provider's ``x-ratelimit-remaining-*`` headers pause the API until the reset when they say
-no room is left.
+Owns :class:`LimitedTransport` and what only it uses: the slot-holding response stream,
+the retryable-response signal carried through tenacity, and learning from the provider's
+``x-ratelimit-*`` headers. Each transport owns the inner transports it creates (closed by
+its ``aclose``); the slots belong to the :class:`~limiter.Limiter` it is handed.
 
-:func:`openai_client` and :func:`zapier_mcp` build the SDK clients on it. Needs the extras
-``fleetlimit[openai]`` / ``fleetlimit[mcp]``.
+Called by :mod:`limiter.http._providers` (the SDK factories) and by users through
+:mod:`limiter.http`. Works with ``httpx2`` (what ``openai`` 3.x and ``mcp`` 2.x speak
+through) and plain ``httpx``; imports neither ``openai`` nor ``mcp``.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import sys
 from collections.abc import AsyncIterator, Callable
-from contextlib import asynccontextmanager
 from types import ModuleType, TracebackType
 from typing import TYPE_CHECKING, Any
 
 import httpx2
 
-from ._call import Budget, display_name, pause_if_asked, retrying
-from ._errors import LimiterError
-from ._limiter import Limiter, Slot
-from ._retry import Verdict, classify_exception, classify_response, parse_duration
+from .._call import Budget, display_name, pause_if_asked, retrying
+from .._retry import Verdict, classify_exception, classify_response, parse_duration
+from ._usage import UsageReader
 
 if TYPE_CHECKING:  # pragma: no cover
-    import openai
-    from mcp import ClientSession
+    from .._limiter import Limiter, Slot
 
-__all__ = [
-    "LimitedTransport",
-    "ProviderAuthError",
-    "mcp_tools_call_only",
-    "openai_client",
-    "openai_token_estimate",
-    "zapier_mcp",
-]
+__all__ = ["LimitedTransport", "RequestPredicate", "TokenEstimator"]
 
 log = logging.getLogger("limiter")
 
-#: Largest response body kept in memory to read ``usage`` from (bytes).
-_USAGE_BUFFER = 1 << 20
-
+#: Decides whether a request counts (``limit=``) or may be retried (``idempotent=``).
 RequestPredicate = Callable[[Any], bool]
+#: The tokens a request reserves (``tokens=``).
 TokenEstimator = Callable[[Any], int]
-
-
-class ProviderAuthError(LimiterError):
-    """The provider refused our credentials (HTTP 401/403); retrying cannot help.
-
-    The message names the API and the status, never the credentials.
-    """
-
-    def __init__(self, api: str, status: int) -> None:
-        super().__init__(
-            f"{display_name(api)} answered HTTP {status}: the API key or token was refused"
-        )
-        #: The API concerned.
-        self.api = api
-        #: The HTTP status.
-        self.status = status
-
-
-def _json_body(request: Any) -> Any:
-    try:
-        return json.loads(request.content or b"null")
-    except (ValueError, RecursionError):  # not JSON (UnicodeDecodeError too), or too deep
-        return None
-
-
-def mcp_tools_call_only(request: Any) -> bool:
-    """Only a JSON-RPC ``tools/call`` costs a Zapier task; everything else passes unlimited.
-
-    ``initialize`` carries no method header, so the body is read. The long-lived GET
-    stream, the closing DELETE and notification POSTs are not limited.
-    """
-    if request.method != "POST":
-        return False
-    body = _json_body(request)
-    messages = body if isinstance(body, list) else [body]
-    return any(isinstance(m, dict) and m.get("method") == "tools/call" for m in messages)
-
-
-def openai_token_estimate(request: Any) -> int:
-    """Tokens to reserve for an OpenAI request, as OpenAI itself charges at arrival.
-
-    The larger of the output cap (``max_tokens`` / ``max_completion_tokens`` /
-    ``max_output_tokens``) and an estimate of the input (a token per 4 bytes of the
-    messages, input or prompt). Requests without a JSON body reserve nothing.
-    """
-    body = _json_body(request)
-    if not isinstance(body, dict):
-        return 0
-    cap = 0
-    for field in ("max_completion_tokens", "max_tokens", "max_output_tokens"):
-        value = body.get(field)
-        if isinstance(value, int) and not isinstance(value, bool) and value > 0:
-            cap = max(cap, value)
-    parts = [body.get(k) for k in ("messages", "input", "prompt", "instructions")]
-    text = json.dumps([p for p in parts if p is not None], separators=(",", ":"))
-    estimate = len(text.encode()) // 4 + 1 if text != "[]" else 0
-    return max(cap, estimate)
-
-
-def _usage_tokens(payload: Any) -> int | None:
-    """``usage.total_tokens`` from a chat/responses/embeddings body or stream event."""
-    if not isinstance(payload, dict):
-        return None
-    for holder in (payload, payload.get("response")):
-        if isinstance(holder, dict) and isinstance(holder.get("usage"), dict):
-            total = holder["usage"].get("total_tokens")
-            if isinstance(total, int) and not isinstance(total, bool) and total >= 0:
-                return total
-    return None
-
-
-class _UsageReader:
-    """Reads ``usage.total_tokens`` out of a JSON body or an SSE stream as it passes."""
-
-    __slots__ = ("_buffer", "_sse", "tokens")
-
-    def __init__(self, content_type: str) -> None:
-        self._sse = "text/event-stream" in content_type
-        self._buffer = bytearray()
-        self.tokens: int | None = None
-
-    def feed(self, chunk: bytes) -> None:
-        if len(self._buffer) + len(chunk) > _USAGE_BUFFER:
-            self._buffer.clear()
-            return
-        self._buffer += chunk
-        if not self._sse:
-            return
-        while b"\n" in self._buffer:
-            line, _, rest = bytes(self._buffer).partition(b"\n")
-            self._buffer = bytearray(rest)
-            if line.startswith(b"data:") and b'"usage"' in line:
-                self._read(line[5:])
-
-    def finish(self) -> int | None:
-        if self._buffer:
-            self._read(bytes(self._buffer[5:] if self._sse else self._buffer))
-        return self.tokens
-
-    def _read(self, data: bytes) -> None:
-        try:
-            found = _usage_tokens(json.loads(data))
-        except (ValueError, RecursionError):  # not JSON (UnicodeDecodeError too), or too deep
-            return
-        if found is not None:
-            self.tokens = found
 
 
 class _SlotStream(httpx2.AsyncByteStream):
@@ -161,12 +42,12 @@ class _SlotStream(httpx2.AsyncByteStream):
 
     def __init__(
         self,
-        transport: LimitedTransport,
+        lim: Limiter,
         inner: Any,
         slot: Slot,
-        usage: _UsageReader | None,
+        usage: UsageReader | None,
     ) -> None:
-        self._transport = transport
+        self._limiter = lim
         self._inner = inner
         self._slot = slot
         self._usage = usage
@@ -192,7 +73,8 @@ class _SlotStream(httpx2.AsyncByteStream):
                     if tokens is not None:
                         self._slot.report_tokens(tokens)
             finally:  # whatever the body held, the slot goes back
-                await self._transport._release(self._slot, success=not self._failed)
+                # Limiter.release finishes even when the SDK cancels the request's scope.
+                await self._limiter.release(self._slot, success=not self._failed)
 
 
 _STREAM_CLASSES: dict[str, type[_SlotStream]] = {"httpx2": _SlotStream}
@@ -216,6 +98,7 @@ class _RetryableResponse(Exception):
         self.response = response
         #: Decoded body, for the retry policy.
         self.body = body
+        #: What the retry policy made of it.
         self.verdict = verdict
 
 
@@ -320,7 +203,7 @@ class LimitedTransport(httpx2.AsyncBaseTransport):
             await self._learn_headers(response.headers)
             usage = None
             if tokens or self.limiter.limits[self.api].tokens_per_minute is not None:
-                usage = _UsageReader(response.headers.get("content-type", ""))
+                usage = UsageReader(response.headers.get("content-type", ""))
             if hasattr(response, "_content"):
                 # Already read by the inner transport (a mock, a cache): nothing streams,
                 # nothing would close it, so the call is over now.
@@ -332,7 +215,7 @@ class LimitedTransport(httpx2.AsyncBaseTransport):
                 await self._release(slot, success=True)
                 return response
             stream_class = _stream_class(self._module(request))
-            response.stream = stream_class(self, response.stream, slot, usage)
+            response.stream = stream_class(self.limiter, response.stream, slot, usage)
             return response
         # An error: read it whole (it is small), free the slot, then decide. The provider
         # processed nothing, so the reserved tokens come back.
@@ -419,68 +302,3 @@ class LimitedTransport(httpx2.AsyncBaseTransport):
         traceback: TracebackType | None = None,
     ) -> None:
         await self.aclose()
-
-
-def openai_client(
-    lim: Limiter, api: str = "openai", *, inner: Any = None, **kwargs: Any
-) -> openai.AsyncOpenAI:
-    """An ``openai.AsyncOpenAI`` whose every request passes the limiter.
-
-    The SDK's own retries are off (``max_retries=0``): the transport retries, so every
-    attempt is admitted. Tokens are reserved from the request (output cap or input
-    estimate) and corrected from the response's ``usage``. ``inner`` is the transport
-    that really sends (default: httpx2's). Other keywords go to ``AsyncOpenAI``
-    (``base_url``, ``api_key``, ``timeout``, ...).
-    """
-    import openai
-
-    transport = LimitedTransport(lim, api, inner, tokens=openai_token_estimate)
-    kwargs.setdefault("max_retries", 0)
-    if kwargs["max_retries"] != 0:
-        raise LimiterError("openai_client: max_retries must stay 0 (the limiter retries)")
-    client = httpx2.AsyncClient(transport=transport, timeout=kwargs.get("timeout", 600.0))
-    return openai.AsyncOpenAI(http_client=client, **kwargs)
-
-
-@asynccontextmanager
-async def zapier_mcp(
-    lim: Limiter,
-    url: str,
-    token: str,
-    api: str = "zapier",
-    *,
-    timeout: float = 30.0,
-    read_timeout: float = 300.0,
-) -> AsyncIterator[ClientSession]:
-    """An initialized ``mcp.ClientSession`` over streamable HTTP, limited per tool call.
-
-    Only ``tools/call`` takes a slot (a Zapier task); tool calls are not retried after
-    they may have run (a read timeout), only on a 429 or a connection never made.
-    A refused token raises :class:`ProviderAuthError` instead of the SDK's bare error.
-    """
-    from mcp import ClientSession
-    from mcp.client.streamable_http import streamable_http_client
-
-    transport = LimitedTransport(lim, api, limit=mcp_tools_call_only, idempotent=False)
-    headers = {"Authorization": f"Bearer {token}"}
-    client = httpx2.AsyncClient(
-        transport=transport,
-        headers=headers,
-        timeout=httpx2.Timeout(timeout, read=read_timeout),
-    )
-    ready = False
-    try:
-        async with (
-            client,
-            streamable_http_client(url, http_client=client) as streams,
-            ClientSession(streams[0], streams[1]) as session,
-        ):
-            await session.initialize()
-            ready = True
-            yield session
-    except Exception:
-        # The SDK reports a refused token as a bare error (or an ExceptionGroup) without
-        # the status: say what happened instead.
-        if not ready and transport.last_auth_failure is not None:
-            raise ProviderAuthError(api, transport.last_auth_failure) from None
-        raise
