@@ -153,20 +153,21 @@ class Counts:
     sent: float
     #: Commands Redis executed: ``total_commands_processed``, commands run by scripts included.
     executed: float
-    #: ``cmdstat_evalsha`` calls and their time inside Redis, microseconds.
+    #: Script calls (``cmdstat_evalsha`` + ``cmdstat_fcall``) and their time inside Redis,
+    #: microseconds.
     evalsha: float
     lua_us: float
 
 
 async def _server_counts(client: aioredis.Redis) -> tuple[int, int, int]:
-    """(total_commands_processed, cmdstat_evalsha calls, their usec) of the server now."""
+    """(total_commands_processed, EVALSHA + FCALL calls, their usec) of the server now."""
     stats = await client.info("stats")
     cmds = await client.info("commandstats")
-    evalsha = cmds.get("cmdstat_evalsha", {})
+    scripts = [cmds.get(name, {}) for name in ("cmdstat_evalsha", "cmdstat_fcall")]
     return (
         int(stats["total_commands_processed"]),
-        int(evalsha.get("calls", 0)),
-        int(evalsha.get("usec", 0)),
+        sum(int(s.get("calls", 0)) for s in scripts),
+        sum(int(s.get("usec", 0)) for s in scripts),
     )
 
 

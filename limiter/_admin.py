@@ -268,7 +268,7 @@ async def registered(
 
 def stats_view(plan: KeyPlan, limits: APILimits, reply: Sequence[Any]) -> dict[str, Any]:
     """``Limiter.stats()``'s dict for one API from stats.lua's reply."""
-    in_flight, waiting, cooldown_ms, flat, used, override, override_ms = reply
+    in_flight, waiting, cooldown_ms, flat, used, override, override_ms, _registered = reply
     overrides = override_view(plan, override, int(override_ms))
     counters = {text(flat[i]): int(flat[i + 1]) for i in range(0, len(flat), 2)}
     ok = counters.get("successful_requests", 0)

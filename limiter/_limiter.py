@@ -209,7 +209,9 @@ class Limiter:
         wait = check_timeout(limits.acquire_timeout if timeout is None else timeout)
         if self._fail_open is not None:
             return await self._fail_open.acquire(plan, limits, wait, cost, tokens)
-        await self._ready()
+        if not self._runner.is_ready:
+            await self._runner.ready()
+        self._registry.maybe_write()
         return await self._admission.acquire(plan, wait, cost, tokens)
 
     async def call(
@@ -294,7 +296,12 @@ class Limiter:
             return {name: await self.stats(name) for name in self._plans}
         plan, limits = self._lookup(api, key)
         await self._ready()
-        return _admin.stats_view(plan, limits, await self._runner.run("stats", plan))
+        reply = await self._runner.run("stats", plan)
+        if key is None and not int(reply[7]):
+            # The registry entry is gone (a flush): write it again.
+            self._registry.lost()
+            self._registry.maybe_write()
+        return _admin.stats_view(plan, limits, reply)
 
     async def set_limits(
         self,
@@ -427,7 +434,8 @@ class Limiter:
         return self._registry.tasks | self._admission.tasks
 
     async def _ready(self) -> None:
-        await self._runner.ready()
+        if not self._runner.is_ready:
+            await self._runner.ready()
         self._registry.maybe_write()
 
     def _lookup(self, api: str, key: str | None = None) -> tuple[KeyPlan, APILimits]:

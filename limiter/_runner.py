@@ -1,17 +1,23 @@
 """The script runner: the one way the limiter's Lua scripts reach Redis.
 
-Owns: the Redis client handle as the scripts use it, each script's SHA (EVALSHA, loaded
-again on NOSCRIPT), the one-time ``initialize()`` of a cluster client, the cluster
-connection cap, and the mapping of Redis errors to :class:`LimiterUnavailable`. Called by
-the admission, waiting, fail-open and registry parts; it calls none of them (a reload
-after NOSCRIPT is reported through its ``on_reload`` callback).
+Owns: the Redis client handle as the scripts use it; how the operations run there, as a
+Redis Functions library (FCALL; Redis 7.0+, loaded on first contact and again when Redis
+lost it) or as scripts (EVALSHA, loaded again on NOSCRIPT: Redis 6.2, a cluster client,
+fakeredis, or a user without the FUNCTION right); the one-time ``initialize()`` of a
+cluster client; the cluster connection cap; and the mapping of Redis errors to
+:class:`LimiterUnavailable`. Called by the admission, waiting, fail-open and registry
+parts; it calls none of them (a reload is reported through its ``on_reload`` callback).
+
+The two ways run the same Lua: the library is loaded once, so an FCALL creates none of
+the shared functions again; an EVAL script makes them at every call (measured with
+callgrind on Redis 7.0: about a third of an uncontended acquire + release).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Coroutine, Sequence
 from typing import Any
 
 from redis.exceptions import (
@@ -22,11 +28,12 @@ from redis.exceptions import (
     ReadOnlyError,
     RedisClusterException,
     RedisError,
+    ResponseError,
 )
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from ._contract import OPERATIONS, KeyPlan, lua_source
+from ._contract import OPERATIONS, KeyPlan, library_source, lua_source
 from ._errors import LimiterUnavailable
 
 __all__ = ["REDIS_ERRORS", "ScriptRunner", "is_outage", "redact"]
@@ -63,8 +70,12 @@ class _Script:
         self.sha = sha
 
 
+def _function_missing(exc: BaseException) -> bool:
+    return "function not found" in str(exc).lower()
+
+
 class ScriptRunner:
-    """Runs the scripts of ``limiter/_contract.py`` on one Redis client."""
+    """Runs the operations of ``limiter/_contract.py`` on one Redis client."""
 
     def __init__(self, redis: Any) -> None:
         self.redis = redis
@@ -78,6 +89,13 @@ class ScriptRunner:
             script = redis.register_script(lua_source(name))
             self._scripts[name] = _Script(script.script, script.sha)
         self._ready = False
+        self._library, self._library_code = library_source()
+        #: The library's function of each per-API operation.
+        self._functions = {
+            name: f"{self._library}_{name}" for name, op in OPERATIONS.items() if op.per_api
+        }
+        #: True when the operations run as the Functions library (FCALL).
+        self.functions = False
         # redis-py's cluster client fails a command (MaxConnectionsError) when a node's
         # connections are all busy, where the standalone blocking pool would queue it:
         # queue script calls here instead, leaving two connections for pub/sub.
@@ -88,6 +106,11 @@ class ScriptRunner:
             self.connection_cap = asyncio.Semaphore(
                 max(1, int(kwargs.get("max_connections", 100)) - 2)
             )
+
+    @property
+    def is_ready(self) -> bool:
+        """True once :meth:`ready` has run."""
+        return self._ready
 
     async def ready(self) -> bool:
         """Initialize a cluster client once; True on the first call (first contact)."""
@@ -101,9 +124,24 @@ class ScriptRunner:
             except REDIS_ERRORS as exc:
                 raise LimiterUnavailable(None, "connect", redact(exc)) from exc
         self._ready = True
+        if not self.cluster and not type(self.redis).__module__.startswith("fakeredis"):
+            self.functions = await self._load_library()
         return True
 
-    async def run(
+    async def _load_library(self) -> bool:
+        """Load the Functions library; False when this Redis cannot or may not (6.2, no
+        FUNCTION right): the operations then run as EVALSHA scripts."""
+        try:
+            await self.redis.function_load(self._library_code)
+        except REDIS_ERRORS as exc:
+            if "already exists" in str(exc):
+                return True
+            if isinstance(exc, RedisConnectionError | RedisTimeoutError):
+                raise LimiterUnavailable(None, "connect", redact(exc)) from exc
+            return False
+        return True
+
+    def run(
         self,
         op: str,
         plan: KeyPlan,
@@ -111,7 +149,7 @@ class ScriptRunner:
         tail: tuple[Any, ...] = (),
         retry_args: tuple[Any, ...] | None = None,
         label: str | None = None,
-    ) -> Any:
+    ) -> Coroutine[Any, Any, Any]:
         """Run per-API operation ``op`` for ``plan`` with its own ``args`` (as named).
 
         A connection found closed (a Redis restart, a dropped pooled connection) is tried
@@ -121,7 +159,8 @@ class ScriptRunner:
         """
         argv = plan.argv(op, *args, tail=tail)
         again = None if retry_args is None else plan.argv(op, *retry_args, tail=tail)
-        return await self.call(op, plan.keys, argv, plan.api, label or op, again)
+        # A coroutine returned, not awaited here: one frame less on the hot path.
+        return self.call(op, plan.keys_of(op), argv, plan.api, label or op, again)
 
     async def call(
         self,
@@ -149,7 +188,17 @@ class ScriptRunner:
         return result
 
     async def eval(self, op: str, keys: Sequence[bytes], args: Sequence[Any]) -> Any:
-        """EVALSHA, loading the script again on NOSCRIPT; Redis errors pass through."""
+        """FCALL or EVALSHA, loading the code again when Redis lost it; Redis errors pass
+        through."""
+        name = self._functions.get(op) if self.functions else None
+        if name is not None:
+            try:
+                return await self.redis.execute_command("FCALL", name, len(keys), *keys, *args)
+            except ResponseError as exc:
+                if not _function_missing(exc):
+                    raise
+                await self._reload_library()
+                return await self.redis.execute_command("FCALL", name, len(keys), *keys, *args)
         script = self._scripts[op]
         async with self.connection_cap:
             try:
@@ -157,6 +206,13 @@ class ScriptRunner:
             except NoScriptError:
                 await self._reload(script)
                 return await self.redis.evalsha(script.sha, len(keys), *keys, *args)
+
+    async def _reload_library(self) -> None:
+        # The library is gone: a restart without persistence, a FUNCTION FLUSH.
+        if self.on_reload is not None:
+            self.on_reload()
+        if not await self._load_library():
+            raise ResponseError("the limiter's Functions library could not be loaded again")
 
     async def _reload(self, script: _Script) -> None:
         # Scripts gone: a restart or a flush (which took the registry too).
@@ -185,19 +241,28 @@ class ScriptRunner:
                 raise LimiterUnavailable(None, op, redact(results[0]))
             return results
         script = self._scripts[op]
+        name = f"{self._library}_{op}"
         results = []
         for _attempt in range(2):
+            functions = self.functions
             pipe = self.redis.pipeline(transaction=False)
             for keys, argv in argvs:
-                pipe.evalsha(script.sha, len(keys), *keys, *argv)
+                if functions:
+                    pipe.fcall(name, len(keys), *keys, *argv)
+                else:
+                    pipe.evalsha(script.sha, len(keys), *keys, *argv)
             try:
                 results = await pipe.execute(raise_on_error=False)
             except REDIS_ERRORS as exc:
                 raise LimiterUnavailable(None, op, redact(exc)) from exc
-            if not any(isinstance(r, NoScriptError) for r in results):
+            if functions:
+                lost = any(isinstance(r, ResponseError) and _function_missing(r) for r in results)
+            else:
+                lost = any(isinstance(r, NoScriptError) for r in results)
+            if not lost:
                 break
             try:
-                await self._reload(script)
+                await (self._reload_library() if functions else self._reload(script))
             except REDIS_ERRORS as exc:
                 raise LimiterUnavailable(None, op, redact(exc)) from exc
         return results

@@ -324,8 +324,8 @@ async def role_cancel(cfg: Config, r: aioredis.Redis) -> Result:
 
 
 class _SendSignal(aioredis.Connection):
-    """A connection that cancels the task sending an armed ``acquire`` EVALSHA right after
-    writing it (its reply not yet read), then sets :attr:`sent`."""
+    """A connection that cancels the task sending an armed ``acquire`` (FCALL or EVALSHA)
+    right after writing it (its reply not yet read), then sets :attr:`sent`."""
 
     armed = False
     sent: asyncio.Event | None = None
@@ -338,7 +338,7 @@ class _SendSignal(aioredis.Connection):
         parts = [command] if isinstance(command, bytes | str) else list(command)
         packed = b"".join(p.encode() if isinstance(p, str) else bytes(p) for p in parts)
         # Only acquire passes the mode "wait" as an argument of its own.
-        if b"EVALSHA" in packed and b"\r\n$4\r\nwait\r\n" in packed:
+        if (b"EVALSHA" in packed or b"FCALL" in packed) and b"\r\n$4\r\nwait\r\n" in packed:
             cls.armed = False
             # Cancel the sending task itself, now: the cancel lands on its next await, the
             # read of the reply. (Cancelling from another task raced the reply on a loaded

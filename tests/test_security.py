@@ -68,8 +68,8 @@ SECRETS = (
 #: channels, EVALSHA and SCRIPT LOAD, SUBSCRIBE, and the commands its Lua scripts run.
 LIMITER_ACL = (
     "resetkeys ~limiter:* resetchannels &limiter:wake:* -@all "
-    "+evalsha +script|load +subscribe "
-    "+time +zadd +zrem +zscore +zcard +zcount +zrange +zrangebyscore +zremrangebyscore "
+    "+evalsha +script|load +fcall +function|load +subscribe "
+    "+time +exists +zadd +zrem +zscore +zcard +zcount +zrange +zrangebyscore +zremrangebyscore "
     "+hset +hget +hmget +hdel +hincrby +hgetall +set +sadd +pexpire +persist +del "
     "+publish"
 )

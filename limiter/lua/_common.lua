@@ -1,8 +1,9 @@
--- _common.lua: the functions every per-API script shares. It is prepended to
--- each of them when they are loaded, after the bindings that limiter/_contract.py
--- generates from the one definition of the scripts' contract: KEYS as K_<NAME>,
--- the call's own ARGV and the API's configuration as named locals, WINDOWS_AT
--- (where the windows start in ARGV) and TAIL_AT (where a variadic tail starts).
+-- _common.lua: the functions every per-API operation shares. limiter/_contract.py
+-- puts before it the names it binds from the one definition of the scripts'
+-- contract (KEYS as K_<NAME>, the call's own ARGV and the API's configuration as
+-- named variables, WINDOWS, ARGS and TAIL_AT for a variadic tail), and after it
+-- the operations (each lua/<op>.lua defines OPS.<op>). Loaded as a Redis
+-- Functions library (7.0+) it runs once; as an EVAL script, at every call.
 --
 -- Keys (every key of one API shares the hash tag {api}: one Redis Cluster slot):
 --   K_HOLDERS   ZSET  slot id -> lease expiry (Redis time, microseconds); expired
@@ -16,9 +17,8 @@
 --                                          "w:<period us>", "tokens")
 --                       x:<window>         sum of (weight - 1) over the window's entries
 --                       c:<window>         the cutoff that sum was taken at (us)
---                       e:<key>            the expiry last given to a key (us; -1: none),
---                                          so TTLs are refreshed once in a while, not
---                                          at every admission
+--                       e                  when the keys' TTLs are next refreshed (us):
+--                                          at most once a second, not at every admission
 --                       successful_requests, failed_requests, response_time_us,
 --                       refused:<reason>   totals for stats()
 --   K_HANDED    HASH  slot id -> admission time, for slots a release handed to a
@@ -33,161 +33,153 @@
 -- A window's used weight is its entry count + x:<window>: entries of weight 1
 -- (the common case) cost no bookkeeping beyond the sorted set itself.
 
-local unpack = unpack or table.unpack
+-- What a script costs in Redis is mostly Lua work, not Redis calls: measured
+-- with callgrind on Redis 7.0, a redis.call costs about 3k instructions, a
+-- string.format('%.0f') 5k, a tonumber of a long numeral 2k, a table or a
+-- closure 1-2k. Hence: '%d' for integers, numbers converted once, few tables,
+-- and the functions of the contended paths made only when needed.
 
-local t = redis.call('TIME')
-local NOW = tonumber(t[1]) * 1000000 + tonumber(t[2])
 
--- Integers as strings without exponent (Lua 5.1 prints 1.7e+15 otherwise).
-local function int(x) return string.format('%.0f', x) end
--- PEXPIRE argument for something that lives `us` microseconds, plus a second.
-local function ttl_ms(us) return math.floor(us / 1000) + 1000 end
+-- Made by contended() (at the end), on first use.
+local contended, ttl_ms, parse_ticket, lease_of, drop_ticket, prune_tickets
+local remove_weight, window_wait, tell, hint_head, drain, handed_at
 
--- The windows, shortest first within each log: {id, limit, period, kind, log}.
--- kind "r" weighs a request by its cost, "t" by its tokens.
-local MAXC = MAX_CONCURRENT
-local W = {}
-local LONGEST = {r = nil, t = nil}
-for i = 1, REQUEST_WINDOWS + TOKEN_WINDOWS do
-  local at = WINDOWS_AT + 2 * (i - 1)
-  local configured = tonumber(ARGV[at + 1])
-  local kind = (i <= REQUEST_WINDOWS) and 'r' or 't'
-  local w = {
-    id = (kind == 'r') and ('w:' .. int(configured)) or 'tokens',
-    limit = tonumber(ARGV[at]),
-    period = configured + MARGIN_US,
-    kind = kind,
-    log = (kind == 'r') and K_REQUESTS or K_TOKENS,
-    extra = 0,
-  }
-  W[i] = w
-  LONGEST[kind] = w -- the configuration lists each log's windows shortest first
-end
-local LIFE = math.max(LEASE_US, STATS_TTL_MS * 1000)
-for _, w in ipairs(W) do LIFE = math.max(LIFE, w.period) end
+-- Integers (below 2^53) as strings without exponent.
+local function int(x) return string.format('%d', math.floor(x)) end
 
-local function weight(w, cost, tokens)
-  if w.kind == 't' then return tokens end
-  return cost
+-- Per call: the clock, the limits in force, the windows. begin() sets them (and
+-- resets every other per-call variable below) before each operation runs.
+local NOW, NOW_S, MAXC, W, LONGEST_R, LONGEST_T
+
+-- The windows, shortest first within each log, from the configuration. kind "r"
+-- weighs a request by its cost, "t" by its tokens.
+local function windows()
+  W, LONGEST_R, LONGEST_T = {}, nil, nil
+  for i, spec in ipairs(WINDOWS) do
+    local w = {id = spec.id, limit = spec.limit, period = spec.period,
+               kind = 't', log = K_TOKENS, extra = 0, cut = 0, used = 0}
+    if i <= REQUEST_WINDOWS then
+      w.kind, w.log = 'r', K_REQUESTS
+      LONGEST_R = w -- the configuration lists each log's windows shortest first
+    else
+      LONGEST_T = w
+    end
+    W[i] = w
+  end
 end
 
 local function weight_of(member)
   return tonumber(string.match(member, '|(%d+)$')) or 1
 end
 
-local function parse_ticket(ticket)
-  local slot, cost, tokens = string.match(ticket, '^(.-)|(%d+)|(%d+)$')
-  return slot, tonumber(cost), tonumber(tokens)
-end
-
 -- State -------------------------------------------------------------------
 
--- The state hash as read by load_state(), and fields to write back at the end.
-local ST = nil
-local PENDING = {}
+-- The state hash as load_state() read it; fields to write back at the end.
+local LOADED, COOLDOWN, OVERRIDE_UNTIL, REFRESH_AT, PENDING
 
 local function set_state(field, value)
+  if not PENDING then PENDING = {} end
   PENDING[#PENDING + 1] = field
   PENDING[#PENDING + 1] = value
 end
 
--- Read cooldown, override, extras and key expiries in one HMGET; apply the
--- override in force to MAXC and the windows' limits.
+-- Read the cooldown, the override, the extras and when TTLs are next due in one
+-- HMGET; apply the override in force to MAXC and the windows' limits.
 local function load_state()
-  if ST then return end
-  local fields = {'cooldown', 'o:until', 'o:max_concurrent',
-                  'e:state', 'e:holders', 'e:requests', 'e:tokens'}
+  if LOADED then return end
+  LOADED = true
+  local fields = {'cooldown', 'o:until', 'e', 'o:max_concurrent'}
   for _, w in ipairs(W) do
     fields[#fields + 1] = 'o:' .. w.id
     fields[#fields + 1] = 'x:' .. w.id
     fields[#fields + 1] = 'c:' .. w.id
   end
-  local v = redis.call('HMGET', K_STATE, unpack(fields))
-  ST = {
-    cooldown = tonumber(v[1]) or 0,
-    override_until = tonumber(v[2]),
-    expiry = {state = tonumber(v[4]), holders = tonumber(v[5]),
-              requests = tonumber(v[6]), tokens = tonumber(v[7])},
-  }
-  local ends = ST.override_until
+  local v = redis.call('HMGET', K_STATE, unpack_list(fields))
+  if v[1] then COOLDOWN = tonumber(v[1]) end
+  if v[2] then OVERRIDE_UNTIL = tonumber(v[2]) end
+  if v[3] then REFRESH_AT = tonumber(v[3]) end
+  local ends = OVERRIDE_UNTIL
   local override = ends and (ends == 0 or ends > NOW)
-  if override and v[3] then MAXC = tonumber(v[3]) end
+  if override and v[4] then MAXC = tonumber(v[4]) end
   for i, w in ipairs(W) do
-    local at = 8 + 3 * (i - 1)
+    local at = 5 + 3 * (i - 1)
     if override and v[at] then w.limit = tonumber(v[at]) end
-    w.extra = tonumber(v[at + 1]) or 0
-    w.cut = tonumber(v[at + 2])
-  end
-end
-
--- How long the state hash must live from now: its totals stats_ttl, its
--- extras as long as the longest window, a cooldown or override while in force.
--- nil: for ever (an override without end).
-local function state_life()
-  local ends = ST.override_until
-  if ends == 0 then return nil end
-  local life = LIFE
-  if ends and ends > NOW then life = math.max(life, ends - NOW) end
-  if ST.cooldown > NOW then life = math.max(life, ST.cooldown - NOW) end
-  return life
-end
-
--- Give `key` (named `name` in e:<name>) a TTL covering `life` us from now, when
--- the one it was last given falls short or the key is `fresh` (it was empty, so
--- Redis had dropped it with its TTL). Each TTL given is the life plus a slack of
--- a quarter life (at least a second), so a busy key is refreshed once per slack
--- instead of at every admission.
-local REFRESH = {}
-
--- Whether key `name`'s TTL is due for a refresh (it may run out within `life`).
-local function due(name, life)
-  local e = ST.expiry[name]
-  return e == nil or e == -1 or e < NOW + life
-end
-
-local function keep(name, key, life, fresh)
-  if life == nil then
-    if ST.expiry[name] ~= -1 then
-      REFRESH[#REFRESH + 1] = {key, nil}
-      set_state('e:' .. name, '-1')
+    if v[at + 1] then
+      w.extra = tonumber(v[at + 1])
+      w.cut = tonumber(v[at + 2])
     end
-  elseif due(name, life) then
-    local ttl = life + math.max(1000000, life / 4)
-    REFRESH[#REFRESH + 1] = {key, ttl}
-    set_state('e:' .. name, int(NOW + ttl))
-  elseif fresh then
-    -- A new key within the recorded expiry: give it that TTL (or more) again.
-    REFRESH[#REFRESH + 1] = {key, life + math.max(1000000, life / 4)}
   end
 end
 
--- Write pending state fields and TTLs (HSET first: PEXPIRE needs the key).
+-- A TTL in milliseconds for something that lives `life` us: the life plus a
+-- slack of a quarter of it, at least a second (TTLs are refreshed every second).
+local function ttl(life)
+  return math.ceil((life + math.max(1000000, life / 4)) / 1000)
+end
+
+-- Give every key of the API a TTL covering its life from now, at most once a
+-- second: a busy API pays for it once a second, not at every admission. Entries
+-- added until the next refresh are covered by the slack. Expired leases and
+-- what left the longest windows are dropped at the same time.
+local STATE_TTL -- the state hash's TTL to set in flush(): ms, -1 (none), false
+local LEASES -- see lease_count()
+local function refresh()
+  if REFRESH_AT and REFRESH_AT > NOW then return end
+  REFRESH_AT = NOW + 1000000
+  set_state('e', int(REFRESH_AT))
+  redis.call('ZREMRANGEBYSCORE', K_HOLDERS, '-inf', NOW)
+  redis.call('PEXPIRE', K_HOLDERS, ttl(LEASE_US))
+  LEASES = nil
+  if LONGEST_R then
+    redis.call('ZREMRANGEBYSCORE', K_REQUESTS, '-inf', NOW - LONGEST_R.period)
+    redis.call('PEXPIRE', K_REQUESTS, ttl(LONGEST_R.period))
+  end
+  if LONGEST_T then
+    redis.call('ZREMRANGEBYSCORE', K_TOKENS, '-inf', NOW - LONGEST_T.period)
+    redis.call('PEXPIRE', K_TOKENS, ttl(LONGEST_T.period))
+  end
+  -- The state hash: its totals stats_ttl, its extras as long as the longest
+  -- window, a cooldown or an override while in force; an override without end
+  -- keeps it for ever.
+  if OVERRIDE_UNTIL == 0 then
+    STATE_TTL = -1
+  else
+    local life = LIFE_US
+    if OVERRIDE_UNTIL and OVERRIDE_UNTIL > NOW then life = math.max(life, OVERRIDE_UNTIL - NOW) end
+    if COOLDOWN > NOW then life = math.max(life, COOLDOWN - NOW) end
+    STATE_TTL = ttl(life)
+  end
+end
+
+-- After a change of the cooldown or the override: refresh every TTL now.
+local function refresh_now()
+  load_state()
+  REFRESH_AT = nil
+end
+
+-- Write pending state fields, then the state's TTL (PEXPIRE needs the key).
 -- Every script that may have written calls it last.
 local function flush()
-  if not ST then return end
-  keep('state', K_STATE, state_life())
-  if #PENDING > 0 then redis.call('HSET', K_STATE, unpack(PENDING)) end
-  for _, r in ipairs(REFRESH) do
-    if r[2] then
-      redis.call('PEXPIRE', r[1], math.ceil(r[2] / 1000))
-    else
-      redis.call('PERSIST', r[1])
-    end
+  if not LOADED then return end
+  refresh()
+  if PENDING then redis.call('HSET', K_STATE, unpack_list(PENDING)) end
+  if STATE_TTL == -1 then
+    redis.call('PERSIST', K_STATE)
+  elseif STATE_TTL then
+    redis.call('PEXPIRE', K_STATE, STATE_TTL)
   end
-  PENDING, REFRESH = {}, {}
 end
 
 -- Add n to a total. A field that did not exist may mean a new hash: flush()
--- then checks its TTL.
+-- then gives it its TTL.
 local function count(field, n)
   if redis.call('HINCRBY', K_STATE, field, n) == n then load_state() end
 end
 
 -- Leases ------------------------------------------------------------------
 
--- Leases counted, expired ones included (they are pruned when they could
--- matter: near the limit, and whenever the key's TTL is refreshed). nil: unknown.
-local LEASES = nil
+-- LEASES: leases counted, expired ones included (they are pruned when they
+-- could matter: near the limit, and at every refresh). nil: unknown.
 
 local function prune_leases()
   redis.call('ZREMRANGEBYSCORE', K_HOLDERS, '-inf', NOW)
@@ -204,48 +196,29 @@ local function lease_count(limit)
   return LEASES
 end
 
--- The lease expiry of `slot` when it is still live, else nil.
-local function lease_of(slot)
-  local at = tonumber(redis.call('ZSCORE', K_HOLDERS, slot))
-  if at and at > NOW then return at end
-  return nil
-end
-
--- Tickets -----------------------------------------------------------------
-
-local function drop_ticket(ticket)
-  redis.call('ZREM', K_QUEUE, ticket)
-  redis.call('ZREM', K_QEXP, ticket)
-end
-
--- Drop expired tickets (only worth calling when the queue is not empty).
-local function prune_tickets()
-  local dead = redis.call('ZRANGEBYSCORE', K_QEXP, '-inf', NOW)
-  for i = 1, #dead, 1000 do
-    redis.call('ZREM', K_QUEUE, unpack(dead, i, math.min(i + 999, #dead)))
-  end
-  if #dead > 0 then redis.call('ZREMRANGEBYSCORE', K_QEXP, '-inf', NOW) end
-end
-
 -- Windows -----------------------------------------------------------------
 
--- Bring every window of log `kind` up to now: subtract the extra weight of
--- entries that left it and count each window (ZCOUNT from its cutoff). Entries
--- older than the longest window are trimmed when the log's TTL is refreshed
--- (admit), not at every call. Sets w.used for each window; once per call.
-local MEASURED = {}
-local FRESH = {} -- logs found empty (Redis dropped them, with their TTL)
+-- Bring every window of one log up to now: subtract the extra weight of
+-- entries that left it and count each window (ZCOUNT from its cutoff). What left
+-- the longest window is trimmed at refresh(), not at every call. Sets w.used;
+-- once per call and log. A log whose longest window is empty may have been
+-- dropped by Redis with its TTL: it is marked fresh.
+local MEASURED_R, MEASURED_T, FRESH_R, FRESH_T
 local function measure(kind)
-  if MEASURED[kind] or not LONGEST[kind] then return end
-  MEASURED[kind] = true
+  local longest
+  if kind == 'r' then
+    if MEASURED_R or not LONGEST_R then return end
+    MEASURED_R, longest = true, LONGEST_R
+  else
+    if MEASURED_T or not LONGEST_T then return end
+    MEASURED_T, longest = true, LONGEST_T
+  end
   load_state()
-  local key = LONGEST[kind].log
   for _, w in ipairs(W) do
     if w.kind == kind then
       local cutoff = NOW - w.period
-      if w.extra > 0 and (w.cut == nil or cutoff > w.cut) then
-        local from = w.cut and ('(' .. int(w.cut)) or '-inf'
-        for _, m in ipairs(redis.call('ZRANGEBYSCORE', key, from, cutoff)) do
+      if w.extra > 0 and cutoff > w.cut then
+        for _, m in ipairs(redis.call('ZRANGEBYSCORE', w.log, '(' .. int(w.cut), cutoff)) do
           w.extra = w.extra - (weight_of(m) - 1)
         end
         if w.extra < 0 then w.extra = 0 end
@@ -253,16 +226,15 @@ local function measure(kind)
         set_state('c:' .. w.id, int(cutoff))
       end
       w.cut = cutoff
-    end
-  end
-  for _, w in ipairs(W) do
-    if w.kind == kind then
-      local n = redis.call('ZCOUNT', key, '(' .. int(w.cut), '+inf')
-      -- An empty longest window may be an empty log, which Redis dropped with its TTL.
-      if w == LONGEST[kind] then FRESH[kind] = n == 0 end
-      if n == 0 and w.extra > 0 then
-        w.extra = 0
-        set_state('x:' .. w.id, '0')
+      local n = redis.call('ZCOUNT', w.log, '(' .. int(cutoff), '+inf')
+      if n == 0 then
+        if w == longest then
+          if kind == 'r' then FRESH_R = true else FRESH_T = true end
+        end
+        if w.extra > 0 then
+          w.extra = 0
+          set_state('x:' .. w.id, '0')
+        end
       end
       w.used = n + w.extra
     end
@@ -284,35 +256,6 @@ local function add_weight(kind, n, at)
   end
 end
 
--- Take back `n` weight units of an entry admitted at `at` from the windows of
--- log `kind` that still hold it.
-local function remove_weight(kind, n, at)
-  for _, w in ipairs(W) do
-    if w.kind == kind and at > w.cut then
-      w.used = w.used - n
-      if n > 1 then
-        w.extra = math.max(0, w.extra - (n - 1))
-        set_state('x:' .. w.id, int(w.extra))
-      end
-    end
-  end
-end
-
--- Microseconds until `need` weight has left window w (oldest entries first).
-local function window_wait(w, need)
-  local start = 0
-  while true do
-    local batch = redis.call('ZRANGEBYSCORE', w.log, '(' .. int(w.cut), '+inf',
-                             'WITHSCORES', 'LIMIT', start, 128)
-    if #batch == 0 then return w.period end
-    for j = 1, #batch, 2 do
-      need = need - weight_of(batch[j])
-      if need <= 0 then return tonumber(batch[j + 1]) + w.period - NOW end
-    end
-    start = start + 128
-  end
-end
-
 -- Admission ---------------------------------------------------------------
 
 -- Can a request of this cost and tokens be admitted now?
@@ -323,22 +266,20 @@ end
 local function check(cost, tokens)
   load_state()
   local reason, wait = nil, -1
-  if ST.cooldown > NOW then reason, wait = 'cooldown', ST.cooldown - NOW end
+  if COOLDOWN > NOW then reason, wait = 'cooldown', COOLDOWN - NOW end
   if cost > 0 then measure('r') end
   if tokens > 0 then measure('t') end
   for _, w in ipairs(W) do
-    local n = weight(w, cost, tokens)
-    if n > 0 then
-      local over = w.used + n - w.limit
-      if over > 0 then
-        local wi = window_wait(w, over)
-        if wi > wait then reason, wait = w.id, wi end
-      end
+    local n = (w.kind == 't') and tokens or cost
+    if n > 0 and w.used + n > w.limit then
+      contended()
+      local wi = window_wait(w, w.used + n - w.limit)
+      if wi > wait then reason, wait = w.id, wi end
     end
   end
   if reason then return reason, wait end
-  if lease_count(MAXC) >= MAXC and MAXC > 0 then
-    local first = redis.call('ZRANGEBYSCORE', K_HOLDERS, '(' .. int(NOW), '+inf',
+  if MAXC > 0 and lease_count(MAXC) >= MAXC then
+    local first = redis.call('ZRANGEBYSCORE', K_HOLDERS, '(' .. NOW_S, '+inf',
                              'WITHSCORES', 'LIMIT', 0, 1)
     return 'concurrency', tonumber(first[2]) - NOW
   end
@@ -348,48 +289,30 @@ end
 -- Record one admission: a lease and one weighted entry in each log. `lease`
 -- defaults to the full lease length. Call check() first (it measures).
 local function admit(slot, cost, tokens, lease)
-  local fresh = lease_count(0) == 0
-  redis.call('ZADD', K_HOLDERS, int(NOW + (lease or LEASE_US)), slot)
-  LEASES = LEASES + 1
-  if not fresh and due('holders', LEASE_US) then
-    prune_leases() -- now and then, or the dead leases of crashed holders pile up
+  if lease_count(0) == 0 then
+    -- An empty holders set is a new key: it needs its TTL now.
+    redis.call('ZADD', K_HOLDERS, int(NOW + (lease or LEASE_US)), slot)
+    redis.call('PEXPIRE', K_HOLDERS, ttl(LEASE_US))
+  else
+    redis.call('ZADD', K_HOLDERS, int(NOW + (lease or LEASE_US)), slot)
   end
-  keep('holders', K_HOLDERS, LEASE_US, fresh)
-  for kind, n in pairs({r = cost, t = tokens}) do
-    local longest = LONGEST[kind]
-    if n > 0 and longest then
-      local name = (kind == 'r') and 'requests' or 'tokens'
-      if due(name, longest.period) then
-        -- Now and then: drop what left the longest window.
-        redis.call('ZREMRANGEBYSCORE', longest.log, '-inf', longest.cut)
-      end
-      redis.call('ZADD', longest.log, int(NOW), slot .. '|' .. int(n))
-      add_weight(kind, n)
-      keep(name, longest.log, longest.period, FRESH[kind])
-      FRESH[kind] = false
-    end
+  LEASES = LEASES + 1
+  if cost > 0 and LONGEST_R then
+    redis.call('ZADD', K_REQUESTS, NOW_S, slot .. '|' .. cost)
+    add_weight('r', cost)
+    if FRESH_R then redis.call('PEXPIRE', K_REQUESTS, ttl(LONGEST_R.period)) end
+    FRESH_R = false
+  end
+  if tokens > 0 and LONGEST_T then
+    redis.call('ZADD', K_TOKENS, NOW_S, slot .. '|' .. tokens)
+    add_weight('t', tokens)
+    if FRESH_T then redis.call('PEXPIRE', K_TOKENS, ttl(LONGEST_T.period)) end
+    FRESH_T = false
   end
 end
 
 local function count_refusal(reason)
   count('refused:' .. reason, 1)
-end
-
--- Wake-up messages go to the waiting process's own channel only:
---   "A <slot id> <admission time>"  the ticket was admitted (it holds the slot)
---   "H <slot id> <wait>"            the ticket is at the head, refused for
---                                   <wait> microseconds: ask again then
-local function tell(slot, msg)
-  local proc = string.match(slot, '^(.-)%.')
-  redis.call('PUBLISH', NAMESPACE .. ':wake:' .. proc, msg)
-end
-
--- Tell the head ticket (when it is not `own`) how long it has to wait.
-local function hint_head(head, wait, own)
-  if head and head ~= own and wait >= 0 then
-    local slot = parse_ticket(head)
-    tell(slot, 'H ' .. slot .. ' ' .. int(wait))
-  end
 end
 
 -- The first window whose limit in force is below this request's weight, or nil.
@@ -398,57 +321,16 @@ end
 local function too_heavy(cost, tokens)
   load_state()
   for _, w in ipairs(W) do
-    if weight(w, cost, tokens) > w.limit then return w end
+    if ((w.kind == 't') and tokens or cost) > w.limit then return w end
   end
   return nil
-end
-
--- Admit waiting tickets from the head of the queue while they fit, FIFO.
--- Each admitted ticket other than `own` is told on its process's channel,
--- and its admission time kept in `handed` until it is read or released.
--- Returns: own_admitted, head ticket left (or nil), its reason, its wait,
--- number of others woken.
-local function drain(own)
-  local own_admitted, woken = false, 0
-  while true do
-    local head = redis.call('ZRANGE', K_QUEUE, 0, 0)
-    if #head == 0 then return own_admitted, nil, nil, -1, woken end
-    local ticket = head[1]
-    local slot, cost, tokens = parse_ticket(ticket)
-    if too_heavy(cost, tokens) then
-      -- A limit was lowered under it: it would block the queue for ever. Drop it;
-      -- its waiter asks again at once and is told it can never pass.
-      drop_ticket(ticket)
-      if ticket ~= own then tell(slot, 'H ' .. slot .. ' 0') end
-    else
-      local reason, wait = check(cost, tokens)
-      if reason then return own_admitted, ticket, reason, wait, woken end
-      -- A slot handed to another process is leased only until its ticket would
-      -- have expired, until that process renews it: a process that died while
-      -- waiting holds nothing past its tickets' life (ticket_ttl after its death).
-      local lease = nil
-      if ticket ~= own then
-        local expires = tonumber(redis.call('ZSCORE', K_QEXP, ticket) or NOW)
-        lease = math.max(1, math.min(LEASE_US, expires - NOW))
-      end
-      admit(slot, cost, tokens, lease)
-      drop_ticket(ticket)
-      if ticket == own then
-        own_admitted = true
-      else
-        redis.call('HSET', K_HANDED, slot, int(NOW))
-        redis.call('PEXPIRE', K_HANDED, ttl_ms(LEASE_US))
-        tell(slot, 'A ' .. slot .. ' ' .. int(NOW))
-        woken = woken + 1
-      end
-    end
-  end
 end
 
 -- Move the queue: drop dead leases and tickets, admit the waiters that fit now,
 -- tell the one left at the head how long it waits. Returns how many were woken.
 local function move_queue()
   if redis.call('ZCARD', K_QUEUE) == 0 then return 0 end
+  contended()
   prune_leases()
   prune_tickets()
   local _, head, _, wait, woken = drain(nil)
@@ -456,12 +338,150 @@ local function move_queue()
   return woken
 end
 
--- Admission time of a slot handed to its waiter by someone else's drain.
-local function handed_at(slot)
-  local at = redis.call('HGET', K_HANDED, slot)
-  if at then
-    redis.call('HDEL', K_HANDED, slot)
-    return tonumber(at)
+-- Start an operation: read the clock, reset every per-call variable. (Under
+-- Redis Functions this file is loaded once and its variables outlive a call.)
+local function begin()
+  local t = redis.call('TIME')
+  NOW = t[1] * 1000000 + t[2]
+  NOW_S = int(NOW)
+  MAXC = MAX_CONCURRENT
+  windows()
+  LOADED, COOLDOWN, OVERRIDE_UNTIL, REFRESH_AT, PENDING = false, 0, nil, nil, nil
+  STATE_TTL, LEASES = false, nil
+  MEASURED_R, MEASURED_T, FRESH_R, FRESH_T = false, false, false, false
+end
+
+-- Contended and rare paths -------------------------------------------------
+
+-- The functions below are made on first use: a Lua closure costs Redis time at
+-- every call, and an uncontended admission or release needs none of them.
+
+contended = function()
+  if drain then return end
+  -- PEXPIRE argument for something that lives `us` microseconds, plus a second.
+  ttl_ms = function(us) return math.floor(us / 1000) + 1000 end
+
+  parse_ticket = function(ticket)
+    local slot, cost, tokens = string.match(ticket, '^(.-)|(%d+)|(%d+)$')
+    return slot, tonumber(cost), tonumber(tokens)
   end
-  return NOW
+
+  -- The lease expiry of `slot` when it is still live, else nil.
+  lease_of = function(slot)
+    local at = tonumber(redis.call('ZSCORE', K_HOLDERS, slot))
+    if at and at > NOW then return at end
+    return nil
+  end
+
+  drop_ticket = function(ticket)
+    redis.call('ZREM', K_QUEUE, ticket)
+    redis.call('ZREM', K_QEXP, ticket)
+  end
+
+  -- Drop expired tickets (only worth calling when the queue is not empty).
+  prune_tickets = function()
+    local dead = redis.call('ZRANGEBYSCORE', K_QEXP, '-inf', NOW)
+    for i = 1, #dead, 1000 do
+      redis.call('ZREM', K_QUEUE, unpack_list(dead, i, math.min(i + 999, #dead)))
+    end
+    if #dead > 0 then redis.call('ZREMRANGEBYSCORE', K_QEXP, '-inf', NOW) end
+  end
+
+  -- Take back `n` weight units of an entry admitted at `at` from the windows of
+  -- log `kind` that still hold it.
+  remove_weight = function(kind, n, at)
+    for _, w in ipairs(W) do
+      if w.kind == kind and at > w.cut then
+        w.used = w.used - n
+        if n > 1 then
+          w.extra = math.max(0, w.extra - (n - 1))
+          set_state('x:' .. w.id, int(w.extra))
+        end
+      end
+    end
+  end
+
+  -- Microseconds until `need` weight has left window w (oldest entries first).
+  window_wait = function(w, need)
+    local start = 0
+    while true do
+      local batch = redis.call('ZRANGEBYSCORE', w.log, '(' .. int(w.cut), '+inf',
+                               'WITHSCORES', 'LIMIT', start, 128)
+      if #batch == 0 then return w.period end
+      for j = 1, #batch, 2 do
+        need = need - weight_of(batch[j])
+        if need <= 0 then return tonumber(batch[j + 1]) + w.period - NOW end
+      end
+      start = start + 128
+    end
+  end
+
+  -- Wake-up messages go to the waiting process's own channel only:
+  --   "A <slot id> <admission time>"  the ticket was admitted (it holds the slot)
+  --   "H <slot id> <wait>"            the ticket is at the head, refused for
+  --                                   <wait> microseconds: ask again then
+  tell = function(slot, msg)
+    local proc = string.match(slot, '^(.-)%.')
+    redis.call('PUBLISH', NAMESPACE .. ':wake:' .. proc, msg)
+  end
+
+  -- Tell the head ticket (when it is not `own`) how long it has to wait.
+  hint_head = function(head, wait, own)
+    if head and head ~= own and wait >= 0 then
+      local slot = parse_ticket(head)
+      tell(slot, 'H ' .. slot .. ' ' .. int(wait))
+    end
+  end
+
+  -- Admit waiting tickets from the head of the queue while they fit, FIFO.
+  -- Each admitted ticket other than `own` is told on its process's channel,
+  -- and its admission time kept in `handed` until it is read or released.
+  -- Returns: own_admitted, head ticket left (or nil), its reason, its wait,
+  -- number of others woken.
+  drain = function(own)
+    local own_admitted, woken = false, 0
+    while true do
+      local head = redis.call('ZRANGE', K_QUEUE, 0, 0)
+      if #head == 0 then return own_admitted, nil, nil, -1, woken end
+      local ticket = head[1]
+      local slot, cost, tokens = parse_ticket(ticket)
+      if too_heavy(cost, tokens) then
+        -- A limit was lowered under it: it would block the queue for ever. Drop it;
+        -- its waiter asks again at once and is told it can never pass.
+        drop_ticket(ticket)
+        if ticket ~= own then tell(slot, 'H ' .. slot .. ' 0') end
+      else
+        local reason, wait = check(cost, tokens)
+        if reason then return own_admitted, ticket, reason, wait, woken end
+        -- A slot handed to another process is leased only until its ticket would
+        -- have expired, until that process renews it: a process that died while
+        -- waiting holds nothing past its tickets' life (ticket_ttl after its death).
+        local lease = nil
+        if ticket ~= own then
+          local expires = tonumber(redis.call('ZSCORE', K_QEXP, ticket) or NOW)
+          lease = math.max(1, math.min(LEASE_US, expires - NOW))
+        end
+        admit(slot, cost, tokens, lease)
+        drop_ticket(ticket)
+        if ticket == own then
+          own_admitted = true
+        else
+          redis.call('HSET', K_HANDED, slot, int(NOW))
+          redis.call('PEXPIRE', K_HANDED, ttl_ms(LEASE_US))
+          tell(slot, 'A ' .. slot .. ' ' .. int(NOW))
+          woken = woken + 1
+        end
+      end
+    end
+  end
+
+  -- Admission time of a slot handed to its waiter by someone else's drain.
+  handed_at = function(slot)
+    local at = redis.call('HGET', K_HANDED, slot)
+    if at then
+      redis.call('HDEL', K_HANDED, slot)
+      return tonumber(at)
+    end
+    return NOW
+  end
 end

@@ -23,36 +23,36 @@
 --   {0, window id, -2, limit in force}  never: heavier than that window's limit
 --       as an override set it (nothing is queued)
 
-local TICKET = SLOT .. '|' .. int(COST) .. '|' .. int(TOKENS)
-
-local function enqueue()
+local function enqueue(ticket)
+  contended()
   local new = false
-  if not redis.call('ZSCORE', K_QUEUE, TICKET) then
-    redis.call('ZADD', K_QUEUE, int(NOW), TICKET)
+  if not redis.call('ZSCORE', K_QUEUE, ticket) then
+    redis.call('ZADD', K_QUEUE, int(NOW), ticket)
     new = true
   end
-  redis.call('ZADD', K_QEXP, int(NOW + TICKET_US), TICKET)
+  redis.call('ZADD', K_QEXP, int(NOW + TICKET_US), ticket)
   redis.call('PEXPIRE', K_QUEUE, ttl_ms(TICKET_US))
   redis.call('PEXPIRE', K_QEXP, ttl_ms(TICKET_US))
   return new
 end
 
-local function run()
+local function acquire_now(TICKET)
   local waiting = redis.call('ZCARD', K_QUEUE)
+  if waiting > 0 or FIRST == 0 then contended() end
   if waiting > 0 then prune_tickets() end
 
   if FIRST == 0 and lease_of(SLOT) then
     -- Admitted by someone else's release meanwhile (its wake-up may be in flight).
     -- The waiter is alive: its short hand-over lease becomes a full one.
     redis.call('ZADD', K_HOLDERS, int(NOW + LEASE_US), SLOT)
-    load_state()
-    keep('holders', K_HOLDERS, LEASE_US)
+    load_state() -- flush() keeps the holders' TTL ahead of the new lease
     drop_ticket(TICKET)
     return {1, handed_at(SLOT)}
   end
 
   local heavy = too_heavy(COST, TOKENS)
   if heavy then
+    contended()
     -- Heavier than a limit an override lowered: it can never pass (nor wait).
     drop_ticket(TICKET)
     return {0, heavy.id, -2, int(heavy.limit)}
@@ -66,7 +66,7 @@ local function run()
       return {1, NOW}
     end
     if FIRST == 1 then count_refusal(reason) end
-    if MODE == 'wait' then enqueue() end
+    if MODE == 'wait' then enqueue(TICKET) end
     return {0, reason, wait, 1}
   end
 
@@ -87,7 +87,7 @@ local function run()
     return {0, r, w, 1}
   end
 
-  local new = enqueue()
+  local new = enqueue(TICKET)
   local own, head, reason, wait, woken = drain(TICKET)
   -- A new head (after this ticket or others were admitted) learns how long it must wait.
   if own or woken > 0 then hint_head(head, wait, TICKET) end
@@ -97,6 +97,8 @@ local function run()
   return {0, reason, -1, 0}
 end
 
-local result = run()
-flush()
-return result
+OPS.acquire = function()
+  local result = acquire_now(SLOT .. '|' .. int(COST) .. '|' .. int(TOKENS))
+  flush()
+  return result
+end

@@ -7,11 +7,13 @@
 -- A cooldown only ever grows: a shorter one does not cut a longer one short.
 -- Returns the milliseconds of cooldown now in force.
 
-load_state()
-local ends = NOW + MS * 1000
-if ends > ST.cooldown then
-  ST.cooldown = ends
-  set_state('cooldown', int(ends))
+OPS.cooldown = function()
+  refresh_now()
+  local ends = NOW + MS * 1000
+  if ends > COOLDOWN then
+    COOLDOWN = ends
+    set_state('cooldown', int(ends))
+  end
+  flush()
+  return math.ceil((COOLDOWN - NOW) / 1000)
 end
-flush()
-return math.ceil((ST.cooldown - NOW) / 1000)

@@ -6,6 +6,8 @@
 --
 -- Returns how many waiters were admitted.
 
-local woken = move_queue()
-flush()
-return woken
+OPS.move = function()
+  local woken = move_queue()
+  flush()
+  return woken
+end

@@ -21,43 +21,47 @@
 -- left at the head of the queue is told how long it must still wait.
 
 -- A lease that expired counts as lost even when no script pruned it yet.
-local lease = redis.call('ZSCORE', K_HOLDERS, SLOT)
-local held = 0
-if lease then
-  redis.call('ZREM', K_HOLDERS, SLOT)
-  if tonumber(lease) > NOW then held = 1 end
-end
-if HANDED == 1 then redis.call('HDEL', K_HANDED, SLOT) end
 
-if ACTUAL >= 0 and ACTUAL ~= RESERVED and LONGEST.t then
-  measure('t')
-  local member = SLOT .. '|' .. int(RESERVED)
-  local at = RESERVED > 0 and tonumber(redis.call('ZSCORE', K_TOKENS, member))
-  if at and at <= LONGEST.t.cut then at = nil end -- left the window, not trimmed yet
-  if at then
-    -- The reservation is still in the window: replace it by what was used.
-    redis.call('ZREM', K_TOKENS, member)
-    remove_weight('t', RESERVED, at)
-    if ACTUAL > 0 then
-      redis.call('ZADD', K_TOKENS, int(at), SLOT .. '|' .. int(ACTUAL))
-      add_weight('t', ACTUAL, at)
+OPS.release = function()
+  local lease = redis.call('ZSCORE', K_HOLDERS, SLOT)
+  local held = 0
+  if lease then
+    redis.call('ZREM', K_HOLDERS, SLOT)
+    if tonumber(lease) > NOW then held = 1 end
+  end
+  if HANDED == 1 then redis.call('HDEL', K_HANDED, SLOT) end
+
+  if ACTUAL >= 0 and ACTUAL ~= RESERVED and LONGEST_T then
+    measure('t')
+    local member = SLOT .. '|' .. int(RESERVED)
+    local at = RESERVED > 0 and tonumber(redis.call('ZSCORE', K_TOKENS, member))
+    if at and at <= LONGEST_T.cut then at = nil end -- left the window, not trimmed yet
+    if at then
+      -- The reservation is still in the window: replace it by what was used.
+      redis.call('ZREM', K_TOKENS, member)
+      contended()
+      remove_weight('t', RESERVED, at)
+      if ACTUAL > 0 then
+        redis.call('ZADD', K_TOKENS, int(at), SLOT .. '|' .. int(ACTUAL))
+        add_weight('t', ACTUAL, at)
+      end
+    elseif ACTUAL > RESERVED then
+      -- Nothing reserved, or the reservation already left the window: charge
+      -- the excess now.
+      redis.call('ZADD', K_TOKENS, int(NOW), SLOT .. '+|' .. int(ACTUAL - RESERVED))
+      add_weight('t', ACTUAL - RESERVED)
     end
-  elseif ACTUAL > RESERVED then
-    -- Nothing reserved, or the reservation already left the window: charge
-    -- the excess now.
-    redis.call('ZADD', K_TOKENS, int(NOW), SLOT .. '+|' .. int(ACTUAL - RESERVED))
-    add_weight('t', ACTUAL - RESERVED)
+    redis.call('PEXPIRE', K_TOKENS, ttl(LONGEST_T.period))
   end
-  keep('tokens', K_TOKENS, LONGEST.t.period, true)
-end
 
-if OUTCOME == 1 or OUTCOME == 2 then
-  count(OUTCOME == 1 and 'successful_requests' or 'failed_requests', 1)
-  if ADMITTED_AT > 0 and NOW > ADMITTED_AT then
-    count('response_time_us', NOW - ADMITTED_AT)
+  if OUTCOME == 1 or OUTCOME == 2 then
+    count(OUTCOME == 1 and 'successful_requests' or 'failed_requests', 1)
+    if ADMITTED_AT > 0 and NOW > ADMITTED_AT then
+      count('response_time_us', NOW - ADMITTED_AT)
+    end
   end
-end
 
-local woken = move_queue()
-flush()
-return {held, woken}
+  local woken = move_queue()
+  flush()
+  return {held, woken}
+end

@@ -19,44 +19,46 @@
 --             (their wake-up was missed: the waiter takes its slot now)
 --   gone      tickets neither queued nor admitted (expired: queue again)
 
-load_state()
-prune_leases()
-prune_tickets()
+OPS.renew = function()
+  contended()
+  load_state()
+  prune_leases()
+  prune_tickets()
 
-local lost, admitted, gone = {}, {}, {}
-local renewed = false
-for i = TAIL_AT, TAIL_AT + SLOTS - 1 do
-  local slot = ARGV[i]
-  if redis.call('ZSCORE', K_HOLDERS, slot) then
-    redis.call('ZADD', K_HOLDERS, int(NOW + LEASE_US), slot)
-    renewed = true
-  else
-    lost[#lost + 1] = slot
-  end
-end
-if renewed then keep('holders', K_HOLDERS, LEASE_US) end
-
-local queued = false
-for i = TAIL_AT + SLOTS, #ARGV do
-  local ticket = ARGV[i]
-  if redis.call('ZSCORE', K_QUEUE, ticket) then
-    redis.call('ZADD', K_QEXP, int(NOW + TICKET_US), ticket)
-    queued = true
-  else
-    local slot = parse_ticket(ticket)
-    if lease_of(slot) then
-      admitted[#admitted + 1] = slot
-      admitted[#admitted + 1] = int(handed_at(slot))
+  local lost, admitted, gone = {}, {}, {}
+  local renewed = false
+  for i = TAIL_AT, TAIL_AT + SLOTS - 1 do
+    local slot = ARGS[i]
+    if redis.call('ZSCORE', K_HOLDERS, slot) then
+      redis.call('ZADD', K_HOLDERS, int(NOW + LEASE_US), slot)
+      renewed = true
     else
-      gone[#gone + 1] = ticket
+      lost[#lost + 1] = slot
     end
   end
-end
-if queued then
-  redis.call('PEXPIRE', K_QUEUE, ttl_ms(TICKET_US))
-  redis.call('PEXPIRE', K_QEXP, ttl_ms(TICKET_US))
-end
 
-move_queue()
-flush()
-return {lost, admitted, gone}
+  local queued = false
+  for i = TAIL_AT + SLOTS, #ARGS do
+    local ticket = ARGS[i]
+    if redis.call('ZSCORE', K_QUEUE, ticket) then
+      redis.call('ZADD', K_QEXP, int(NOW + TICKET_US), ticket)
+      queued = true
+    else
+      local slot = parse_ticket(ticket)
+      if lease_of(slot) then
+        admitted[#admitted + 1] = slot
+        admitted[#admitted + 1] = int(handed_at(slot))
+      else
+        gone[#gone + 1] = ticket
+      end
+    end
+  end
+  if queued then
+    redis.call('PEXPIRE', K_QUEUE, ttl_ms(TICKET_US))
+    redis.call('PEXPIRE', K_QEXP, ttl_ms(TICKET_US))
+  end
+
+  move_queue()
+  flush()
+  return {lost, admitted, gone}
+end

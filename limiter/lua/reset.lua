@@ -5,15 +5,17 @@
 -- KEYS: the API's keys (_common.lua). ARGV: the API's configuration only.
 -- Returns the number of keys and state fields removed.
 
-local n = redis.call('DEL', K_HOLDERS, K_QUEUE, K_QEXP, K_HANDED, K_REQUESTS, K_TOKENS)
-local raw = redis.call('HGETALL', K_STATE)
-local drop = {}
-for i = 1, #raw, 2 do
-  if not string.match(raw[i], '^o:') then drop[#drop + 1] = raw[i] end
+OPS.reset = function()
+  local n = redis.call('DEL', K_HOLDERS, K_QUEUE, K_QEXP, K_HANDED, K_REQUESTS, K_TOKENS)
+  local raw = redis.call('HGETALL', K_STATE)
+  local drop = {}
+  for i = 1, #raw, 2 do
+    if not string.match(raw[i], '^o:') then drop[#drop + 1] = raw[i] end
+  end
+  if #drop > 0 then n = n + redis.call('HDEL', K_STATE, unpack_list(drop)) end
+  if #drop < #raw / 2 then
+    load_state() -- an override is left: give the hash its lifetime again
+    flush()
+  end
+  return n
 end
-if #drop > 0 then n = n + redis.call('HDEL', K_STATE, unpack(drop)) end
-if #drop < #raw / 2 then
-  load_state() -- an override is left: give the hash its lifetime again
-  flush()
-end
-return n

@@ -13,27 +13,31 @@
 -- Returns {held, woken}: held is 1 when such a slot was found and freed;
 -- woken is how many waiters the freed room admitted.
 
-drop_ticket(TICKET)
-local held = 0
-if lease_of(SLOT) then
-  redis.call('ZREM', K_HOLDERS, SLOT)
-  held = 1
-  local _, cost, tokens = parse_ticket(TICKET)
-  for kind, n in pairs({r = cost, t = tokens}) do
-    local log = LONGEST[kind] and LONGEST[kind].log
-    if log and n > 0 then
-      measure(kind)
-      local member = SLOT .. '|' .. int(n)
-      local at = tonumber(redis.call('ZSCORE', log, member))
-      if at then
-        redis.call('ZREM', log, member)
-        remove_weight(kind, n, at)
+OPS.withdraw = function()
+  contended()
+  drop_ticket(TICKET)
+  local held = 0
+  if lease_of(SLOT) then
+    redis.call('ZREM', K_HOLDERS, SLOT)
+    held = 1
+    local _, cost, tokens = parse_ticket(TICKET)
+    for kind, n in pairs({r = cost, t = tokens}) do
+      local longest = (kind == 'r') and LONGEST_R or LONGEST_T
+      local log = longest and longest.log
+      if log and n > 0 then
+        measure(kind)
+        local member = SLOT .. '|' .. int(n)
+        local at = tonumber(redis.call('ZSCORE', log, member))
+        if at then
+          redis.call('ZREM', log, member)
+          remove_weight(kind, n, at)
+        end
       end
     end
   end
-end
-redis.call('HDEL', K_HANDED, SLOT)
+  redis.call('HDEL', K_HANDED, SLOT)
 
-local woken = move_queue()
-flush()
-return {held, woken}
+  local woken = move_queue()
+  flush()
+  return {held, woken}
+end
