@@ -94,6 +94,9 @@ class _Subject:
 
     client: aioredis.Redis
     lim: Limiter
+    #: The same limiter running its operations as EVALSHA scripts, as it does on Redis 6.2,
+    #: fakeredis, or for a user without the FUNCTION right.
+    scripts: Limiter
     noop: Any
     storage: RedisStorage
     moving: MovingWindowRateLimiter
@@ -102,6 +105,7 @@ class _Subject:
 
     async def aclose(self) -> None:
         await self.lim.aclose()
+        await self.scripts.aclose()
         with contextlib.suppress(Exception):
             await self.storage.bridge.storage.aclose()  # type: ignore[attr-defined]
         await self.client.aclose()
@@ -121,6 +125,7 @@ def _subject(url: str, port: int, namespace: str, *, counting: bool) -> _Subject
     return _Subject(
         client=client,
         lim=Limiter(client, {API: LIMITS}, namespace=namespace),
+        scripts=Limiter(client, {API: LIMITS}, namespace=namespace + "-scripts"),
         noop=client.register_script("return 1"),
         storage=storage,
         moving=MovingWindowRateLimiter(storage),
@@ -143,6 +148,10 @@ def _ops(s: _Subject) -> dict[str, Op]:
         slot = await s.lim.acquire(API)
         await slot.release()
 
+    async def scripts_pair() -> None:
+        slot = await s.scripts.acquire(API)
+        await slot.release()
+
     async def limits_hits() -> None:
         await s.moving.hit(PER_MINUTE, "bench")
         await s.moving.hit(PER_HOUR, "bench")
@@ -159,6 +168,7 @@ def _ops(s: _Subject) -> dict[str, Op]:
         "ping": ping,
         "noop": noop_pair,
         "limiter": limiter_pair,
+        "scripts": scripts_pair,
         "limits": limits_hits,
         "semaphore": semaphore,
         "local": local,
@@ -192,6 +202,14 @@ async def _limiter_commands(url: str) -> list[tuple[Any, ...]]:
         await lim.aclose()
         await client.aclose()
     return calls
+
+
+async def _as_scripts(lim: Limiter) -> None:
+    """Make ``lim`` run its operations as EVALSHA scripts (a benchmark-only switch of the
+    runner's mode, which Redis 6.2, fakeredis and users without FUNCTION get by themselves)."""
+    runner = lim._runner
+    await runner.ready()
+    runner.functions = False
 
 
 def _split(call: tuple[Any, ...]) -> tuple[list[Any], list[Any]]:
@@ -229,7 +247,8 @@ async def _verify(
     s = _subject(url, port, "bench-verify", counting=True)
     try:
         ops = _ops(s)
-        for name in ("ping", "noop", "limiter", "limits", "semaphore"):
+        await _as_scripts(s.scripts)
+        for name in ("ping", "noop", "limiter", "scripts", "limits", "semaphore"):
             for _ in range(20):  # warm: scripts loaded, connections open, semaphore created
                 await ops[name]()
             counts[name] = await command_counts(probe, ops[name], n_verify)
@@ -276,6 +295,7 @@ async def _timed(
     s = _subject(url, port, "bench", counting=False)
     try:
         ops = _ops(s)
+        await _as_scripts(s.scripts)
         replay = await _limiter_commands(url)
         replay_args = [_split(call) for call in replay]
 
@@ -331,6 +351,10 @@ def _rows(
             "reused, so the window sets stay at one entry)",
         ),
         "limiter": ("3", "limiter: `acquire` + `release` (concurrency + 1 min + 1 h)"),
+        "scripts": (
+            "3s",
+            "the same, operations run as EVALSHA scripts (Redis 6.2, fakeredis, no FUNCTION right)",
+        ),
         "limits": ("4", "`limits` 5: MovingWindow `hit` per minute + per hour"),
         "semaphore": ("5", "`redis-rate-limiters` AsyncSemaphore enter + exit"),
         "local": ("6", "per-process asyncio.Semaphore + deque windows (no Redis)"),

@@ -1,10 +1,11 @@
 """The script runner: the one way the limiter's Lua scripts reach Redis.
 
 Owns: the Redis client handle as the scripts use it; how the operations run there, as a
-Redis Functions library (FCALL; Redis 7.0+, loaded on first contact and again when Redis
-lost it) or as scripts (EVALSHA, loaded again on NOSCRIPT: Redis 6.2, a cluster client,
-fakeredis, or a user without the FUNCTION right); the one-time ``initialize()`` of a
-cluster client; the cluster connection cap; and the mapping of Redis errors to
+Redis Functions library (FCALL; Redis 7.0+, loaded on first contact, on every primary of
+a cluster, and again when Redis lost it) or as scripts (EVALSHA, loaded again on
+NOSCRIPT: Redis 6.2, fakeredis, or a user without the FUNCTION right); the one-time
+``initialize()`` of a cluster client; the cluster connection cap; and the mapping of
+Redis errors to
 :class:`LimiterUnavailable`. Called by the admission, waiting, fail-open and registry
 parts; it calls none of them (a reload is reported through its ``on_reload`` callback).
 
@@ -89,6 +90,7 @@ class ScriptRunner:
             script = redis.register_script(lua_source(name))
             self._scripts[name] = _Script(script.script, script.sha)
         self._ready = False
+        self._ready_lock = asyncio.Lock()
         self._library, self._library_code = library_source()
         #: The library's function of each per-API operation.
         self._functions = {
@@ -113,26 +115,31 @@ class ScriptRunner:
         return self._ready
 
     async def ready(self) -> bool:
-        """Initialize a cluster client once; True on the first call (first contact)."""
+        """Initialize a cluster client and load the library, once; True on the call that
+        did it (first contact). Concurrent first calls wait for that one."""
         if self._ready:
             return False
-        # redis-py's asyncio RedisCluster must be initialized before concurrent use.
-        init = getattr(self.redis, "initialize", None)
-        if init is not None and self.cluster:
-            try:
-                await init()
-            except REDIS_ERRORS as exc:
-                raise LimiterUnavailable(None, "connect", redact(exc)) from exc
-        self._ready = True
-        if not self.cluster and not type(self.redis).__module__.startswith("fakeredis"):
-            self.functions = await self._load_library()
-        return True
+        async with self._ready_lock:
+            if self._ready:
+                return False
+            # redis-py's asyncio RedisCluster must be initialized before concurrent use.
+            init = getattr(self.redis, "initialize", None)
+            if init is not None and self.cluster:
+                try:
+                    await init()
+                except REDIS_ERRORS as exc:
+                    raise LimiterUnavailable(None, "connect", redact(exc)) from exc
+            if not type(self.redis).__module__.startswith("fakeredis"):
+                self.functions = await self._load_library()
+            self._ready = True
+            return True
 
     async def _load_library(self) -> bool:
         """Load the Functions library; False when this Redis cannot or may not (6.2, no
         FUNCTION right): the operations then run as EVALSHA scripts."""
         try:
-            await self.redis.function_load(self._library_code)
+            async with self.connection_cap:
+                await self.redis.function_load(self._library_code)
         except REDIS_ERRORS as exc:
             if "already exists" in str(exc):
                 return True
@@ -193,11 +200,13 @@ class ScriptRunner:
         name = self._functions.get(op) if self.functions else None
         if name is not None:
             try:
-                return await self.redis.execute_command("FCALL", name, len(keys), *keys, *args)
+                async with self.connection_cap:
+                    return await self.redis.execute_command("FCALL", name, len(keys), *keys, *args)
             except ResponseError as exc:
                 if not _function_missing(exc):
                     raise
-                await self._reload_library()
+            await self._reload_library()
+            async with self.connection_cap:
                 return await self.redis.execute_command("FCALL", name, len(keys), *keys, *args)
         script = self._scripts[op]
         async with self.connection_cap:

@@ -478,3 +478,21 @@ async def test_listeners_see_admissions_refusals_and_releases(
     assert events[3][2]["reason"] == "concurrency"
     assert events[3][2]["waited"] > 0
     assert events[2][2] == {"success": True, "lost": False}
+
+
+async def test_trimming_a_log_keeps_its_windows_extra_weight_exact(
+    make_limiter: LimiterFactory,
+) -> None:
+    """A request of cost 5 that left the window frees all 5 units even when the log is trimmed
+    by a call that admits nothing (a cooldown, a renewal): 1 + 6 of 10 then passes."""
+    lim = make_limiter({"a": APILimits(rates=(Rate(10, 2.0),), lease_ttl=60)})
+    heavy = await lim.acquire("a", timeout=0, cost=5)
+    await asyncio.sleep(1.0)
+    light = await lim.acquire("a", timeout=0, cost=1)  # stays in the window until 3 s
+    await asyncio.sleep(1.15)  # the heavy entry has left the 2 s window
+    await lim.cooldown("a", 0.001)  # a call that refreshes the keys' TTLs and trims the log
+    await asyncio.sleep(0.01)
+    assert (await lim.stats("a"))["windows"]["rate:2s"]["used"] == 1
+    slot = await lim.acquire("a", timeout=0, cost=6)  # refused before the fix: 1 + 4 + 6 > 10
+    for s in (slot, heavy, light):
+        await s.release()

@@ -123,6 +123,7 @@ end
 -- what left the longest windows are dropped at the same time.
 local STATE_TTL -- the state hash's TTL to set in flush(): ms, -1 (none), false
 local LEASES -- see lease_count()
+local measure -- see below
 local function refresh()
   if REFRESH_AT and REFRESH_AT > NOW then return end
   REFRESH_AT = NOW + 1000000
@@ -130,11 +131,15 @@ local function refresh()
   redis.call('ZREMRANGEBYSCORE', K_HOLDERS, '-inf', NOW)
   redis.call('PEXPIRE', K_HOLDERS, ttl(LEASE_US))
   LEASES = nil
+  -- Each log is measured before it is trimmed: the extra weight of what leaves a
+  -- window is only subtracted by measure(), which must still see those entries.
   if LONGEST_R then
+    measure('r')
     redis.call('ZREMRANGEBYSCORE', K_REQUESTS, '-inf', NOW - LONGEST_R.period)
     redis.call('PEXPIRE', K_REQUESTS, ttl(LONGEST_R.period))
   end
   if LONGEST_T then
+    measure('t')
     redis.call('ZREMRANGEBYSCORE', K_TOKENS, '-inf', NOW - LONGEST_T.period)
     redis.call('PEXPIRE', K_TOKENS, ttl(LONGEST_T.period))
   end
@@ -204,7 +209,7 @@ end
 -- once per call and log. A log whose longest window is empty may have been
 -- dropped by Redis with its TTL: it is marked fresh.
 local MEASURED_R, MEASURED_T, FRESH_R, FRESH_T
-local function measure(kind)
+measure = function(kind)
   local longest
   if kind == 'r' then
     if MEASURED_R or not LONGEST_R then return end
