@@ -291,27 +291,27 @@ local function check(cost, tokens)
   return nil
 end
 
+-- One entry of weight n in the log whose longest window is `longest`; a log
+-- that was empty (a new key) gets its TTL now.
+local function log_entry(longest, slot, n, fresh)
+  redis.call('ZADD', longest.log, NOW_S, slot .. '|' .. int(n))
+  add_weight(longest.kind, n)
+  if fresh then redis.call('PEXPIRE', longest.log, ttl(longest.period)) end
+end
+
 -- Record one admission: a lease and one weighted entry in each log. `lease`
 -- defaults to the full lease length. Call check() first (it measures).
 local function admit(slot, cost, tokens, lease)
-  if lease_count(0) == 0 then
-    -- An empty holders set is a new key: it needs its TTL now.
-    redis.call('ZADD', K_HOLDERS, int(NOW + (lease or LEASE_US)), slot)
-    redis.call('PEXPIRE', K_HOLDERS, ttl(LEASE_US))
-  else
-    redis.call('ZADD', K_HOLDERS, int(NOW + (lease or LEASE_US)), slot)
-  end
+  local fresh = lease_count(0) == 0 -- an empty holders set is a new key
+  redis.call('ZADD', K_HOLDERS, int(NOW + (lease or LEASE_US)), slot)
+  if fresh then redis.call('PEXPIRE', K_HOLDERS, ttl(LEASE_US)) end
   LEASES = LEASES + 1
   if cost > 0 and LONGEST_R then
-    redis.call('ZADD', K_REQUESTS, NOW_S, slot .. '|' .. cost)
-    add_weight('r', cost)
-    if FRESH_R then redis.call('PEXPIRE', K_REQUESTS, ttl(LONGEST_R.period)) end
+    log_entry(LONGEST_R, slot, cost, FRESH_R)
     FRESH_R = false
   end
   if tokens > 0 and LONGEST_T then
-    redis.call('ZADD', K_TOKENS, NOW_S, slot .. '|' .. tokens)
-    add_weight('t', tokens)
-    if FRESH_T then redis.call('PEXPIRE', K_TOKENS, ttl(LONGEST_T.period)) end
+    log_entry(LONGEST_T, slot, tokens, FRESH_T)
     FRESH_T = false
   end
 end
