@@ -496,3 +496,24 @@ async def test_trimming_a_log_keeps_its_windows_extra_weight_exact(
     slot = await lim.acquire("a", timeout=0, cost=6)  # refused before the fix: 1 + 4 + 6 > 10
     for s in (slot, heavy, light):
         await s.release()
+
+
+async def test_a_handed_slot_keeps_its_admission_time_for_every_reader(
+    make_limiter: LimiterFactory,
+) -> None:
+    """A slot handed to a waiter reports the hand-off's Redis time both to a renewal and to
+    the waiter's own next call, whichever reads it first (the second was told a later
+    time before, which put admissions out of place in the holders' own records)."""
+    lim = make_limiter({"a": APILimits(max_concurrent=1)})
+    plan, run = lim._plans["a"], lim._runner.run
+    holder = await lim.acquire("a")
+    assert int((await run("acquire", plan, "w.1", 1, 0, b"wait", 1))[0]) == 0  # queued
+    await holder.release()  # hands the slot to w.1
+    lost, admitted, gone = await run("renew", plan, 0, tail=("w.1|1|0",))
+    assert (lost, gone) == ([], [])
+    assert admitted[0] == b"w.1"
+    handed_at = int(admitted[1])
+    await asyncio.sleep(0.02)
+    again = await run("acquire", plan, "w.1", 1, 0, b"wait", 0)  # the waiter asks again
+    assert [int(v) for v in again] == [1, handed_at]
+    await run("release", plan, "w.1", 1, handed_at, 0, -1, 1)

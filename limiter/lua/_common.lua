@@ -481,12 +481,12 @@ contended = function()
   end
 
   -- Admission time of a slot handed to its waiter by someone else's drain.
+  -- It stays there until the slot's release or withdrawal: a renewal and the waiter's
+  -- own next call may both read it (the one that came second was told NOW, a later
+  -- time than the admission's, when the first deleted it).
   handed_at = function(slot)
     local at = redis.call('HGET', K_HANDED, slot)
-    if at then
-      redis.call('HDEL', K_HANDED, slot)
-      return tonumber(at)
-    end
+    if at then return tonumber(at) end
     return NOW
   end
 end
