@@ -21,7 +21,7 @@ from ._contract import KeyPlan, text
 from ._errors import AcquireTimeout, ConfigError, LeaseLost, LimiterUnavailable
 from ._events import Events
 from ._runner import ScriptRunner
-from ._slot import OUTCOME_SUCCESS, Slot, SlotState
+from ._slot import OUTCOME_SUCCESS, Slot, SlotState, to_the_end
 from ._waiting import Waiter, Waiting
 
 __all__ = ["Admission"]
@@ -212,12 +212,8 @@ class Admission:
 
     async def _withdraw(self, plan: KeyPlan, slot_id: str, ticket: str) -> None:
         """Take a waiter's ticket out of the queue (and free a slot handed to it meanwhile)."""
-        task = asyncio.ensure_future(self._runner.run("withdraw", plan, slot_id, ticket))
         try:
-            await asyncio.shield(task)
-        except asyncio.CancelledError:
-            self.keep(task)
-            raise
+            await to_the_end(self._runner.run("withdraw", plan, slot_id, ticket), self.keep)
         except LimiterUnavailable as exc:
             # The ticket expires by itself within ticket_ttl.
             log.warning("could not withdraw ticket %s: %s", slot_id, exc)

@@ -41,7 +41,7 @@ from ._events import Events, Listener
 from ._failopen import FailOpen, beat
 from ._registry import Registry
 from ._runner import ScriptRunner
-from ._slot import Slot, SlotContext
+from ._slot import Slot, SlotContext, to_the_end
 from ._waiting import Waiting
 
 __all__ = ["Limiter", "Slot"]
@@ -258,12 +258,7 @@ class Limiter:
         """
         if slot.released:
             return
-        task = asyncio.ensure_future(slot.release(success=success))
-        try:
-            await asyncio.shield(task)
-        except asyncio.CancelledError:
-            self._admission.keep(task)
-            raise
+        await to_the_end(slot.release(success=success), self._admission.keep)
 
     async def cooldown(self, api: str, seconds: float) -> float:
         """Pause ``api`` for every replica for ``seconds``; returns the pause now in force.

@@ -10,6 +10,7 @@ unreachable). Only the owner changes a state's fields, except ``actual_tokens``
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, Protocol, Self
@@ -21,10 +22,31 @@ if TYPE_CHECKING:
     from ._contract import KeyPlan
     from ._local import LocalGate
 
-__all__ = ["OUTCOME_FAILURE", "OUTCOME_SUCCESS", "Slot", "SlotContext", "SlotOwner", "SlotState"]
+__all__ = [
+    "OUTCOME_FAILURE",
+    "OUTCOME_SUCCESS",
+    "Slot",
+    "SlotContext",
+    "SlotOwner",
+    "SlotState",
+    "to_the_end",
+]
 
 #: What a release counts in the totals (release.lua's OUTCOME).
 OUTCOME_SUCCESS, OUTCOME_FAILURE = 1, 2
+
+
+async def to_the_end(
+    work: Coroutine[Any, Any, None], keep: Callable[[asyncio.Future[Any]], None]
+) -> None:
+    """Await ``work`` to its end even when the caller is cancelled meanwhile: it then
+    finishes in the background, held by ``keep``, and the cancellation goes on."""
+    task = asyncio.ensure_future(work)
+    try:
+        await asyncio.shield(task)
+    except asyncio.CancelledError:
+        keep(task)
+        raise
 
 
 class SlotOwner(Protocol):
@@ -151,13 +173,8 @@ class Slot:
             return
         state.released = True
         outcome = OUTCOME_SUCCESS if exc is None else OUTCOME_FAILURE
-        task = asyncio.ensure_future(state.owner.release_slot(state, outcome))
         try:
-            await asyncio.shield(task)
-        except asyncio.CancelledError:
-            # Cancelled while releasing: the release still completes in the background.
-            state.owner.keep(task)
-            raise
+            await to_the_end(state.owner.release_slot(state, outcome), state.owner.keep)
         except LeaseLost as lost:
             if exc is None:
                 raise
