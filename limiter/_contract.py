@@ -334,11 +334,6 @@ class KeyPlan:
             raise TypeError(f"{op}: takes {OPERATIONS[op].args}, got {len(args)} arguments")
         return (*args, self.config, *tail)
 
-    @property
-    def override_fields(self) -> tuple[str, ...]:
-        """The override's field of each window, in the scripts' order."""
-        return tuple(w.id for w in self.windows)
-
     def window(self, id_: str) -> Window:
         """The window the scripts call ``id_``."""
         for w in self.windows:

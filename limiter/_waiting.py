@@ -16,6 +16,7 @@ import math
 from collections.abc import Callable
 from typing import Any
 
+from ._contract import text
 from ._errors import LimiterUnavailable
 from ._runner import REDIS_ERRORS, ScriptRunner, redact
 from ._slot import SlotState
@@ -23,11 +24,6 @@ from ._slot import SlotState
 __all__ = ["Waiter", "Waiting"]
 
 log = logging.getLogger("limiter")
-
-
-def text(value: Any) -> str:
-    """A Redis reply (bytes or str) as str."""
-    return value.decode() if isinstance(value, bytes) else str(value)
 
 
 class Waiter:
