@@ -15,6 +15,7 @@ from ._errors import (
     ProviderAuthError,
 )
 from ._limiter import Limiter, Slot
+from ._scope import scope
 
 __all__ = [
     "DEFAULT_LIMITS",
@@ -29,6 +30,7 @@ __all__ = [
     "ProviderAuthError",
     "Rate",
     "Slot",
+    "scope",
 ]
 
 __version__ = "0.1.0"

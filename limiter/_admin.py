@@ -268,7 +268,8 @@ async def registered(
 
 def stats_view(plan: KeyPlan, limits: APILimits, reply: Sequence[Any]) -> dict[str, Any]:
     """``Limiter.stats()``'s dict for one API from stats.lua's reply."""
-    in_flight, waiting, cooldown_ms, flat, used, override, override_ms, _registered = reply
+    in_flight, waiting, cooldown_ms, flat, used, override, override_ms, _registered = reply[:8]
+    by_priority, tenant_rows, weight_rows = reply[8:11]
     overrides = override_view(plan, override, int(override_ms))
     counters = {text(flat[i]): int(flat[i + 1]) for i in range(0, len(flat), 2)}
     ok = counters.get("successful_requests", 0)
@@ -299,4 +300,51 @@ def stats_view(plan: KeyPlan, limits: APILimits, reply: Sequence[Any]) -> dict[s
         "cooldown_remaining": int(cooldown_ms) / 1000,
         "windows": windows,
         "overrides": overrides,
+        "waiting_by_priority": {
+            int(text(by_priority[i])): int(by_priority[i + 1])
+            for i in range(0, len(by_priority), 2)
+        },
+        "tenants": tenants_view(limits, tenant_rows),
+        "tenant_weights": weights_view(limits, weight_rows),
     }
+
+
+#: stats() shows this many tenants: the busiest.
+TENANTS_SHOWN = 20
+
+
+def tenants_view(limits: APILimits, rows: Sequence[Any]) -> dict[str, dict[str, Any]]:
+    """The busiest tenants of the fair queue (most waiting, then most admitted from the
+    queue), from stats.lua's flat tenant, waiting, admitted, service list."""
+    tenants = []
+    for i in range(0, len(rows), 4):
+        name = text(rows[i])
+        tenants.append(
+            (
+                name,
+                {
+                    "waiting": int(rows[i + 1]),
+                    "admitted": int(rows[i + 2]),
+                    "service": float(text(rows[i + 3])),
+                },
+            )
+        )
+    tenants.sort(key=lambda t: (-t[1]["waiting"], -t[1]["admitted"], t[0]))
+    return dict(tenants[:TENANTS_SHOWN])
+
+
+def weights_view(limits: APILimits, rows: Sequence[Any]) -> dict[str, dict[str, Any]]:
+    """Each tenant's weight in force: configured, or set at run time (with its seconds
+    left, None when it does not end)."""
+    out: dict[str, dict[str, Any]] = {
+        tenant: {"weight": w, "source": "config", "ttl": None}
+        for tenant, w in limits.tenant_weights.items()
+    }
+    for i in range(0, len(rows), 3):
+        ms = int(rows[i + 2])
+        out[text(rows[i])] = {
+            "weight": float(text(rows[i + 1])),
+            "source": "runtime",
+            "ttl": None if ms < 0 else ms / 1000,
+        }
+    return out

@@ -21,6 +21,7 @@ from ._contract import KeyPlan, text
 from ._errors import AcquireTimeout, ConfigError, LeaseLost, LimiterUnavailable
 from ._events import Events
 from ._runner import ScriptRunner
+from ._scope import DEFAULT_FAIR, Fair
 from ._slot import OUTCOME_SUCCESS, Slot, SlotState, to_the_end
 from ._waiting import Waiter, Waiting
 
@@ -54,8 +55,15 @@ class Admission:
     def new_slot_id(self) -> str:
         return f"{self._process_id}.{next(self._ids)}"
 
-    async def acquire(self, plan: KeyPlan, timeout: float | None, cost: int, tokens: int) -> Slot:
-        """Wait (FIFO across the cluster) until the scripts admit this request."""
+    async def acquire(
+        self,
+        plan: KeyPlan,
+        timeout: float | None,
+        cost: int,
+        tokens: int,
+        fair: Fair = DEFAULT_FAIR,
+    ) -> Slot:
+        """Wait (in the fair queue, across the cluster) until the scripts admit this request."""
         api = plan.api
         events = self._events
         loop = asyncio.get_running_loop()
@@ -64,10 +72,11 @@ class Admission:
         start = loop.time()
         deadline = math.inf if timeout is None else start + timeout
         slot_id = self.new_slot_id()
-        ticket = f"{slot_id}|{cost}|{tokens}"
+        ticket = f"{slot_id}|{cost}|{tokens}|{fair.tail}"
         mode = b"try" if timeout == 0 else b"wait"
-        args: tuple[Any, ...] = (slot_id, cost, tokens, mode, 1)
-        again = (slot_id, cost, tokens, mode, 0)
+        weight = repr(fair.weight)
+        args: tuple[Any, ...] = (slot_id, cost, tokens, mode, 1, fair.priority, weight, fair.tenant)
+        again = (slot_id, cost, tokens, mode, 0, fair.priority, weight, fair.tenant)
         waiter: Waiter | None = None
         first: str | None = None  # the first limit that held this request back
         queued = True  # a ticket or slot of ours may exist in Redis
@@ -76,9 +85,15 @@ class Admission:
                 res = await self._runner.run("acquire", plan, *args, retry_args=again)
                 args = again
                 if int(res[0]) == 1:
-                    slot = self._admitted(plan, slot_id, int(res[1]), cost, tokens, waiter)
+                    slot = self._admitted(plan, slot_id, int(res[1]), cost, tokens, waiter, fair)
                     if events.active:
-                        events.emit("admitted", api, waited=loop.time() - start, reason=first)
+                        events.emit(
+                            "admitted",
+                            api,
+                            waited=loop.time() - start,
+                            reason=first,
+                            priority=fair.priority,
+                        )
                     return slot
                 code = text(res[1])
                 reason = plan.reasons.get(code, code)
@@ -90,12 +105,12 @@ class Admission:
                 if wait_us == -2:
                     queued = False  # the script dropped the ticket
                     kind = plan.window(code).kind
-                    what, weight = ("tokens", tokens) if kind == "t" else ("cost", cost)
+                    what, heavy = ("tokens", tokens) if kind == "t" else ("cost", cost)
                     raise ConfigError(
-                        f"{what}={weight} for API {api!r} can never pass: the {reason} "
+                        f"{what}={heavy} for API {api!r} can never pass: the {reason} "
                         f"limit in force is {int(res[3])} (a runtime override)",
                         field=what,
-                        value=weight,
+                        value=heavy,
                     )
                 if reason == "cooldown" and self.on_cooldown is not None:
                     self.on_cooldown(plan.tag, loop.time() + wait_us / 1_000_000)
@@ -125,9 +140,15 @@ class Admission:
                     )
                 at = await self._wait(waiter, delay, deadline)
                 if at is not None:
-                    slot = self._admitted(plan, slot_id, at, cost, tokens, waiter)
+                    slot = self._admitted(plan, slot_id, at, cost, tokens, waiter, fair)
                     if events.active:
-                        events.emit("admitted", api, waited=loop.time() - start, reason=first)
+                        events.emit(
+                            "admitted",
+                            api,
+                            waited=loop.time() - start,
+                            reason=first,
+                            priority=fair.priority,
+                        )
                     return slot
         except BaseException as exc:
             # Even the first call may have run in Redis before we gave up on its answer
@@ -167,10 +188,19 @@ class Admission:
                 return None
 
     def _admitted(
-        self, plan: KeyPlan, slot_id: str, at: int, cost: int, tokens: int, waiter: Any
+        self,
+        plan: KeyPlan,
+        slot_id: str,
+        at: int,
+        cost: int,
+        tokens: int,
+        waiter: Any,
+        fair: Fair,
     ) -> Slot:
         handed = waiter is not None
         state = SlotState(self, plan, slot_id, at, cost, tokens, handed, handed)
+        if handed:
+            state.fair = fair.tail
         self._waiting.hold(state)
         return Slot(state)
 
@@ -195,6 +225,7 @@ class Admission:
                 state.tokens,
                 state.actual_tokens,
                 1 if state.handed else 0,
+                state.fair,
             )
         except LimiterUnavailable as exc:
             if self.on_outage is None or not self.on_outage(exc):

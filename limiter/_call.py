@@ -127,6 +127,8 @@ async def call_with_retries(
     tokens: int,
     idempotent: bool,
     key: str | None = None,
+    tenant: str | None = None,
+    priority: int | None = None,
 ) -> T:
     """Run ``operation`` under a slot of ``api``, retrying retryable failures."""
     limits = limiter.limits[api]
@@ -135,7 +137,16 @@ async def call_with_retries(
     async for attempt in retrying(limiter, api, budget, idempotent=idempotent, label=label):
         with attempt:
             return await _one_attempt(
-                limiter, api, operation, budget.remaining(), tokens, label, idempotent, key
+                limiter,
+                api,
+                operation,
+                budget.remaining(),
+                tokens,
+                label,
+                idempotent,
+                key,
+                tenant,
+                priority,
             )
     raise AssertionError("unreachable: tenacity returns or re-raises")  # pragma: no cover
 
@@ -149,8 +160,12 @@ async def _one_attempt(
     label: str,
     idempotent: bool,
     key: str | None,
+    tenant: str | None,
+    priority: int | None,
 ) -> T:
-    async with limiter.slot(api, timeout=timeout, tokens=tokens, key=key) as slot:
+    async with limiter.slot(
+        api, timeout=timeout, tokens=tokens, key=key, tenant=tenant, priority=priority
+    ) as slot:
         began = time.monotonic()
         try:
             result = await operation()

@@ -15,9 +15,12 @@ __all__ = [
     "DEFAULT_LIMITS",
     "MAX_COUNT",
     "MAX_SECONDS",
+    "MAX_TENANT_BYTES",
     "APILimits",
     "Rate",
     "check_api_name",
+    "check_tenant",
+    "check_weight",
     "finite",
     "format_period",
     "positive_int",
@@ -164,6 +167,13 @@ class APILimits:
     #: provider sees at most ``limit`` in any ``period`` as long as that delay varies by at
     #: most ``m``; the price is a throughput of ``period / (period + m)`` of the limit.
     window_margin: float = 0.0
+    #: Weights of tenants in the fair queue, ``{tenant: weight}``; a tenant absent here
+    #: weighs 1.0. Within one priority, backlogged tenants are served in proportion to
+    #: their weights.
+    tenant_weights: Mapping[str, float] = field(default_factory=lambda: MappingProxyType({}))
+    #: Seconds after which a waiter counts as the highest priority (bounded starvation);
+    #: ``None``: strict priority.
+    priority_aging: float | None = None
     #: The windows in force, requests_per_minute/hour included (derived).
     windows: tuple[Rate, ...] = field(init=False, repr=False, compare=False)
 
@@ -229,8 +239,60 @@ class APILimits:
                     value=rate,
                 )
             seen[key] = rate
+        _positive_float("APILimits.priority_aging", self.priority_aging, optional=True)
+        if self.priority_aging is not None:
+            _at_most_max_seconds("APILimits.priority_aging", self.priority_aging)
+        object.__setattr__(self, "tenant_weights", _tenant_weights(self.tenant_weights))
         object.__setattr__(self, "rates", tuple(self.rates))
         object.__setattr__(self, "windows", tuple(windows))
+
+
+#: The longest tenant name, bytes of UTF-8.
+MAX_TENANT_BYTES: Final = 256
+
+
+def check_tenant(tenant: object, name: str = "tenant") -> str:
+    """A tenant name: a non-empty string of UTF-8 text of at most 256 bytes."""
+    ok = False
+    if isinstance(tenant, str) and tenant:
+        try:
+            ok = len(tenant.encode()) <= MAX_TENANT_BYTES
+        except UnicodeEncodeError:
+            ok = False
+    if not ok:
+        raise ConfigError(
+            f"{name}={show(tenant)}: must be a non-empty string of UTF-8 text of at most "
+            f"{MAX_TENANT_BYTES} bytes",
+            field=name,
+            value=tenant,
+        )
+    return tenant  # type: ignore[return-value]  # checked above
+
+
+def check_weight(weight: object, name: str = "weight") -> float:
+    """A tenant's weight: a positive finite number (at most 1e9, at least 1e-9)."""
+    number = finite(weight)
+    if number is None or not 1e-9 <= number <= 1e9:
+        raise ConfigError(
+            f"{name}={show(weight)}: must be a finite number from 1e-9 to 1e9",
+            field=name,
+            value=weight,
+        )
+    return number
+
+
+def _tenant_weights(weights: object) -> Mapping[str, float]:
+    if not isinstance(weights, Mapping):
+        raise ConfigError(
+            f"APILimits.tenant_weights={show(weights)}: must be a mapping of tenant to weight",
+            field="APILimits.tenant_weights",
+            value=weights,
+        )
+    out: dict[str, float] = {}
+    for tenant, weight in weights.items():
+        check_tenant(tenant, "APILimits.tenant_weights")
+        out[tenant] = check_weight(weight, f"APILimits.tenant_weights[{show(tenant)}]")
+    return MappingProxyType(out)
 
 
 def validate_limits(limits: Mapping[str, APILimits]) -> dict[str, APILimits]:

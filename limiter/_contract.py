@@ -45,7 +45,8 @@ API_KEYS: Final = ("holders", "queue", "qexp", "state", "handed", "requests", "t
 #: separated by spaces, then three words per window (its id, its limit, its period in
 #: microseconds with the window margin): the request windows shortest first, then the
 #: token windows. ``life_us`` is how long the state hash lives after the API's last
-#: use: the longest of the lease, every window and ``stats_ttl``. Under Redis Functions
+#: use: the longest of the lease, every window and ``stats_ttl``. ``aging_us`` is
+#: ``priority_aging`` (0: strict priority). Under Redis Functions
 #: the library parses each distinct configuration once and keeps it.
 CONFIG: Final = (
     "namespace",
@@ -55,6 +56,7 @@ CONFIG: Final = (
     "life_us:n",
     "request_windows:n",
     "token_windows:n",
+    "aging_us:n",
 )
 
 
@@ -85,10 +87,13 @@ class Operation:
 OPERATIONS: Final = {
     op.name: op
     for op in (
-        Operation("acquire", ("slot", "cost:n", "tokens:n", "mode", "first:n")),
+        Operation(
+            "acquire",
+            ("slot", "cost:n", "tokens:n", "mode", "first:n", "priority", "weight", "tenant"),
+        ),
         Operation(
             "release",
-            ("slot", "outcome:n", "admitted_at:n", "reserved:n", "actual:n", "handed:n"),
+            ("slot", "outcome:n", "admitted_at:n", "reserved:n", "actual:n", "handed:n", "fair"),
         ),
         Operation("withdraw", ("slot", "ticket")),
         Operation("renew", ("slots:n",)),
@@ -97,6 +102,7 @@ OPERATIONS: Final = {
         Operation("override", ("ttl_ms:n",)),
         Operation("stats", extra_keys=("config",)),
         Operation("reset"),
+        Operation("weight", ("tenant", "weight", "ttl_ms:n")),
         Operation("heartbeat", ("process", "ttl_ms:n"), keys=("replicas",)),
     )
 }
@@ -300,6 +306,7 @@ class KeyPlan:
             life_us,
             len(requests),
             len(windows) - len(requests),
+            0 if limits.priority_aging is None else round(limits.priority_aging * 1_000_000),
         ]
         for w in windows:
             config += [w.id, w.limit, w.period_us]

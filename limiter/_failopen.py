@@ -24,6 +24,7 @@ from ._errors import AcquireTimeout, LimiterUnavailable
 from ._events import Events
 from ._local import LocalGate
 from ._runner import ScriptRunner, is_outage
+from ._scope import DEFAULT_FAIR, Fair
 from ._slot import OUTCOME_SUCCESS, Slot, SlotState
 from ._waiting import Waiting
 
@@ -185,6 +186,9 @@ class FailOpen:
                 state.tokens,
                 b"try",
                 1,
+                0,
+                "1.0",
+                "",
                 label="adopt",
             )
             if int(res[0]) != 1:
@@ -192,7 +196,7 @@ class FailOpen:
             self._local_held.pop(state.id, None)
             if state.released:  # released while Redis was asked: give it back there too
                 state.local = False
-                give_back = (state.id, 0, int(res[1]), state.tokens, -1, 0)
+                give_back = (state.id, 0, int(res[1]), state.tokens, -1, 0, "")
                 await self._runner.run("release", state.plan, *give_back)
                 continue
             self._admission.take_over(state)
@@ -217,7 +221,13 @@ class FailOpen:
     # -- admission ----------------------------------------------------------------------
 
     async def acquire(
-        self, plan: KeyPlan, limits: APILimits, timeout: float | None, cost: int, tokens: int
+        self,
+        plan: KeyPlan,
+        limits: APILimits,
+        timeout: float | None,
+        cost: int,
+        tokens: int,
+        fair: Fair = DEFAULT_FAIR,
     ) -> Slot:
         """Through Redis while it answers; within this replica's share while it does not."""
         loop = asyncio.get_running_loop()
@@ -228,7 +238,7 @@ class FailOpen:
                     await self.heartbeat()
                 self.start()
                 await self._runner.ready()
-                return await self._admission.acquire(plan, timeout, cost, tokens)
+                return await self._admission.acquire(plan, timeout, cost, tokens, fair)
             except LimiterUnavailable as exc:
                 if not is_outage(exc):
                     raise

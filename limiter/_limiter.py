@@ -33,14 +33,15 @@ from ._checks import (
     check_seconds,
     check_timeout,
 )
-from ._config import APILimits, Rate, show, validate_limits
+from ._config import APILimits, Rate, check_tenant, check_weight, show, validate_limits
 from ._connect import client_from_url
-from ._contract import KeyPlan, Planner
+from ._contract import KeyPlan, Planner, text
 from ._errors import ConfigError, LimiterUnavailable
 from ._events import Events, Listener
 from ._failopen import FailOpen, beat
 from ._registry import Registry
 from ._runner import ScriptRunner
+from ._scope import fair_for
 from ._slot import Slot, SlotContext, to_the_end
 from ._waiting import Waiting
 
@@ -185,9 +186,15 @@ class Limiter:
         tokens: int = 0,
         *,
         key: str | None = None,
+        tenant: str | None = None,
+        priority: int | None = None,
     ) -> SlotContext:
         """``async with lim.slot("openai") as slot:`` one admission, released on exit."""
-        return SlotContext(lambda: self.acquire(api, timeout, cost, tokens, key=key))
+        return SlotContext(
+            lambda: self.acquire(
+                api, timeout, cost, tokens, key=key, tenant=tenant, priority=priority
+            )
+        )
 
     async def acquire(
         self,
@@ -197,22 +204,32 @@ class Limiter:
         tokens: int = 0,
         *,
         key: str | None = None,
+        tenant: str | None = None,
+        priority: int | None = None,
     ) -> Slot:
-        """Wait fairly (FIFO across the cluster) for one admission and return its slot.
+        """Wait fairly (in the API's one queue across the cluster) for one admission and
+        return its slot.
 
         ``timeout`` bounds the wait (``None``: the API's ``acquire_timeout``; ``0``: try
         once, never queue). Raises :class:`AcquireTimeout` when it runs out. With ``key``
         (a user id, a tenant), the API's limits apply to each key separately.
+
+        Waiters are served by ``priority`` (-1000 to 1000, higher first; one that waited
+        ``priority_aging`` seconds counts as the highest), then, within one priority, in
+        proportion to their ``tenant``'s weight by the service each received, FIFO within
+        one tenant. ``None`` takes them from the enclosing :func:`limiter.scope`, else
+        tenant ``""`` (weight 1) and priority 0.
         """
         plan, limits = self._lookup(api, key)
         check_request(plan, cost, tokens)
+        fair = fair_for(limits, tenant, priority)
         wait = check_timeout(limits.acquire_timeout if timeout is None else timeout)
         if self._fail_open is not None:
-            return await self._fail_open.acquire(plan, limits, wait, cost, tokens)
+            return await self._fail_open.acquire(plan, limits, wait, cost, tokens, fair)
         if not self._runner.is_ready:
             await self._runner.ready()
         self._registry.maybe_write()
-        return await self._admission.acquire(plan, wait, cost, tokens)
+        return await self._admission.acquire(plan, wait, cost, tokens, fair)
 
     async def call(
         self,
@@ -224,6 +241,8 @@ class Limiter:
         *,
         idempotent: bool = True,
         key: str | None = None,
+        tenant: str | None = None,
+        priority: int | None = None,
     ) -> T:
         """Run ``operation()`` under a slot of ``api``, retrying what is worth retrying.
 
@@ -236,8 +255,11 @@ class Limiter:
         end past it fails at once with the provider's error. ``idempotent=False`` (calls
         with side effects) retries only failures that prove the call never ran. If the
         result has ``usage.total_tokens``, it is reported for the token budget.
+        ``tenant`` and ``priority`` place every attempt in the fair queue (see
+        :meth:`acquire`).
         """
-        self._lookup(api, key)
+        _, limits = self._lookup(api, key)
+        fair_for(limits, tenant, priority)  # bad input fails before anything is queued
         return await call_with_retries(
             self,
             api,
@@ -247,6 +269,8 @@ class Limiter:
             tokens=tokens,
             idempotent=idempotent,
             key=key,
+            tenant=tenant,
+            priority=priority,
         )
 
     async def release(self, slot: Slot, *, success: bool = True) -> None:
@@ -356,6 +380,26 @@ class Limiter:
         await self._ready()
         await self._runner.run("reset", plan)
         log.info("API %r: state reset in namespace %r", api, self.namespace)
+
+    async def set_tenant_weight(
+        self, api: str, tenant: str | None, weight: float | None, ttl: float | None = None
+    ) -> dict[str, float]:
+        """Give ``tenant`` the weight ``weight`` in the fair queue of ``api``, for every
+        replica at once (above ``APILimits.tenant_weights``), for ``ttl`` seconds or until
+        changed. ``weight=None`` clears it (the configured weight applies again);
+        ``tenant=None`` is the tenant of requests that name none. It counts from the next
+        admission the queue makes. Returns the weights set at run time, by tenant.
+        """
+        plan, _ = self._lookup(api)
+        name = "" if tenant is None else check_tenant(tenant)
+        value = "" if weight is None else repr(check_weight(weight))
+        ttl_ms = 0 if ttl is None else max(1, math.ceil(check_seconds("ttl", ttl, 0.001) * 1000))
+        await self._ready()
+        reply = await self._runner.run(
+            "weight", plan, name, value, ttl_ms, label="set_tenant_weight"
+        )
+        log.info("API %r: tenant %r weight %s", api, name, "cleared" if weight is None else value)
+        return {text(reply[i]): float(reply[i + 1]) for i in range(0, len(reply), 3)}
 
     def add_listener(self, listener: Listener) -> None:
         """Call ``listener(event, api, fields)`` on each event, for metrics and tracing.

@@ -78,6 +78,9 @@ class SlotState:
     gate: LocalGate | None = None
     actual_tokens: int = -1
     released: bool = False
+    #: ``"<priority>|<weight>|<tenant>"`` when the slot waited in the fair queue (its
+    #: release corrects the tenant's service by the tokens used), else "".
+    fair: str = ""
     lost: bool = False
 
 

@@ -96,7 +96,7 @@ class LimiterModel(RuleBasedStateMachine):
         """Acquire in "try" mode: refused when surely full, admitted when surely free."""
         self.counter += 1
         slot = f"p1.{self.counter}"
-        t0, res, t1 = self._call("acquire", slot, 1, 0, b"try", 1)
+        t0, res, t1 = self._call("acquire", slot, 1, 0, b"try", 1, 0, "1.0", "")
         # The script's NOW lies in [t0, t1]. A lease is alive at NOW iff expiry > NOW;
         # an admission is in the window at NOW iff its time > NOW - period.
         # "Surely" = true for every NOW in [t0 - MARGIN, t1 + MARGIN].
@@ -124,7 +124,7 @@ class LimiterModel(RuleBasedStateMachine):
         """Release a held slot: held=1 when its lease is surely alive, 0 when surely expired."""
         slot = sorted(self.holders)[index % len(self.holders)]
         at, lo, hi = self.holders.pop(slot)
-        t0, res, t1 = self._call("release", slot, 1, at, 0, -1, 0)
+        t0, res, t1 = self._call("release", slot, 1, at, 0, -1, 0, "")
         held = int(res[0])
         if lo > t1 + MARGIN:
             assert held == 1, f"surely alive lease of {slot} reported lost"

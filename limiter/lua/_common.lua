@@ -8,8 +8,9 @@
 -- Keys (every key of one API shares the hash tag {api}: one Redis Cluster slot):
 --   K_HOLDERS   ZSET  slot id -> lease expiry (Redis time, microseconds); expired
 --                     leases count for nothing and are pruned now and then
---   K_QUEUE     ZSET  ticket -> arrival time: the FIFO order of waiters
---   K_QEXP      ZSET  ticket -> ticket expiry
+--   K_QUEUE     ZSET  ticket -> arrival time, for tickets not yet aged (see
+--                     "Fair queue" below)
+--   K_QEXP      ZSET  ticket -> ticket expiry: every waiter of the API
 --   K_STATE     HASH  the API's small state, read with one HMGET:
 --                       cooldown           until when the provider asked us to wait (us)
 --                       o:until            the runtime override's end (us; 0: no end)
@@ -28,7 +29,23 @@
 --                     count with ZCOUNT
 --   K_TOKENS    ZSET  "<slot id>|<tokens>" -> admission time: the token window
 --
--- A ticket is "<slot id>|<cost>|<tokens>"; a slot id is "<process id>.<n>".
+-- The fair queue: keys named after the API's prefix (PREFIX: "<ns>:{api}:"),
+-- in the same hash tag, made and dropped as tenants come and go:
+--   classes        ZSET  class -> -priority: the classes with waiters, highest
+--                        first. A class is a priority ("10", "-5") or "aged"
+--                        (score -1001), where waiters go after waiting AGING_US
+--   t:<class>      ZSET  tenant -> weighted service received (the VTC counter):
+--                        the class's backlogged tenants, least served first
+--   q:<class>:<t>  ZSET  ticket -> arrival: one tenant's waiters, FIFO
+--   a:<class>      ZSET  tenant -> admissions from the queue since its backlog
+--                        began (for stats())
+--   weights        HASH  tenant -> "<weight> <until us>" (0: no end): weights set
+--                        at run time, above the configured one of the ticket
+-- A tenant's entries go with its last waiter in the class: state grows with the
+-- tenants waiting now, not with every tenant ever seen.
+--
+-- A ticket is "<slot id>|<cost>|<tokens>|<priority>|<weight>|<tenant>"; a slot
+-- id is "<process id>.<n>" (no "|"); the tenant is last and may hold anything.
 -- Times are integers of microseconds of Redis TIME: no client clock is used.
 -- A window's used weight is its entry count + x:<window>: entries of weight 1
 -- (the common case) cost no bookkeeping beyond the sorted set itself.
@@ -43,6 +60,14 @@
 -- Made by contended() (at the end), on first use.
 local contended, ttl_ms, parse_ticket, lease_of, drop_ticket, prune_tickets
 local remove_weight, window_wait, tell, hint_head, drain, handed_at
+local join, keep_queued, fair_key
+
+-- The API's key prefix "<ns>:{api}:", for the fair queue's keys; per call.
+local PREFIX
+local function pfx()
+  if not PREFIX then PREFIX = string.sub(K_QUEUE, 1, -6) end -- K_QUEUE ends "queue"
+  return PREFIX
+end
 
 -- Integers (below 2^53) as strings without exponent.
 local function int(x) return string.format('%d', math.floor(x)) end
@@ -334,7 +359,7 @@ end
 -- Move the queue: drop dead leases and tickets, admit the waiters that fit now,
 -- tell the one left at the head how long it waits. Returns how many were woken.
 local function move_queue()
-  if redis.call('ZCARD', K_QUEUE) == 0 then return 0 end
+  if redis.call('ZCARD', K_QEXP) == 0 then return 0 end
   contended()
   prune_leases()
   prune_tickets()
@@ -352,7 +377,7 @@ local function begin()
   MAXC = MAX_CONCURRENT
   windows()
   LOADED, COOLDOWN, OVERRIDE_UNTIL, REFRESH_AT, PENDING = false, 0, nil, nil, nil
-  STATE_TTL, LEASES = false, nil
+  STATE_TTL, LEASES, PREFIX = false, nil, nil
   MEASURED_R, MEASURED_T, FRESH_R, FRESH_T = false, false, false, false
 end
 
@@ -366,9 +391,15 @@ contended = function()
   -- PEXPIRE argument for something that lives `us` microseconds, plus a second.
   ttl_ms = function(us) return math.floor(us / 1000) + 1000 end
 
+  -- slot id, cost, tokens, priority (the class name), weight, tenant; the last
+  -- three are nil for a ticket of another format.
   parse_ticket = function(ticket)
-    local slot, cost, tokens = string.match(ticket, '^(.-)|(%d+)|(%d+)$')
-    return slot, tonumber(cost), tonumber(tokens)
+    local slot, cost, tokens, prio, weight, tenant =
+      string.match(ticket, '^(.-)|(%d+)|(%d+)|(-?%d+)|([^|]*)|(.*)$')
+    if not slot then
+      slot, cost, tokens = string.match(ticket, '^(.-)|(%d+)|(%d+)$')
+    end
+    return slot, tonumber(cost), tonumber(tokens), prio, tonumber(weight) or 1, tenant
   end
 
   -- The lease expiry of `slot` when it is still live, else nil.
@@ -378,18 +409,145 @@ contended = function()
     return nil
   end
 
+  -- Fair queue ------------------------------------------------------------
+
+  -- `kind` "q" (with the tenant), "t" or "a" of a class; "classes"; "weights".
+  fair_key = function(kind, class, tenant)
+    if tenant then return pfx() .. 'q:' .. class .. ':' .. tenant end
+    if class then return pfx() .. kind .. ':' .. class end
+    return pfx() .. kind
+  end
+
+  -- Put `ticket` (arrived at `at`) in the queue of `tenant` in `class` (whose
+  -- order in the classes is `score`). A tenant that was not backlogged in the
+  -- class starts at the least service of those that are (as VTC does): an idle
+  -- tenant banks no credit, and a new one is served at once, not after the
+  -- others' history.
+  join = function(class, score, tenant, ticket, at)
+    local tk, classes = fair_key('t', class), fair_key('classes')
+    local life = ttl_ms(TICKET_US)
+    if not redis.call('ZSCORE', tk, tenant) then
+      local least = redis.call('ZRANGE', tk, 0, 0, 'WITHSCORES')
+      if #least == 0 then redis.call('ZADD', classes, score, class) end
+      redis.call('ZADD', tk, least[2] or 0, tenant)
+    end
+    local q = fair_key('q', class, tenant)
+    redis.call('ZADD', q, at, ticket)
+    redis.call('PEXPIRE', q, life)
+    redis.call('PEXPIRE', tk, life)
+    redis.call('PEXPIRE', classes, life)
+  end
+
+  -- After a ticket left the queue of `tenant` in `class`: a tenant with none left
+  -- leaves the class (its counter goes with it), a class with no tenant goes.
+  local function left(class, tenant)
+    if redis.call('EXISTS', fair_key('q', class, tenant)) == 1 then return false end
+    local tk = fair_key('t', class)
+    redis.call('ZREM', tk, tenant)
+    redis.call('ZREM', fair_key('a', class), tenant)
+    if redis.call('EXISTS', tk) == 0 then redis.call('ZREM', fair_key('classes'), class) end
+    return true
+  end
+
+  -- Take `ticket` out of the queue, wherever it is.
   drop_ticket = function(ticket)
-    redis.call('ZREM', K_QUEUE, ticket)
     redis.call('ZREM', K_QEXP, ticket)
+    redis.call('ZREM', K_QUEUE, ticket)
+    local _, _, _, prio, _, tenant = parse_ticket(ticket)
+    if not tenant then return end
+    if redis.call('ZREM', fair_key('q', prio, tenant), ticket) == 1 then
+      left(prio, tenant)
+    elseif redis.call('ZREM', fair_key('q', 'aged', tenant), ticket) == 1 then
+      left('aged', tenant)
+    end
+  end
+
+  -- A renewed ticket of a live waiter: give its queue keys their life again, and
+  -- put it back in its tenant's queue if they expired under it.
+  keep_queued = function(ticket)
+    local _, _, _, prio, _, tenant = parse_ticket(ticket)
+    if not tenant then return end
+    local life = ttl_ms(TICKET_US)
+    for _, class in ipairs({prio, 'aged'}) do
+      if redis.call('ZSCORE', fair_key('q', class, tenant), ticket) then
+        redis.call('PEXPIRE', fair_key('q', class, tenant), life)
+        redis.call('PEXPIRE', fair_key('t', class), life)
+        redis.call('PEXPIRE', fair_key('classes'), life)
+        return
+      end
+    end
+    local at = redis.call('ZSCORE', K_QUEUE, ticket) or int(NOW)
+    join(prio, -tonumber(prio), tenant, ticket, at)
   end
 
   -- Drop expired tickets (only worth calling when the queue is not empty).
   prune_tickets = function()
-    local dead = redis.call('ZRANGEBYSCORE', K_QEXP, '-inf', NOW)
-    for i = 1, #dead, 1000 do
-      redis.call('ZREM', K_QUEUE, unpack_list(dead, i, math.min(i + 999, #dead)))
+    for _, ticket in ipairs(redis.call('ZRANGEBYSCORE', K_QEXP, '-inf', NOW)) do
+      drop_ticket(ticket)
     end
-    if #dead > 0 then redis.call('ZREMRANGEBYSCORE', K_QEXP, '-inf', NOW) end
+  end
+
+  -- Move the tickets that have waited AGING_US into the class "aged", above
+  -- every priority (FIFO by arrival; at most 100 per call).
+  local function promote()
+    if AGING_US <= 0 then return end
+    local old = redis.call('ZRANGEBYSCORE', K_QUEUE, '-inf', NOW - AGING_US,
+                           'WITHSCORES', 'LIMIT', 0, 100)
+    for i = 1, #old, 2 do
+      local ticket = old[i]
+      local _, _, _, prio, _, tenant = parse_ticket(ticket)
+      if tenant and redis.call('ZREM', fair_key('q', prio, tenant), ticket) == 1 then
+        left(prio, tenant)
+        join('aged', -1001, tenant, ticket, old[i + 1])
+      end
+      redis.call('ZREM', K_QUEUE, ticket)
+    end
+  end
+
+  -- The ticket to serve next, its class and tenant, or nil: the highest class,
+  -- in it the tenant with the least weighted service (ties by name), that
+  -- tenant's oldest ticket.
+  local function next_ticket()
+    promote()
+    local classes = fair_key('classes')
+    for _ = 1, 1000 do -- each turn that finds nothing repairs one stale entry
+      local c = redis.call('ZRANGE', classes, 0, 0)
+      if #c == 0 then return nil end
+      local class = c[1]
+      local t = redis.call('ZRANGE', fair_key('t', class), 0, 0)
+      if #t == 0 then
+        redis.call('ZREM', classes, class)
+      else
+        local q = redis.call('ZRANGE', fair_key('q', class, t[1]), 0, 0)
+        if #q > 0 then return q[1], class, t[1] end
+        left(class, t[1])
+      end
+    end
+    return nil
+  end
+
+  -- The tenant's weight in force: one set at run time, else the ticket's.
+  local function weight_now(tenant, configured)
+    local v = redis.call('HGET', fair_key('weights'), tenant)
+    if v then
+      local w, till = string.match(v, '^(%S+) (%d+)$')
+      till = tonumber(till)
+      if till and (till == 0 or till > NOW) then return tonumber(w) or configured end
+    end
+    return configured
+  end
+
+  -- Count an admitted ticket as service to its tenant (tokens when the API has a
+  -- token budget, else the cost, divided by the weight) and take it out.
+  local function served(ticket, class, tenant, cost, tokens, weight)
+    redis.call('ZREM', K_QEXP, ticket)
+    redis.call('ZREM', K_QUEUE, ticket)
+    redis.call('ZREM', fair_key('q', class, tenant), ticket)
+    if left(class, tenant) then return end
+    local service = cost
+    if LONGEST_T then service = math.max(tokens, 1) end
+    redis.call('ZINCRBY', fair_key('t', class), service / weight_now(tenant, weight), tenant)
+    redis.call('ZINCRBY', fair_key('a', class), 1, tenant)
   end
 
   -- Take back `n` weight units of an entry admitted at `at` from the windows of
@@ -438,18 +596,18 @@ contended = function()
     end
   end
 
-  -- Admit waiting tickets from the head of the queue while they fit, FIFO.
-  -- Each admitted ticket other than `own` is told on its process's channel,
-  -- and its admission time kept in `handed` until it is read or released.
-  -- Returns: own_admitted, head ticket left (or nil), its reason, its wait,
-  -- number of others woken.
+  -- Admit waiting tickets in serving order (next_ticket) while they fit; the
+  -- ticket to serve next blocks those after it, so a heavy request is not
+  -- starved by light ones. Each admitted ticket other than `own` is told on its
+  -- process's channel, and its admission time kept in `handed` until it is read
+  -- or released. Returns: own_admitted, head ticket left (or nil), its reason,
+  -- its wait, number of others woken.
   drain = function(own)
     local own_admitted, woken = false, 0
     while true do
-      local head = redis.call('ZRANGE', K_QUEUE, 0, 0)
-      if #head == 0 then return own_admitted, nil, nil, -1, woken end
-      local ticket = head[1]
-      local slot, cost, tokens = parse_ticket(ticket)
+      local ticket, class, tenant = next_ticket()
+      if not ticket then return own_admitted, nil, nil, -1, woken end
+      local slot, cost, tokens, _, weight = parse_ticket(ticket)
       if too_heavy(cost, tokens) then
         -- A limit was lowered under it: it would block the queue for ever. Drop it;
         -- its waiter asks again at once and is told it can never pass.
@@ -467,7 +625,7 @@ contended = function()
           lease = math.max(1, math.min(LEASE_US, expires - NOW))
         end
         admit(slot, cost, tokens, lease)
-        drop_ticket(ticket)
+        served(ticket, class, tenant, cost, tokens, weight)
         if ticket == own then
           own_admitted = true
         else

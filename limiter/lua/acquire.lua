@@ -8,6 +8,13 @@
 --   MODE    "wait" (join the FIFO queue when refused) or "try" (never queue;
 --           refuse when anyone is waiting)
 --   FIRST   1 on a request's first call, 0 when a waiter asks again
+--   PRIORITY  the request's priority, an integer in [-1000, 1000] as text
+--   WEIGHT    its tenant's configured weight (> 0), as text
+--   TENANT    its tenant ("" when none was given)
+--
+-- Waiting is fair (see "Fair queue" in _common.lua): the highest priority
+-- first, a ticket that waited AGING_US above every priority, then within one
+-- class the tenant with the least weighted service, FIFO within a tenant.
 --
 -- All or nothing: concurrency, every window, tokens and the cooldown are
 -- checked together; a refusal records nothing but the ticket (mode "wait")
@@ -23,11 +30,18 @@
 --   {0, window id, -2, limit in force}  never: heavier than that window's limit
 --       as an override set it (nothing is queued)
 
+-- This request's ticket; made only when needed (the common case needs none).
+local function own_ticket()
+  return SLOT .. '|' .. int(COST) .. '|' .. int(TOKENS) .. '|' .. PRIORITY .. '|' ..
+         WEIGHT .. '|' .. TENANT
+end
+
 local function enqueue(ticket)
   contended()
   local new = false
-  if not redis.call('ZSCORE', K_QUEUE, ticket) then
-    redis.call('ZADD', K_QUEUE, int(NOW), ticket)
+  if not redis.call('ZSCORE', K_QEXP, ticket) then
+    redis.call('ZADD', K_QUEUE, NOW_S, ticket)
+    join(PRIORITY, -tonumber(PRIORITY), TENANT, ticket, NOW_S)
     new = true
   end
   redis.call('ZADD', K_QEXP, int(NOW + TICKET_US), ticket)
@@ -36,8 +50,8 @@ local function enqueue(ticket)
   return new
 end
 
-local function acquire_now(TICKET)
-  local waiting = redis.call('ZCARD', K_QUEUE)
+local function acquire_now()
+  local waiting = redis.call('ZCARD', K_QEXP)
   if waiting > 0 or FIRST == 0 then contended() end
   if waiting > 0 then prune_tickets() end
 
@@ -46,7 +60,7 @@ local function acquire_now(TICKET)
     -- The waiter is alive: its short hand-over lease becomes a full one.
     redis.call('ZADD', K_HOLDERS, int(NOW + LEASE_US), SLOT)
     load_state() -- flush() keeps the holders' TTL ahead of the new lease
-    drop_ticket(TICKET)
+    drop_ticket(own_ticket())
     return {1, handed_at(SLOT)}
   end
 
@@ -54,11 +68,11 @@ local function acquire_now(TICKET)
   if heavy then
     contended()
     -- Heavier than a limit an override lowered: it can never pass (nor wait).
-    drop_ticket(TICKET)
+    drop_ticket(own_ticket())
     return {0, heavy.id, -2, int(heavy.limit)}
   end
 
-  if waiting == 0 or redis.call('ZCARD', K_QUEUE) == 0 then
+  if waiting == 0 or redis.call('ZCARD', K_QEXP) == 0 then
     -- Nobody waits: the common, fast case.
     local reason, wait = check(COST, TOKENS)
     if not reason then
@@ -66,7 +80,7 @@ local function acquire_now(TICKET)
       return {1, NOW}
     end
     if FIRST == 1 then count_refusal(reason) end
-    if MODE == 'wait' then enqueue(TICKET) end
+    if MODE == 'wait' then enqueue(own_ticket()) end
     return {0, reason, wait, 1}
   end
 
@@ -87,18 +101,19 @@ local function acquire_now(TICKET)
     return {0, r, w, 1}
   end
 
-  local new = enqueue(TICKET)
-  local own, head, reason, wait, woken = drain(TICKET)
+  local ticket = own_ticket()
+  local new = enqueue(ticket)
+  local own, head, reason, wait, woken = drain(ticket)
   -- A new head (after this ticket or others were admitted) learns how long it must wait.
-  if own or woken > 0 then hint_head(head, wait, TICKET) end
+  if own or woken > 0 then hint_head(head, wait, ticket) end
   if own then return {1, NOW} end
   if new and FIRST == 1 then count_refusal(reason) end
-  if head == TICKET then return {0, reason, wait, 1} end
+  if head == ticket then return {0, reason, wait, 1} end
   return {0, reason, -1, 0}
 end
 
 OPS.acquire = function()
-  local result = acquire_now(SLOT .. '|' .. int(COST) .. '|' .. int(TOKENS))
+  local result = acquire_now()
   flush()
   return result
 end

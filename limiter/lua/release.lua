@@ -14,6 +14,10 @@
 --                under-estimates are charged)
 --   HANDED       1 when the slot was handed over by another call's drain (its
 --                admission time may still be kept in `handed`), else 0
+--   FAIR         "" for a slot admitted without waiting; else
+--                "<priority>|<weight>|<tenant>" of the ticket it waited with: a
+--                tenant still backlogged in that priority has its service
+--                corrected from the reserved tokens to the tokens used
 --
 -- Returns {held, woken}: held is 1 when the slot's lease was there and is now
 -- released, 0 when it was already gone (expired or lost: the caller raises
@@ -52,6 +56,15 @@ OPS.release = function()
       add_weight('t', ACTUAL - RESERVED)
     end
     redis.call('PEXPIRE', K_TOKENS, ttl(LONGEST_T.period))
+    if FAIR ~= '' then
+      local prio, weight, tenant = string.match(FAIR, '^(-?%d+)|([^|]+)|(.*)$')
+      weight = tonumber(weight)
+      if tenant and weight and weight > 0 then
+        contended()
+        redis.call('ZADD', fair_key('t', prio), 'XX', 'INCR',
+                   (math.max(ACTUAL, 1) - math.max(RESERVED, 1)) / weight, tenant)
+      end
+    end
   end
 
   if OUTCOME == 1 or OUTCOME == 2 then

@@ -6,11 +6,12 @@
 -- configuration, then a tail (limiter/_contract.py binds them):
 --   SLOTS                 m, the number of slot ids that lead the tail
 --   ARGV[TAIL_AT ...]     m slot ids held by this process, then the tickets
---                         "<slot id>|<cost>|<tokens>" it waits with
+--                         it waits with (the ticket format: _common.lua)
 --
 -- A lease is extended to now + lease length only when it is still live (an
 -- expired lease is never brought back). A ticket is extended to now + ticket
--- length only when it is still queued. Then the queue moves, which admits past
+-- length only when it is still queued (its queue keys too: see keep_queued).
+-- Then the queue moves, which admits past
 -- a waiter that died at the head.
 --
 -- Returns {lost, admitted, gone}:
@@ -40,8 +41,9 @@ OPS.renew = function()
   local queued = false
   for i = TAIL_AT + SLOTS, #ARGS do
     local ticket = ARGS[i]
-    if redis.call('ZSCORE', K_QUEUE, ticket) then
+    if redis.call('ZSCORE', K_QEXP, ticket) then
       redis.call('ZADD', K_QEXP, int(NOW + TICKET_US), ticket)
+      keep_queued(ticket)
       queued = true
     else
       local slot = parse_ticket(ticket)

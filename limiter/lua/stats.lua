@@ -6,7 +6,11 @@
 -- Returns {in_flight, waiting, cooldown_ms, totals (flat field, value list),
 --          {window i used weight, ...} in configuration order, override (flat
 --          field, value list, names without "o:"), override ms left (-1: no
---          end, -2: none), 1 when the registry entry K_CONFIG exists else 0}.
+--          end, -2: none), 1 when the registry entry K_CONFIG exists else 0,
+--          waiting by priority (flat priority, count list), tenants (flat
+--          tenant, waiting, admitted, service list: every tenant waiting, from
+--          the first 10,000 tickets), weights set at run time (flat tenant,
+--          weight, ms left (-1: no end) list)}.
 --          Expired leases and tickets are not counted even when no script has
 --          pruned them yet.
 
@@ -45,6 +49,67 @@ OPS.stats = function()
   end
   local ttl = -2
   if active then ttl = (u == 0) and -1 or math.ceil((u - NOW) / 1000) end
+  local by_prio, prios, tenants, names = {}, {}, {}, {}
+  local function tenant(name)
+    local t = tenants[name]
+    if not t then
+      t = {0, 0, 0}
+      tenants[name] = t
+      names[#names + 1] = name
+    end
+    return t
+  end
+  if waiting > 0 then
+    contended()
+    local tickets = redis.call('ZRANGEBYSCORE', K_QEXP, after_now, '+inf', 'LIMIT', 0, 10000)
+    for _, ticket in ipairs(tickets) do
+      local _, _, _, prio, _, name = parse_ticket(ticket)
+      if name then
+        if not by_prio[prio] then
+          by_prio[prio] = 0
+          prios[#prios + 1] = prio
+        end
+        by_prio[prio] = by_prio[prio] + 1
+        local t = tenant(name)
+        t[1] = t[1] + 1
+      end
+    end
+    for _, class in ipairs(redis.call('ZRANGE', fair_key('classes'), 0, -1)) do
+      local served = redis.call('ZRANGE', fair_key('t', class), 0, 9999, 'WITHSCORES')
+      for i = 1, #served, 2 do
+        local t = tenant(served[i])
+        t[3] = t[3] + tonumber(served[i + 1])
+      end
+      local admitted = redis.call('ZRANGE', fair_key('a', class), 0, 9999, 'WITHSCORES')
+      for i = 1, #admitted, 2 do
+        local t = tenant(admitted[i])
+        t[2] = t[2] + tonumber(admitted[i + 1])
+      end
+    end
+  end
+  local prio_list, tenant_list = {}, {}
+  for _, prio in ipairs(prios) do
+    prio_list[#prio_list + 1] = prio
+    prio_list[#prio_list + 1] = by_prio[prio]
+  end
+  for _, name in ipairs(names) do
+    local t = tenants[name]
+    tenant_list[#tenant_list + 1] = name
+    tenant_list[#tenant_list + 1] = t[1]
+    tenant_list[#tenant_list + 1] = t[2]
+    tenant_list[#tenant_list + 1] = string.format('%.17g', t[3])
+  end
+  local weights = {}
+  local raw_weights = redis.call('HGETALL', pfx() .. 'weights')
+  for i = 1, #raw_weights, 2 do
+    local w, till = string.match(raw_weights[i + 1], '^(%S+) (%d+)$')
+    till = tonumber(till)
+    if till and (till == 0 or till > NOW) then
+      weights[#weights + 1] = raw_weights[i]
+      weights[#weights + 1] = w
+      weights[#weights + 1] = (till == 0) and -1 or math.ceil((till - NOW) / 1000)
+    end
+  end
   return {in_flight, waiting, math.ceil(cooldown / 1000), totals, used, override, ttl,
-          redis.call('EXISTS', K_CONFIG)}
+          redis.call('EXISTS', K_CONFIG), prio_list, tenant_list, weights}
 end
