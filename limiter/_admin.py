@@ -49,22 +49,34 @@ __all__ = [
 log = logging.getLogger("limiter")
 
 #: Fields of the registry's JSON (what admission in Redis depends on).
-_CONFIG_FIELDS = ("max_concurrent", "rates", "tokens_per_minute", "lease_ttl", "window_margin")
+_CONFIG_FIELDS = (
+    "max_concurrent",
+    "rates",
+    "tokens_per_minute",
+    "lease_ttl",
+    "window_margin",
+    "priority_aging",
+    "tenant_weights",
+)
 
 
 def config_json(limits: APILimits) -> str:
-    """The admission settings of ``limits`` as the registry stores them (stable JSON)."""
-    return json.dumps(
-        {
-            "max_concurrent": limits.max_concurrent,
-            "rates": [[r.limit, r.period] for r in limits.windows],
-            "tokens_per_minute": limits.tokens_per_minute,
-            "lease_ttl": limits.lease_ttl,
-            "window_margin": limits.window_margin,
-        },
-        sort_keys=True,
-        separators=(",", ":"),
-    )
+    """The admission settings of ``limits`` as the registry stores them (stable JSON).
+
+    The fair queue's settings appear only when set, so that a configuration without
+    them is stored as it was before they existed."""
+    fields: dict[str, Any] = {
+        "max_concurrent": limits.max_concurrent,
+        "rates": [[r.limit, r.period] for r in limits.windows],
+        "tokens_per_minute": limits.tokens_per_minute,
+        "lease_ttl": limits.lease_ttl,
+        "window_margin": limits.window_margin,
+    }
+    if limits.priority_aging is not None:
+        fields["priority_aging"] = limits.priority_aging
+    if limits.tenant_weights:
+        fields["tenant_weights"] = dict(limits.tenant_weights)
+    return json.dumps(fields, sort_keys=True, separators=(",", ":"))
 
 
 def limits_from_config(api: str, text: str | bytes) -> APILimits:
@@ -79,6 +91,8 @@ def limits_from_config(api: str, text: str | bytes) -> APILimits:
             tokens_per_minute=raw.get("tokens_per_minute"),
             lease_ttl=float(raw.get("lease_ttl", 30.0)),
             window_margin=float(raw.get("window_margin", 0.0)),
+            priority_aging=raw.get("priority_aging"),
+            tenant_weights=raw.get("tenant_weights", {}),
         )
     except (ValueError, TypeError, OverflowError, RecursionError) as exc:
         raise ConfigError(
