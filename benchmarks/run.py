@@ -80,6 +80,7 @@ import redis.asyncio as aioredis
 from limiter.testing import RedisServer
 
 from ._util import Report, machine_info
+from .fairness import run_fairness
 from .handoff import run_handoff
 from .report import render
 from .saturation import run_saturation
@@ -89,7 +90,7 @@ from .waiters import run_waiters
 __all__ = ["Config", "main"]
 
 RESULTS = Path(__file__).resolve().parent / "results"
-SECTIONS = ("single", "handoff", "saturation", "waiters")
+SECTIONS = ("single", "handoff", "saturation", "waiters", "fairness")
 
 
 @dataclass(frozen=True, slots=True)
@@ -111,10 +112,15 @@ class Config:
     waiters_large: int = 1000
     waiter_procs: int = 4
     probes: int = 1_000
+    #: Item 10: tickets waiting in each fair queue, timed iterations.
+    fair_waiting: int = 1_000
+    fair_steps: int = 1_000
 
     @classmethod
     def quick(cls) -> Config:
-        return cls(single=400, verify=200, handoffs=100, sat_seconds=1.5, probes=100)
+        return cls(
+            single=400, verify=200, handoffs=100, sat_seconds=1.5, probes=100, fair_steps=100
+        )
 
 
 async def _run(server: RedisServer, cfg: Config, sections: set[str], report: Report) -> None:
@@ -137,6 +143,7 @@ async def _run(server: RedisServer, cfg: Config, sections: set[str], report: Rep
                 cfg.probes,
                 report,
             ),
+            "fairness": lambda: run_fairness(url, cfg.fair_waiting, cfg.fair_steps, report),
         }
         for name in SECTIONS:
             if name not in sections:

@@ -148,6 +148,10 @@ def _ops(s: _Subject) -> dict[str, Op]:
         slot = await s.lim.acquire(API)
         await slot.release()
 
+    async def tenant_pair() -> None:
+        slot = await s.lim.acquire(API, tenant="user-42", priority=10)
+        await slot.release()
+
     async def scripts_pair() -> None:
         slot = await s.scripts.acquire(API)
         await slot.release()
@@ -168,6 +172,7 @@ def _ops(s: _Subject) -> dict[str, Op]:
         "ping": ping,
         "noop": noop_pair,
         "limiter": limiter_pair,
+        "tenant": tenant_pair,
         "scripts": scripts_pair,
         "limits": limits_hits,
         "semaphore": semaphore,
@@ -248,7 +253,7 @@ async def _verify(
     try:
         ops = _ops(s)
         await _as_scripts(s.scripts)
-        for name in ("ping", "noop", "limiter", "scripts", "limits", "semaphore"):
+        for name in ("ping", "noop", "limiter", "tenant", "scripts", "limits", "semaphore"):
             for _ in range(20):  # warm: scripts loaded, connections open, semaphore created
                 await ops[name]()
             counts[name] = await command_counts(probe, ops[name], n_verify)
@@ -351,6 +356,7 @@ def _rows(
             "reused, so the window sets stay at one entry)",
         ),
         "limiter": ("3", "limiter: `acquire` + `release` (concurrency + 1 min + 1 h)"),
+        "tenant": ("3t", "the same with `tenant=\"user-42\", priority=10` (fair queue)"),
         "scripts": (
             "3s",
             "the same, operations run as EVALSHA scripts (Redis 6.2, fakeredis, no FUNCTION right)",
@@ -383,6 +389,16 @@ def _rows(
             f"p50 {ratio50:.2f}x, p99 {ratio99:.2f}x, mean {lim.mean_us / noop.mean_us:.2f}x",
             "at most 1.3x",
             ratio50 <= 1.3,
+        )
+    )
+    fair, c_fair, c_lim = sums["tenant"], counts["tenant"], counts["limiter"]
+    report.checks.append(
+        Check(
+            "3t/3. pair with tenant= and priority= / pair without (uncontended)",
+            f"p50 {fair.p50_us / lim.p50_us:.2f}x; Redis commands {c_fair.executed:g} vs "
+            f"{c_lim.executed:g}; Redis time {c_fair.lua_us:.1f} vs {c_lim.lua_us:.1f} µs",
+            "the same commands; Redis time within 1.1x",
+            c_fair.executed == c_lim.executed and c_fair.lua_us <= 1.1 * c_lim.lua_us,
         )
     )
     report.checks.append(

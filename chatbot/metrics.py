@@ -8,7 +8,20 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, gene
 
 from limiter import Limiter
 
-__all__ = ["Metrics"]
+__all__ = ["Metrics", "priority_band"]
+
+
+def priority_band(priority: int) -> str:
+    """The ``priority`` label of ``limiter_wait_seconds``: the band of powers of ten the
+    priority (-1000 to 1000) falls in, so that the label takes at most 9 values:
+    ``"-1000"``, ``"-999..-100"``, ``"-99..-10"``, ``"-9..-1"``, ``"0"``, ``"1..9"``,
+    ``"10..99"``, ``"100..999"``, ``"1000"``."""
+    size = min(abs(priority), 1000)
+    if size in (0, 1000):
+        return str(size if priority >= 0 else -size)
+    low = 10 ** (len(str(size)) - 1)
+    high = low * 10 - 1
+    return f"{low}..{high}" if priority > 0 else f"-{high}..-{low}"
 
 
 class Metrics:
@@ -31,8 +44,9 @@ class Metrics:
         )
         self.waits = Histogram(
             "limiter_wait_seconds",
-            "Time from asking to admission",
-            ["api"],
+            "Time from asking to admission, by the request's priority (in bands: see "
+            "priority_band)",
+            ["api", "priority"],
             buckets=(0.001, 0.005, 0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60),
             registry=registry,
         )
@@ -79,7 +93,9 @@ class Metrics:
     def on_event(self, event: str, api: str, fields: dict[str, Any]) -> None:
         if event == "admitted":
             self.admissions.labels(api).inc()
-            self.waits.labels(api).observe(fields["waited"])
+            # Admissions that carry no priority (fail_open's local ones) count as 0.
+            band = priority_band(fields.get("priority", 0))
+            self.waits.labels(api, band).observe(fields["waited"])
             self.in_flight.labels(api).inc()
         elif event == "released":
             self.in_flight.labels(api).dec()

@@ -1,4 +1,4 @@
-"""``limiter``: the operator's command line (stats, runtime limits, reset, doctor).
+"""``limiter``: the operator's command line (stats, runtime limits, tenants, reset, doctor).
 
 Every command takes ``--url`` (default ``$REDIS_URL``, else ``redis://127.0.0.1:6379/0``;
 ``redis+cluster://`` and ``redis+sentinel://`` too) and ``--namespace`` (default
@@ -15,6 +15,7 @@ import argparse
 import asyncio
 import json
 import logging
+import math
 import os
 import sys
 import time
@@ -25,7 +26,7 @@ from urllib.parse import unquote
 from redis.exceptions import RedisClusterException, RedisError
 
 from ._admin import apis_key, registered
-from ._config import Rate
+from ._config import MAX_SECONDS, MAX_TENANT_BYTES, Rate, check_tenant, check_weight
 from ._connect import redact_url
 from ._contract import OPERATIONS, library_source, lua_source, text
 from ._errors import ConfigError, LimiterError, LimiterUnavailable
@@ -63,6 +64,45 @@ def _seconds(text: str) -> float:
     if not value > 0 or value == float("inf"):
         raise argparse.ArgumentTypeError(f"{text!r}: must be a number of seconds > 0")
     return value
+
+
+def _ttl(text: str) -> float:
+    """``--ttl``: seconds from 0.001 to 366 days (what the library accepts)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
+    if not 0.001 <= value <= MAX_SECONDS:
+        raise argparse.ArgumentTypeError(
+            f"{text!r}: must be a number of seconds from 0.001 to {MAX_SECONDS:.0f} (366 days)"
+        )
+    return value
+
+
+def _weight(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    try:
+        return check_weight(value)
+    except ConfigError:
+        raise argparse.ArgumentTypeError(
+            f"{text!r}: must be a number from 1e-9 to 1e9 (1 is the default weight)"
+        ) from None
+
+
+def _tenant(text: str) -> str:
+    """A tenant's name; ``''`` is the default tenant (requests that name none)."""
+    if text == "":
+        return text
+    try:
+        return check_tenant(text)
+    except ConfigError:
+        raise argparse.ArgumentTypeError(
+            f"{text!r}: must be at most {MAX_TENANT_BYTES} bytes of UTF-8 text "
+            "('' is requests that name no tenant)"
+        ) from None
 
 
 def _rate(text: str) -> Rate:
@@ -129,10 +169,38 @@ def _parser() -> argparse.ArgumentParser:
     )
     set_.add_argument("--tokens-per-minute", type=_count, metavar="N")
     set_.add_argument(
-        "--ttl", type=_seconds, metavar="SECONDS", help="the override ends by itself after this"
+        "--ttl", type=_ttl, metavar="SECONDS", help="the override ends by itself after this"
     )
     clear = lsub.add_parser("clear", parents=[common], help="back to the configured limits")
     clear.add_argument("api", metavar="API")
+
+    tenants = sub.add_parser(
+        "tenants", parents=[common], help="the fair queue: tenants, priorities, weights"
+    )
+    tsub = tenants.add_subparsers(dest="action", required=True, metavar="ACTION")
+    tshow = tsub.add_parser(
+        "show", parents=[common], help="waiting by priority, tenants and their weights"
+    )
+    tshow.add_argument("apis", nargs="*", metavar="API")
+    tshow.add_argument("--json", action="store_true")
+    tset = tsub.add_parser("set", parents=[common], help="give a tenant a weight for every replica")
+    tset.add_argument("api", metavar="API")
+    tset.add_argument(
+        "tenant", type=_tenant, metavar="TENANT", help="'' for requests that name no tenant"
+    )
+    tset.add_argument(
+        "weight", type=_weight, metavar="WEIGHT", help="its share of the queue (default 1)"
+    )
+    tset.add_argument(
+        "--ttl", type=_ttl, metavar="SECONDS", help="the weight ends by itself after this"
+    )
+    tclear = tsub.add_parser(
+        "clear", parents=[common], help="back to the tenant's configured weight"
+    )
+    tclear.add_argument("api", metavar="API")
+    tclear.add_argument(
+        "tenant", type=_tenant, metavar="TENANT", help="'' for requests that name no tenant"
+    )
 
     reset = sub.add_parser(
         "reset", parents=[common], help="forget an API's state (leases, queue, windows, totals)"
@@ -248,6 +316,53 @@ def _stats_table(all_stats: dict[str, dict[str, Any]]) -> str:
     return _table(rows)
 
 
+#: ``limiter stats`` lists this many of an API's busiest tenants (``tenants show``: all
+#: that stats() gives, the busiest 20).
+_STATS_TENANTS = 5
+
+
+def _who(tenant: str) -> str:
+    """A tenant as tables show it: ``(none)`` for requests that name no tenant."""
+    return tenant if tenant else "(none)"
+
+
+def _said(tenant: str) -> str:
+    """A tenant as sentences name it."""
+    return f"tenant {tenant!r}" if tenant else "the default tenant (requests that name none)"
+
+
+def _priority_rows(api: str, st: dict[str, Any]) -> list[list[str]]:
+    """One row per priority with waiters, highest (served first) first."""
+    by = st["waiting_by_priority"]
+    return [[api, str(p), str(by[p])] for p in sorted(by, reverse=True)]
+
+
+def _tenant_row(api: str, tenant: str, t: dict[str, Any] | None) -> list[str]:
+    if t is None:  # not in the queue now: no counters
+        return [api, _who(tenant), "0", "-", "-"]
+    return [api, _who(tenant), str(t["waiting"]), str(t["admitted"]), f"{t['service']:.6g}"]
+
+
+def _fair_tables(all_stats: dict[str, dict[str, Any]]) -> str:
+    """What ``limiter stats`` adds below its table when requests wait with a priority or
+    a tenant: waiting by priority, the busiest tenants. ``""`` when none do."""
+    prios = [["API", "PRIORITY", "WAITING"]]
+    tenants = [["API", "TENANT", "WAITING", "ADMITTED", "SERVICE"]]
+    more = []
+    for api, st in all_stats.items():
+        if set(st["waiting_by_priority"]) - {0}:
+            prios += _priority_rows(api, st)
+        if set(st["tenants"]) - {""}:
+            busiest = list(st["tenants"].items())
+            tenants += [_tenant_row(api, n, t) for n, t in busiest[:_STATS_TENANTS]]
+            if len(busiest) > _STATS_TENANTS:
+                more.append(f"({api}: more tenants in `limiter tenants show {api}`)")
+    parts = [_table(rows) for rows in (prios, tenants) if len(rows) > 1]
+    if more:
+        parts.append("\n".join(more))
+    return "\n\n".join(parts)
+
+
 async def _stats(session: _Session, args: argparse.Namespace) -> int:
     lim = await session.open(args.apis)
     shown = 0
@@ -263,6 +378,8 @@ async def _stats(session: _Session, args: argparse.Namespace) -> int:
                     file=session.out,
                 )
             print(_stats_table(data), file=session.out)
+            if fair := _fair_tables(data):
+                print(f"\n{fair}", file=session.out)
         session.out.flush()
         shown += 1
         if args.watch is None or (args.count is not None and shown >= args.count):
@@ -311,17 +428,35 @@ async def _limits_show(session: _Session, args: argparse.Namespace) -> int:
     return 0
 
 
+def _limits_set_refused(args: argparse.Namespace) -> _Failed:
+    """The lifetime conflict of ``limits set`` (``set_limits``' ConfigError on ``ttl``),
+    in flags: it is refused exactly when one of the two lifetimes ends and the other not."""
+    if args.ttl is None:
+        what, fix = "ends by itself", "give --ttl SECONDS (it then covers all of it)"
+    else:
+        what, fix = "has no end", "leave out --ttl"
+    return _Failed(
+        f"{args.api}: the override in force {what}, and one lifetime covers all of it: "
+        f"{fix}, or run `limiter limits clear {args.api}` first"
+    )
+
+
 async def _limits_set(session: _Session, args: argparse.Namespace) -> int:
     lim = await session.open([args.api])
-    override = await lim.set_limits(
-        args.api,
-        max_concurrent=args.max_concurrent,
-        requests_per_minute=args.per_minute,
-        requests_per_hour=args.per_hour,
-        rates=args.rate,
-        tokens_per_minute=args.tokens_per_minute,
-        ttl=args.ttl,
-    )
+    try:
+        override = await lim.set_limits(
+            args.api,
+            max_concurrent=args.max_concurrent,
+            requests_per_minute=args.per_minute,
+            requests_per_hour=args.per_hour,
+            rates=args.rate,
+            tokens_per_minute=args.tokens_per_minute,
+            ttl=args.ttl,
+        )
+    except ConfigError as exc:
+        if exc.field != "ttl":
+            raise
+        raise _limits_set_refused(args) from exc
     expires = override.pop("expires_in", None)
     said = ", ".join(f"{k}={v}" for k, v in override.items())
     until = f" for {expires:g}s" if expires is not None else " until cleared"
@@ -333,6 +468,85 @@ async def _limits_clear(session: _Session, args: argparse.Namespace) -> int:
     lim = await session.open([args.api])
     await lim.clear_limits(args.api)
     print(f"{args.api}: override cleared, configured limits in force", file=session.out)
+    return 0
+
+
+def _configured_weight(lim: Limiter, api: str, tenant: str) -> str:
+    weight = lim.limits[api].tenant_weights.get(tenant)
+    return "1, the default" if weight is None else f"{weight:g}"
+
+
+async def _tenants_show(session: _Session, args: argparse.Namespace) -> int:
+    lim = await session.open(args.apis)
+    data: dict[str, Any] = {}
+    for api, configured in lim.limits.items():
+        st = await lim.stats(api)
+        data[api] = {
+            "waiting": st["waiting"],
+            "waiting_by_priority": st["waiting_by_priority"],
+            "tenants": st["tenants"],
+            "tenant_weights": st["tenant_weights"],
+            "configured_weights": dict(configured.tenant_weights),
+        }
+    if args.json:
+        print(json.dumps(data, sort_keys=True), file=session.out)
+        return 0
+    if not data:
+        print("(no API registered in this namespace yet)", file=session.out)
+        return 0
+    prios = [["API", "PRIORITY", "WAITING"]]
+    rows = [
+        ["API", "TENANT", "WAITING", "ADMITTED", "SERVICE", "CONFIGURED", "RUNTIME", "IN FORCE"]
+    ]
+    for api, d in data.items():
+        prios += _priority_rows(api, d)
+        weights, conf = d["tenant_weights"], d["configured_weights"]
+        names = list(d["tenants"]) + sorted(set(weights) - set(d["tenants"]))
+        for name in names:
+            w = weights.get(name)
+            runtime = "-"
+            if w is not None and w["source"] == "runtime":
+                ends = "" if w["ttl"] is None else f" (for {math.ceil(w['ttl'])}s)"
+                runtime = f"{w['weight']:g}{ends}"
+            row = _tenant_row(api, name, d["tenants"].get(name))
+            row.append(f"{conf[name]:g}" if name in conf else "-")
+            row.append(runtime)
+            row.append(f"{w['weight'] if w is not None else 1.0:g}")
+            rows.append(row)
+    print(_table(prios) if len(prios) > 1 else "(nobody waiting)", file=session.out)
+    print(file=session.out)
+    print(
+        _table(rows) if len(rows) > 1 else "(no tenant waiting, no tenant weight set)",
+        file=session.out,
+    )
+    return 0
+
+
+async def _tenants_set(session: _Session, args: argparse.Namespace) -> int:
+    lim = await session.open([args.api])
+    weights = await lim.set_tenant_weight(args.api, args.tenant or None, args.weight, args.ttl)
+    conf = _configured_weight(lim, args.api, args.tenant)
+    if args.ttl is not None:
+        until = f" for {args.ttl:g}s, then its configured weight ({conf})"
+    else:
+        until = f" until cleared (configured weight: {conf})"
+    print(
+        f"{args.api}: {_said(args.tenant)} has weight {weights[args.tenant]:g}{until}",
+        file=session.out,
+    )
+    return 0
+
+
+async def _tenants_clear(session: _Session, args: argparse.Namespace) -> int:
+    lim = await session.open([args.api])
+    before = (await lim.stats(args.api))["tenant_weights"].get(args.tenant, {})
+    await lim.set_tenant_weight(args.api, args.tenant or None, None)
+    done = "weight cleared" if before.get("source") == "runtime" else "had no weight set"
+    conf = _configured_weight(lim, args.api, args.tenant)
+    print(
+        f"{args.api}: {_said(args.tenant)} {done}: its configured weight ({conf}) is in force",
+        file=session.out,
+    )
     return 0
 
 
@@ -426,6 +640,9 @@ _COMMANDS = {
     ("limits", "show"): _limits_show,
     ("limits", "set"): _limits_set,
     ("limits", "clear"): _limits_clear,
+    ("tenants", "show"): _tenants_show,
+    ("tenants", "set"): _tenants_set,
+    ("tenants", "clear"): _tenants_clear,
     ("reset", None): _reset,
     ("doctor", None): _doctor,
 }

@@ -44,11 +44,14 @@ def now_us() -> int:
 
 
 def limits_of(api: str, spec: dict[str, Any]) -> dict[str, APILimits]:
-    """``{api: APILimits}`` from a JSON spec: max_concurrent, rates [[n, period]], lease_ttl."""
+    """``{api: APILimits}`` from a JSON spec: max_concurrent, rates [[n, period]], lease_ttl,
+    tenant_weights, priority_aging."""
     limits = APILimits(
         max_concurrent=spec.get("max_concurrent"),
         rates=[Rate(n, p) for n, p in spec.get("rates", [])],
         lease_ttl=spec.get("lease_ttl", 30.0),
+        tenant_weights=spec.get("tenant_weights", {}),
+        priority_aging=spec.get("priority_aging"),
     )
     return {api: limits}
 
@@ -250,6 +253,47 @@ async def role_wait_once(cfg: Config, r: aioredis.Redis) -> Result:
     return {"send": send, "recv": recv, "acquired_at": slot.acquired_at}
 
 
+async def role_tenant_load(cfg: Config, r: aioredis.Redis) -> Result:
+    """After go, ``tasks`` tasks of one ``tenant`` at ``priority`` each make ``iterations``
+    admissions (acquire, hold ``hold`` seconds, release), or keep going until the go
+    payload's ``deadline`` (real-time seconds). Records each admission as
+    ``[send_us, acquired_at, released_us]``; ``acquired_at`` is the slot's Redis time."""
+    lim = make_limiter(cfg)
+    api, hold = cfg["api"], cfg["hold"]
+    tenant, priority = cfg.get("tenant"), cfg.get("priority")
+    records: list[list[int]] = []
+    try:
+        go = await barrier(r, cfg)
+        deadline: float | None = go.get("deadline")
+
+        async def worker() -> None:
+            for _ in range(cfg.get("iterations", 1)):
+                timeout = cfg.get("acquire_timeout", 30.0)
+                if deadline is not None:
+                    timeout = deadline - time.time()
+                    if timeout <= 0:
+                        return
+                send = now_us()
+                try:
+                    slot = await lim.acquire(api, timeout=timeout, tenant=tenant, priority=priority)
+                except AcquireTimeout:
+                    if deadline is not None:
+                        return  # the run is over
+                    raise
+                await asyncio.sleep(hold)
+                released = now_us()
+                await slot.release()
+                records.append([send, slot.acquired_at, released])
+
+        outcomes = await asyncio.gather(
+            *(worker() for _ in range(cfg["tasks"])), return_exceptions=True
+        )
+    finally:
+        await lim.aclose()
+    errors = [describe(o) for o in outcomes if isinstance(o, BaseException)]
+    return {"admissions": records, "errors": errors}
+
+
 async def until_waiting(r: aioredis.Redis, cfg: Config, n: int, within: float = 10.0) -> None:
     """Return once ``n`` tickets are queued and each waiter's first acquire call returned.
 
@@ -392,6 +436,7 @@ ROLES: dict[str, Callable[[Config, aioredis.Redis], Awaitable[Result]]] = {
     "hold": role_hold,
     "load": role_load,
     "probe": role_probe,
+    "tenant_load": role_tenant_load,
     "wait_once": role_wait_once,
 }
 

@@ -1,4 +1,4 @@
-"""The ``limiter`` command line on a real redis-server: stats, limits, reset, doctor."""
+"""The ``limiter`` command line on a real redis-server: stats, limits, tenants, reset, doctor."""
 
 from __future__ import annotations
 
@@ -19,6 +19,7 @@ import pytest
 from limiter import AcquireTimeout, APILimits, Limiter, Rate
 from limiter.cli import run
 from limiter.testing import RedisServer
+from tests.conftest import wait_for_waiters
 
 pytestmark = pytest.mark.redis
 
@@ -110,6 +111,8 @@ async def test_limits_set_show_clear_steer_a_running_application(
         (["limits", "set", "nope", "--max-concurrent", "1"], "API 'nope' is not registered"),
         (["reset", "nope"], "registered: openai, zapier"),
         (["stats", "nope"], "API 'nope' is not registered"),
+        (["tenants", "show", "nope"], "API 'nope' is not registered"),
+        (["tenants", "set", "nope", "acme", "2"], "API 'nope' is not registered"),
     ],
 )
 async def test_refusals_exit_1_and_say_why(
@@ -131,6 +134,21 @@ async def test_refusals_exit_1_and_say_why(
         (["stats", "--watch", "nan"], "must be a number of seconds > 0"),
         (["frobnicate"], "invalid choice"),
         (["limits", "set", "openai"], "give at least one of --max-concurrent"),
+        (
+            ["limits", "set", "openai", "--max-concurrent", "1", "--ttl", "1e12"],
+            "argument --ttl: '1e12': must be a number of seconds from 0.001 to 31622400",
+        ),
+        (
+            ["tenants", "set", "openai", "acme", "0"],
+            "argument WEIGHT: '0': must be a number from 1e-9 to 1e9",
+        ),
+        (["tenants", "set", "openai", "acme", "heavy"], "argument WEIGHT: 'heavy' is not a number"),
+        (
+            ["tenants", "set", "openai", "acme", "2", "--ttl", "-5"],
+            "argument --ttl: '-5': must be a number of seconds from 0.001",
+        ),
+        (["tenants", "set", "openai", "é" * 129, "2"], "must be at most 256 bytes of UTF-8"),
+        (["tenants", "clear", "openai"], "required: TENANT"),
     ],
 )
 async def test_usage_errors_exit_2(
@@ -256,5 +274,218 @@ async def test_rates_given_as_n_per_seconds_reach_their_window(
         assert refused.value.reason == "rate:1.5s"
         for slot in slots:
             await slot.release()
+    finally:
+        await lim.aclose()
+
+
+async def test_limits_set_lifetime_conflict_speaks_in_flags(
+    app: Limiter, redis_server: RedisServer
+) -> None:
+    """Adding to an override that ends, without --ttl, is refused (exit 1) in terms of
+    the command's flags, not the library's keyword arguments; nothing changes."""
+    code, _out, err = await cli(
+        "limits", "set", "openai", "--max-concurrent", "2", "--ttl", "600", url=redis_server.url
+    )
+    assert (code, err) == (0, "")
+    code, out, err = await cli("limits", "set", "openai", "--per-minute", "5", url=redis_server.url)
+    assert (code, out) == (1, "")
+    assert err == (
+        "limiter: openai: the override in force ends by itself, and one lifetime covers all "
+        "of it: give --ttl SECONDS (it then covers all of it), or run `limiter limits clear "
+        "openai` first\n"
+    )
+    assert (await app.stats("openai"))["windows"]["rate:60s"]["limit"] == 10
+    await cli("limits", "clear", "openai", url=redis_server.url)
+    await cli("limits", "set", "openai", "--max-concurrent", "2", url=redis_server.url)
+    code, _out, err = await cli(
+        "limits", "set", "openai", "--per-minute", "5", "--ttl", "60", url=redis_server.url
+    )
+    assert code == 1
+    assert "the override in force has no end" in err
+    assert "leave out --ttl" in err
+    assert "ttl=" not in err
+
+
+async def _queue(lim: Limiter, api: str, *who: tuple[str | None, int | None]) -> list[Any]:
+    """One waiter per (tenant, priority), queued in that order; returns their tasks."""
+    tasks = []
+    for tenant, priority in who:
+        tasks.append(
+            asyncio.create_task(lim.acquire(api, timeout=30, tenant=tenant, priority=priority))
+        )
+        await wait_for_waiters(lim, api, len(tasks))
+    return tasks
+
+
+async def _cancel(tasks: list[Any]) -> None:
+    for task in tasks:
+        task.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)
+
+
+async def test_stats_shows_waiting_by_priority_and_the_busiest_tenants(
+    app: Limiter, redis_server: RedisServer
+) -> None:
+    """Waiters that name no tenant nor priority leave `limiter stats` as it was; with
+    priorities and tenants it adds a table of each, and --json carries them."""
+    held = [await app.acquire("openai", timeout=0) for _ in range(3)]
+    plain = await _queue(app, "openai", (None, None))
+    code, out, err = await cli("stats", url=redis_server.url)
+    assert (code, err) == (0, "")
+    lines = out.splitlines()
+    assert [line.split()[0] for line in lines] == ["API", "openai", "zapier"]
+    assert lines[1].split()[1:3] == ["3/3", "1"]
+    tasks = plain + await _queue(
+        app, "openai", ("acme", 10), (None, None), ("bob", -5), ("acme", 10), (None, 0)
+    )
+    code, out, err = await cli("stats", url=redis_server.url)
+    assert (code, err) == (0, "")
+    table, priorities, tenants = out.split("\n\n")
+    assert [line.split()[:3] for line in table.splitlines()] == [
+        ["API", "IN", "FLIGHT"],
+        ["openai", "3/3", "6"],
+        ["zapier", "0/2", "0"],
+    ]
+    assert priorities.splitlines() == [
+        "API     PRIORITY  WAITING",
+        "openai  10        2",
+        "openai  0         3",
+        "openai  -5        1",
+    ]
+    assert tenants.splitlines() == [
+        "API     TENANT  WAITING  ADMITTED  SERVICE",
+        "openai  (none)  3        0         0",
+        "openai  acme    2        0         0",
+        "openai  bob     1        0         0",
+    ]
+    code, out, _ = await cli("stats", "--json", "openai", url=redis_server.url)
+    data = json.loads(out)["openai"]
+    assert data["waiting_by_priority"] == {"10": 2, "0": 3, "-5": 1}
+    assert data["tenants"] == {
+        "": {"waiting": 3, "admitted": 0, "service": 0.0},
+        "acme": {"waiting": 2, "admitted": 0, "service": 0.0},
+        "bob": {"waiting": 1, "admitted": 0, "service": 0.0},
+    }
+    await _cancel(tasks)
+    for slot in held:
+        await slot.release()
+
+
+async def test_stats_lists_five_tenants_and_points_to_tenants_show(
+    app: Limiter, redis_server: RedisServer
+) -> None:
+    held = [await app.acquire("openai", timeout=0) for _ in range(3)]
+    tasks = await _queue(app, "openai", *[(f"t{i}", None) for i in range(7)])
+    code, out, _ = await cli("stats", url=redis_server.url)
+    assert code == 0
+    _table, tenants, note = out.split("\n\n")  # no priority table: all wait at 0
+    assert [line.split()[1] for line in tenants.splitlines()[1:]] == [
+        "t0",
+        "t1",
+        "t2",
+        "t3",
+        "t4",
+    ]
+    assert note == "(openai: more tenants in `limiter tenants show openai`)\n"
+    code, out, _ = await cli("tenants", "show", "openai", url=redis_server.url)
+    assert [line.split()[1] for line in out.split("\n\n")[1].splitlines()[1:]] == [
+        f"t{i}" for i in range(7)
+    ]
+    await _cancel(tasks)
+    for slot in held:
+        await slot.release()
+
+
+async def test_tenants_set_show_clear_steer_a_running_application(
+    redis_server: RedisServer, real_redis: object
+) -> None:
+    """An operator gives tenant a weight 3: the application sees it in stats() and its
+    queue serves a three times as often; a second CLI run shows it; clear ends it."""
+    limits = {"fair": APILimits(max_concurrent=1, tenant_weights={"acme": 2})}
+    lim = Limiter.from_url(redis_server.url, limits)
+    try:
+        await lim.stats()
+        await asyncio.gather(*list(lim._background))  # the registry is written
+        code, out, err = await cli(
+            "tenants", "set", "fair", "a", "3", "--ttl", "600", url=redis_server.url
+        )
+        assert (code, err) == (0, "")
+        assert out == (
+            "fair: tenant 'a' has weight 3 for 600s, then its configured weight (1, the default)\n"
+        )
+        code, out, err = await cli("tenants", "set", "fair", "", "0.5", url=redis_server.url)
+        assert (code, err) == (0, "")
+        assert out == (
+            "fair: the default tenant (requests that name none) has weight 0.5 until cleared "
+            "(configured weight: 1, the default)\n"
+        )
+        weights = (await lim.stats("fair"))["tenant_weights"]
+        assert weights["acme"] == {"weight": 2.0, "source": "config", "ttl": None}
+        assert weights[""] == {"weight": 0.5, "source": "runtime", "ttl": None}
+        assert (weights["a"]["weight"], weights["a"]["source"]) == (3.0, "runtime")
+        assert 590 < weights["a"]["ttl"] <= 600
+
+        # The application's queue obeys: with a at weight 3, a is served twice in a row
+        # where equal weights alternate a, b, a, b, a, b.
+        held = await lim.acquire("fair", timeout=0)
+        order: list[str] = []
+
+        async def one(tenant: str) -> None:
+            slot = await lim.acquire("fair", timeout=30, tenant=tenant)
+            order.append(tenant)
+            await slot.release()
+
+        tasks = []
+        for tenant in ("a", "a", "a", "b", "b", "b"):
+            tasks.append(asyncio.create_task(one(tenant)))
+            await wait_for_waiters(lim, "fair", len(tasks))
+
+        code, out, err = await cli("tenants", "show", "fair", url=redis_server.url)
+        assert (code, err) == (0, "")
+        priorities, tenants = out.split("\n\n")
+        assert priorities.splitlines() == ["API   PRIORITY  WAITING", "fair  0         6"]
+        rows = [line.split() for line in tenants.splitlines()]
+        assert rows[0] == [
+            "API", "TENANT", "WAITING", "ADMITTED", "SERVICE",
+            "CONFIGURED", "RUNTIME", "IN", "FORCE",
+        ]  # fmt: skip
+        assert rows[1][:7] == ["fair", "a", "3", "0", "0", "-", "3"]
+        assert rows[1][7] == "(for"
+        assert 590 < int(rows[1][8].removesuffix("s)")) <= 600
+        assert rows[1][9:] == ["3"]
+        assert rows[2:] == [
+            ["fair", "b", "3", "0", "0", "-", "-", "1"],
+            ["fair", "(none)", "0", "-", "-", "-", "0.5", "0.5"],
+            ["fair", "acme", "0", "-", "-", "2", "-", "2"],
+        ]
+        code, out, _ = await cli("tenants", "show", "--json", url=redis_server.url)
+        shown = json.loads(out)["fair"]
+        assert shown["waiting"] == 6
+        assert shown["configured_weights"] == {"acme": 2.0}
+        assert shown["tenant_weights"]["a"]["weight"] == 3.0
+
+        await held.release()
+        await asyncio.gather(*tasks)
+        assert order == ["a", "b", "a", "a", "b", "b"]
+
+        code, out, err = await cli("tenants", "clear", "fair", "a", url=redis_server.url)
+        assert (code, err) == (0, "")
+        assert out == (
+            "fair: tenant 'a' weight cleared: its configured weight (1, the default) is in force\n"
+        )
+        assert "a" not in (await lim.stats("fair"))["tenant_weights"]
+        code, out, _ = await cli("tenants", "clear", "fair", "acme", url=redis_server.url)
+        assert (code, out) == (
+            0,
+            "fair: tenant 'acme' had no weight set: its configured weight (2) is in force\n",
+        )
+        code, out, _ = await cli("tenants", "clear", "fair", "", url=redis_server.url)
+        assert "default tenant (requests that name none) weight cleared" in out
+        code, out, _ = await cli("tenants", "show", "fair", url=redis_server.url)
+        assert out == (
+            "(nobody waiting)\n\n"
+            "API   TENANT  WAITING  ADMITTED  SERVICE  CONFIGURED  RUNTIME  IN FORCE\n"
+            "fair  acme    0        -         -        2           -        2\n"
+        )
     finally:
         await lim.aclose()

@@ -48,7 +48,7 @@ _GAUGES = {
     "limiter_cluster_in_flight": {"api"},
     "limiter_window_used": {"api", "window"},
 }
-_HISTOGRAMS = {"limiter_wait_seconds": {"api"}, "chatbot_message_seconds": set()}
+_HISTOGRAMS = {"limiter_wait_seconds": {"api", "priority"}, "chatbot_message_seconds": set()}
 #: Every series name a dashboard may query, with the labels it may use.
 METRIC_LABELS: dict[str, set[str]] = {
     **_COUNTERS,
@@ -562,6 +562,8 @@ def test_dashboard_panels_cover_their_metrics(dashboard: dict[str, Any]) -> None
     assert "histogram_quantile(0.99," in waits
     limits = " ".join(target["expr"] for target in panels["In flight vs limit"]["targets"])
     assert 'limit="max_concurrent"' in limits
+    by_priority = [target["expr"] for target in panels["Waits by priority"]["targets"]]
+    assert all("sum by (api, priority, le)" in expr for expr in by_priority), by_priority
 
 
 # --------------------------------------------------------------------------- (f) secrets
