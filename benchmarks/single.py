@@ -356,7 +356,7 @@ def _rows(
             "reused, so the window sets stay at one entry)",
         ),
         "limiter": ("3", "limiter: `acquire` + `release` (concurrency + 1 min + 1 h)"),
-        "tenant": ("3t", "the same with `tenant=\"user-42\", priority=10` (fair queue)"),
+        "tenant": ("3t", 'the same with `tenant="user-42", priority=10` (fair queue)'),
         "scripts": (
             "3s",
             "the same, operations run as EVALSHA scripts (Redis 6.2, fakeredis, no FUNCTION right)",
