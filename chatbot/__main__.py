@@ -43,8 +43,9 @@ def _load(argv: Sequence[str]) -> int:
     result = asyncio.run(run_load(targets, args.users, args.messages))
     print(
         f"answered {result.answered}/{result.sent} in {result.elapsed:.1f}s, "
-        f"p50 {result.percentile(0.5):.2f}s p99 {result.percentile(0.99):.2f}s, "
-        f"errors {result.errors or 0}"
+        f"p50 {result.percentile(0.5):.2f}s p99 {result.percentile(0.99):.2f}s "
+        f"(waiting for the limiter: p50 {result.wait_percentile(0.5):.2f}s "
+        f"p99 {result.wait_percentile(0.99):.2f}s), errors {result.errors or 0}"
     )
     return 0 if not result.errors else 1
 

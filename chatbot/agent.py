@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
+import hashlib
 import json
 import logging
 from typing import Any
@@ -11,12 +13,12 @@ from typing import Any
 import httpx2
 from mcp import ClientSession
 
-from limiter import Limiter
+from limiter import Limiter, scope
 from limiter.http import openai_client, zapier_mcp
 
 from .settings import Settings
 
-__all__ = ["Agent", "AgentReply"]
+__all__ = ["Agent", "AgentReply", "tenant_for"]
 
 log = logging.getLogger("chatbot.agent")
 
@@ -24,6 +26,18 @@ SYSTEM = (
     "You are Livia, a helpful assistant on a messaging app. Answer briefly. "
     "Use a tool when the user asks for an action (email, spreadsheet, calendar)."
 )
+
+
+#: The limiter's longest tenant name, in UTF-8 bytes (a user id may be longer).
+_MAX_TENANT_BYTES = 256
+
+
+def tenant_for(user_id: str) -> str:
+    """The fair queue's tenant of a user: the user id itself, or, when it is longer than a
+    tenant name may be (256 bytes of UTF-8), a digest of it."""
+    if len(user_id.encode()) <= _MAX_TENANT_BYTES:
+        return user_id
+    return "user-sha256:" + hashlib.sha256(user_id.encode()).hexdigest()
 
 
 class AgentReply:
@@ -55,7 +69,11 @@ class _ZapierSession:
         if self._task is None or self._task.done():
             self._ready.clear()
             self.error = None
-            self._task = asyncio.create_task(self._run(), name="zapier-mcp-session")
+            # A fresh context: the session outlives the message that opened it, so it must
+            # not inherit that message's limiter.scope (its tenant and priority).
+            self._task = asyncio.create_task(
+                self._run(), name="zapier-mcp-session", context=contextvars.Context()
+            )
         await self._ready.wait()
         if self.session is None:
             # The type only: a message could carry the server's URL (Zapier's holds a secret).
@@ -107,9 +125,28 @@ class Agent:
         self._zapier = _ZapierSession(lim, settings)
 
     async def reply(
+        self,
+        history: list[dict[str, Any]],
+        text: str,
+        images: list[str],
+        *,
+        tenant: str | None = None,
+        priority: int | None = None,
+    ) -> AgentReply:
+        """Answer ``text`` given ``history``; runs tools through Zapier when asked.
+
+        Every OpenAI request and Zapier tool call it makes waits in the limiter's fair
+        queue as ``tenant`` with ``priority`` (``limiter.scope``). The tool calls reach the
+        limiter in the MCP session's own tasks, started long before: the mcp client (2.x)
+        runs each request it sends in a copy of the sender's context, so the scope set
+        here is the one their ``acquire`` sees (tests/test_chatbot_app.py checks it).
+        """
+        with scope(tenant=tenant, priority=priority):
+            return await self._reply(history, text, images)
+
+    async def _reply(
         self, history: list[dict[str, Any]], text: str, images: list[str]
     ) -> AgentReply:
-        """Answer ``text`` given ``history``; runs tools through Zapier when asked."""
         session, tools = await self._zapier.get()
         content: Any = text
         if images:

@@ -4,6 +4,10 @@ live progress, and a report judged by the fake providers' own records.
 Everything runs as separate processes on 127.0.0.1 and free ports, started and stopped here.
 The demo scales the providers' windows down (a 5 s "minute") so that a run of a minute
 or two crosses many windows; the limiter gets exactly the same limits as the fakes.
+
+``--noisy-user`` runs the scenario twice, each on a cluster of its own: as is, then with a
+noisy user and a batch job (``POST /batch``, priority 0) pressing on the same limits, and
+compares the ordinary users' waits in the limiter (:func:`run_noisy`).
 """
 
 from __future__ import annotations
@@ -21,7 +25,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import httpx2
@@ -31,9 +35,9 @@ from rich.table import Table
 
 from limiter.testing import RedisServer, free_port
 
-from .load import LoadResult, run_load
+from .load import BATCH_JOB, NOISY_USER, LoadResult, run_load
 
-__all__ = ["ClusterConfig", "ClusterReport", "run_cluster"]
+__all__ = ["ClusterConfig", "ClusterReport", "NoisyReport", "run_cluster", "run_noisy"]
 
 OPENAI_KEY = "sk-fake-openai-key"
 ZAPIER_TOKEN = "fake-zapier-token"
@@ -62,6 +66,12 @@ class ClusterConfig:
     window_margin: float = 0.15
     lease_ttl: float = 5.0
     ticket_ttl: float = 2.0
+    #: A noisy user meaning to send this many times the others' messages (0: none),
+    #: ``noisy_in_flight`` at once, while the others send theirs.
+    noisy: int = 0
+    noisy_in_flight: int = 4
+    #: Items a batch job keeps in flight at POST /batch (priority 0) meanwhile (0: none).
+    batch_workers: int = 0
 
     def limits_json(self) -> str:
         return json.dumps(
@@ -372,7 +382,14 @@ async def _drive(
         chaos = asyncio.create_task(killer()) if kill_one else None
         try:
             result = await run_load(
-                cluster.urls, c.users, c.messages, tool_every=c.tool_every, progress=on_progress
+                cluster.urls,
+                c.users,
+                c.messages,
+                tool_every=c.tool_every,
+                progress=on_progress,
+                noisy=c.noisy,
+                noisy_in_flight=c.noisy_in_flight,
+                batch_workers=c.batch_workers,
             )
         finally:
             poller.cancel()
@@ -395,6 +412,139 @@ def run_cluster(
         load, killed, saturated_until = asyncio.run(_drive(cluster, console, kill_one))
         openai_record, zapier_record = cluster.records()
     return ClusterReport(config, load, openai_record, zapier_record, killed, saturated_until)
+
+
+@dataclass
+class NoisyReport:
+    """The same scenario without and with a noisy user and a batch job (two clusters)."""
+
+    quiet: ClusterReport
+    noisy: ClusterReport
+
+    @property
+    def excess(self) -> dict[str, int]:
+        """Both runs' excess at the providers, summed by limit (0 everywhere is the goal)."""
+        return {k: v + self.noisy.excess[k] for k, v in self.quiet.excess.items()}
+
+    @property
+    def p99_ratio(self) -> float:
+        """The ordinary users' p99 wait in the limiter with the noisy user and the batch
+        job, over the same without them (inf when that was 0)."""
+        before = self.quiet.load.wait_percentile(0.99)
+        after = self.noisy.load.wait_percentile(0.99)
+        return after / before if before > 0 else math.inf
+
+
+def run_noisy(
+    config: ClusterConfig,
+    *,
+    console: Console | None = None,
+    noisy: int = 20,
+    batch_workers: int | None = None,
+) -> NoisyReport:
+    """Run ``config`` twice, on a fresh cluster each time (no window, record or fair-queue
+    state carried over): as is, then with a noisy user meaning to send ``noisy`` times the
+    messages of the others and a batch job keeping ``batch_workers`` items in flight at
+    priority 0 (default: twice OpenAI's concurrency)."""
+    console = console or Console()
+    workers = 2 * config.openai_concurrent if batch_workers is None else batch_workers
+    console.rule("1/2: the users alone")
+    quiet = run_cluster(replace(config, noisy=0, batch_workers=0), console=console)
+    console.rule(f"2/2: the same users, with a noisy user (x{noisy}) and a batch job")
+    loud = run_cluster(replace(config, noisy=noisy, batch_workers=workers), console=console)
+    return NoisyReport(quiet, loud)
+
+
+def print_noisy_report(report: NoisyReport, console: Console) -> None:
+    """Both runs' reports, then the ordinary users' waits side by side."""
+    console.print()
+    console.rule("1/2: the users alone")
+    print_report(report.quiet, console)
+    console.print()
+    console.rule("2/2: with the noisy user and the batch job")
+    print_report(report.noisy, console)
+    c = report.quiet.config
+    console.print()
+    table = Table(
+        title=f"The {c.users} ordinary users: per message, the wait in the limiter "
+        "(OpenAI + Zapier) and the time to answer"
+    )
+    table.add_column(f"{c.users} users x {c.messages}", no_wrap=True)
+    for col in ("wait p50", "wait p99", "answer p50", "answer p99", "excess"):
+        table.add_column(col, justify="right")
+    runs = (("without the noisy user", report.quiet), ("with the noisy user", report.noisy))
+    for name, run in runs:
+        load, excess = run.load, sum(run.excess.values())
+        style = "green" if excess == 0 else "red"
+        table.add_row(
+            name,
+            f"{load.wait_percentile(0.5):.2f}s",
+            f"{load.wait_percentile(0.99):.2f}s",
+            f"{load.percentile(0.5):.2f}s",
+            f"{load.percentile(0.99):.2f}s",
+            f"[{style}]{excess}[/]",
+        )
+    console.print(table)
+    noisy, batch, n = report.noisy.load.noisy, report.noisy.load.batch, report.noisy.config
+    if noisy is not None:
+        console.print(
+            f"{NOISY_USER} meant to send {noisy.planned} messages ({n.noisy} x {c.messages}), "
+            f"{n.noisy_in_flight} at a time, while the others ran: sent {noisy.sent}, "
+            f"answered {noisy.answered}, errors {json.dumps(noisy.errors) if noisy.errors else 0}"
+            f" (wait p50 {noisy.wait_percentile(0.5):.2f}s, answer p50 "
+            f"{noisy.percentile(0.5):.2f}s). Its turn answers one of its messages at a time, "
+            f"so it has one call at most in the limiter's queue, one tenant among "
+            f"{c.users + 1} at priority 10."
+        )
+    if batch is not None:
+        console.print(
+            f"Batch job ({BATCH_JOB}, priority 0, {n.batch_workers} items in flight): "
+            f"answered {batch.answered}, errors "
+            f"{json.dumps(batch.errors) if batch.errors else 0} (wait p50 "
+            f"{batch.wait_percentile(0.5):.2f}s, p99 {batch.wait_percentile(0.99):.2f}s): "
+            "it gets what no waiting message wants."
+        )
+    console.print(
+        f"The ordinary users' p99 wait with the noisy user is {report.p99_ratio:.2f}x the "
+        "one without."
+    )
+    total = sum(report.excess.values())
+    verdict = (
+        "[green]0 excess at the providers in both runs" if total == 0 else "[red]LIMITS EXCEEDED"
+    )
+    console.print(f"[bold]{verdict}[/]")
+
+
+def _summary(report: ClusterReport) -> dict[str, Any]:
+    load = report.load
+    return {
+        "excess": report.excess,
+        "openai_utilisation": report.openai_utilisation,
+        "answered": load.answered,
+        "errors": load.errors,
+        "elapsed": load.elapsed,
+        "p50": load.percentile(0.5),
+        "p99": load.percentile(0.99),
+        "wait_p50": load.wait_percentile(0.5),
+        "wait_p99": load.wait_percentile(0.99),
+    }
+
+
+def _noisy_summary(report: NoisyReport) -> dict[str, Any]:
+    out: dict[str, Any] = {"without": _summary(report.quiet), "with": _summary(report.noisy)}
+    loud = report.noisy.load
+    for name, extra in (("noisy_user", loud.noisy), ("batch", loud.batch)):
+        if extra is not None:
+            out[name] = {
+                "planned": extra.planned,
+                "sent": extra.sent,
+                "answered": extra.answered,
+                "errors": extra.errors,
+                "wait_p50": extra.wait_percentile(0.5),
+                "wait_p99": extra.wait_percentile(0.99),
+            }
+    out["p99_ratio"] = report.p99_ratio
+    return out
 
 
 def print_report(report: ClusterReport, console: Console) -> None:
@@ -465,25 +615,39 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--users", type=int, default=30)
     parser.add_argument("--messages", type=int, default=8)
     parser.add_argument("--kill-one", action="store_true", help="SIGKILL a replica mid-run")
+    parser.add_argument(
+        "--noisy-user",
+        action="store_true",
+        help="run twice: as is, then with a user sending 20x the others' messages and a "
+        "batch job at priority 0; compare the others' waits",
+    )
+    parser.add_argument(
+        "--noisy-factor", type=int, default=20, help="the noisy user's messages, x the others'"
+    )
+    parser.add_argument(
+        "--batch-workers",
+        type=int,
+        default=None,
+        help="batch items in flight (default: twice OpenAI's concurrency)",
+    )
     parser.add_argument("--json", help="also write the report as JSON to this file")
     args = parser.parse_args(argv)
+    if args.noisy_user and args.kill_one:
+        parser.error("--noisy-user and --kill-one do not go together")
     config = ClusterConfig(replicas=args.replicas, users=args.users, messages=args.messages)
     console = Console()
+    if args.noisy_user:
+        noisy = run_noisy(
+            config, console=console, noisy=args.noisy_factor, batch_workers=args.batch_workers
+        )
+        print_noisy_report(noisy, console)
+        if args.json:
+            with open(args.json, "w") as fh:
+                json.dump(_noisy_summary(noisy), fh, indent=2)
+        return 0 if sum(noisy.excess.values()) == 0 else 1
     report = run_cluster(config, console=console, kill_one=args.kill_one)
     print_report(report, console)
     if args.json:
         with open(args.json, "w") as fh:
-            json.dump(
-                {
-                    "excess": report.excess,
-                    "openai_utilisation": report.openai_utilisation,
-                    "answered": report.load.answered,
-                    "errors": report.load.errors,
-                    "elapsed": report.load.elapsed,
-                    "p50": report.load.percentile(0.5),
-                    "p99": report.load.percentile(0.99),
-                },
-                fh,
-                indent=2,
-            )
+            json.dump(_summary(report), fh, indent=2)
     return 0 if sum(report.excess.values()) == 0 else 1

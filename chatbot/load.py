@@ -1,4 +1,9 @@
-"""Load driver: users sending messages to the replicas, like a messaging app would."""
+"""Load driver: users sending messages to the replicas, like a messaging app would.
+
+Optionally, while they do, a noisy user who sends many times their messages and a batch
+job (``POST /batch``, the limiter's lowest priority of the chatbot) press on the same
+limits: ``python -m chatbot cluster --noisy-user`` compares what the others see.
+"""
 
 from __future__ import annotations
 
@@ -12,13 +17,25 @@ from typing import Any
 
 import httpx2
 
-__all__ = ["LoadResult", "run_load"]
+__all__ = ["BATCH_JOB", "NOISY_USER", "LoadResult", "percentile", "run_load"]
 
 TOOL_TEXTS = (
     "Please send an email to ana@example.com saying the order shipped",
     "Add a spreadsheet row with today's sales to the Sales sheet",
     "Create a calendar event for the team meeting tomorrow",
 )
+#: The noisy user's id (ordinary users are user-000, user-001, ...).
+NOISY_USER = "noisy-user"
+#: The batch job's name: its tenant in the limiter's fair queue.
+BATCH_JOB = "batch-jobs"
+
+
+def percentile(data: Sequence[float], q: float) -> float:
+    """The ``q`` quantile of ``data`` (nearest rank, the higher one); 0.0 when empty."""
+    if not data:
+        return 0.0
+    ordered = sorted(data)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
 
 
 @dataclass
@@ -29,6 +46,9 @@ class LoadResult:
     answered: int = 0
     errors: dict[str, int] = field(default_factory=dict)
     latencies: list[float] = field(default_factory=list)
+    #: Per answered message, the seconds its calls waited in the limiter (the replica's
+    #: ``limiter_wait``: every OpenAI and Zapier admission of the message, summed).
+    waits: list[float] = field(default_factory=list)
     tool_calls: int = 0
     #: Messages sent again to another replica after one failed to answer (crashed).
     resent: int = 0
@@ -36,16 +56,23 @@ class LoadResult:
     finished: float = 0.0
     #: Per user, the order in which its replies came back (message numbers).
     order: dict[str, list[int]] = field(default_factory=dict)
+    #: Messages the noisy user or the batch job meant to send (0: as many as it could).
+    planned: int = 0
+    #: With ``noisy``: what the noisy user saw; with ``batch_workers``: the batch job.
+    noisy: LoadResult | None = None
+    batch: LoadResult | None = None
 
     @property
     def elapsed(self) -> float:
         return max(self.finished - self.started, 1e-9)
 
     def percentile(self, q: float) -> float:
-        if not self.latencies:
-            return 0.0
-        data = sorted(self.latencies)
-        return data[min(len(data) - 1, int(q * len(data)))]
+        """A quantile of the time from sending a message to its answer, seconds."""
+        return percentile(self.latencies, q)
+
+    def wait_percentile(self, q: float) -> float:
+        """A quantile of the messages' waits in the limiter, seconds."""
+        return percentile(self.waits, q)
 
 
 async def run_load(
@@ -57,57 +84,121 @@ async def run_load(
     timeout: float = 180.0,
     progress: Callable[[LoadResult], None] | None = None,
     seed: int = 7,
+    noisy: int = 0,
+    noisy_in_flight: int = 4,
+    batch_workers: int = 0,
 ) -> LoadResult:
     """``users`` users each send ``messages`` messages, one after the other, to replicas
-    taken in turn; every ``tool_every``-th message asks for a Zapier action."""
+    taken in turn; every ``tool_every``-th message asks for a Zapier action.
+
+    With ``noisy``, one more user (:data:`NOISY_USER`) means to send ``noisy`` times as
+    many, ``noisy_in_flight`` at once without waiting for the answers; with
+    ``batch_workers``, a batch job (:data:`BATCH_JOB`) keeps that many items in flight at
+    ``POST /batch``. Both stop sending when the ordinary users have their last answer
+    (what is in flight then is still awaited) and report in ``noisy`` and ``batch``; the
+    result's own figures are the ordinary users'.
+    """
     rng = random.Random(seed)
     result = LoadResult(started=time.monotonic())
     dead: dict[str, float] = {}
     replica = itertools.cycle(targets)
-    limits = httpx2.Limits(max_connections=users + 10, max_keepalive_connections=users + 10)
+    others_done = asyncio.Event()
+    extra = noisy_in_flight if noisy else 0
+    connections = users + extra + batch_workers + 10
+    limits = httpx2.Limits(max_connections=connections, max_keepalive_connections=connections)
     async with httpx2.AsyncClient(timeout=timeout, limits=limits) as client:
+
+        async def send(out: LoadResult, path: str, body: dict[str, Any]) -> dict[str, Any] | None:
+            """POST ``body``, to another replica if one is down; the answer, or None."""
+            out.sent += 1
+            began = time.monotonic()
+            response = None
+            last = "no replica up"
+            for _ in range(len(targets) + 1):
+                target = next(replica)
+                if dead.get(target, 0) > time.monotonic():
+                    continue
+                try:
+                    response = await client.post(f"{target}{path}", json=body)
+                    break
+                except httpx2.HTTPError as exc:
+                    # Like a load balancer: a replica that is down gets no traffic for
+                    # a while, and the message goes to another one.
+                    dead[target] = time.monotonic() + 5.0
+                    out.resent += 1
+                    last = type(exc).__name__
+            if response is None:
+                out.errors[last] = out.errors.get(last, 0) + 1
+                return None
+            if response.status_code != 200:
+                key = f"HTTP {response.status_code}"
+                out.errors[key] = out.errors.get(key, 0) + 1
+                return None
+            answer: dict[str, Any] = response.json()
+            out.answered += 1
+            out.latencies.append(time.monotonic() - began)
+            out.waits.append(float(answer.get("limiter_wait", 0.0)))
+            out.tool_calls += len(answer.get("tool_calls", []))
+            return answer
+
+        def text_of(name: str, u: int, m: int) -> str:
+            if tool_every and (u + m) % tool_every == tool_every - 1:
+                return f"{TOOL_TEXTS[(u + m) % len(TOOL_TEXTS)]} (message {m})"
+            return f"Hello, this is {name}, message {m}: what are your opening hours?"
 
         async def user(u: int) -> None:
             name = f"user-{u:03d}"
             result.order[name] = []
             await asyncio.sleep(rng.random() * 0.2)
             for m in range(messages):
-                if tool_every and (u + m) % tool_every == tool_every - 1:
-                    text = f"{TOOL_TEXTS[(u + m) % len(TOOL_TEXTS)]} (message {m})"
-                else:
-                    text = f"Hello, this is {name}, message {m}: what are your opening hours?"
-                body: dict[str, Any] = {"user_id": name, "text": text, "images": []}
-                result.sent += 1
-                began = time.monotonic()
-                response = None
-                last = "no replica up"
-                for _ in range(len(targets) + 1):
-                    target = next(replica)
-                    if dead.get(target, 0) > time.monotonic():
-                        continue
-                    try:
-                        response = await client.post(f"{target}/messages", json=body)
-                        break
-                    except httpx2.HTTPError as exc:
-                        # Like a load balancer: a replica that is down gets no traffic for
-                        # a while, and the message goes to another one.
-                        dead[target] = time.monotonic() + 5.0
-                        result.resent += 1
-                        last = type(exc).__name__
-                if response is None:
-                    result.errors[last] = result.errors.get(last, 0) + 1
-                    continue
-                if response.status_code == 200:
-                    result.answered += 1
-                    result.latencies.append(time.monotonic() - began)
-                    result.tool_calls += len(response.json().get("tool_calls", []))
+                body = {"user_id": name, "text": text_of(name, u, m), "images": []}
+                if await send(result, "/messages", body) is not None:
                     result.order[name].append(m)
-                else:
-                    key = f"HTTP {response.status_code}"
-                    result.errors[key] = result.errors.get(key, 0) + 1
                 if progress is not None:
                     progress(result)
 
-        await asyncio.gather(*(user(u) for u in range(users)))
-    result.finished = time.monotonic()
+        async def noisy_user(out: LoadResult) -> None:
+            numbers = iter(range(out.planned))
+
+            async def sender() -> None:
+                for m in numbers:
+                    if others_done.is_set():
+                        return
+                    body = {"user_id": NOISY_USER, "text": text_of(NOISY_USER, users, m)}
+                    if await send(out, "/messages", body) is not None:
+                        out.order.setdefault(NOISY_USER, []).append(m)
+
+            await asyncio.gather(*(sender() for _ in range(noisy_in_flight)))
+
+        async def batch_job(out: LoadResult) -> None:
+            numbers = itertools.count()
+
+            async def worker() -> None:
+                for n in numbers:
+                    if others_done.is_set():
+                        return
+                    text = f"Summarise conversation {n} of the nightly export in one line"
+                    await send(out, "/batch", {"job": BATCH_JOB, "text": text})
+
+            await asyncio.gather(*(worker() for _ in range(batch_workers)))
+
+        background = []
+        if noisy:
+            result.noisy = LoadResult(started=result.started, planned=noisy * messages)
+            background.append(noisy_user(result.noisy))
+        if batch_workers:
+            result.batch = LoadResult(started=result.started)
+            background.append(batch_job(result.batch))
+
+        async def others() -> None:
+            try:
+                await asyncio.gather(*(user(u) for u in range(users)))
+            finally:
+                result.finished = time.monotonic()
+                others_done.set()
+
+        await asyncio.gather(others(), *background)
+    for extra_result in (result.noisy, result.batch):
+        if extra_result is not None:
+            extra_result.finished = time.monotonic()
     return result

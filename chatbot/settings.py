@@ -30,6 +30,8 @@ _FIELDS = {
     "lease_ttl",
     "acquire_timeout",
     "window_margin",
+    "tenant_weights",
+    "priority_aging",
 }
 
 
@@ -54,6 +56,22 @@ def _seconds(env: Mapping[str, str], name: str, default: float) -> float:
         value = math.nan
     if not math.isfinite(value) or value <= 0:
         raise ConfigError(f"{name}={raw!r}: must be a number of seconds > 0", field=name, value=raw)
+    return value
+
+
+def _priority(env: Mapping[str, str], name: str, default: int) -> int:
+    """A priority from the environment: an integer from -1000 to 1000, else a ConfigError."""
+    raw = env.get(name)
+    if raw is None:
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        value = None
+    if value is None or not -1000 <= value <= 1000:
+        raise ConfigError(
+            f"{name}={raw!r}: must be an integer from -1000 to 1000", field=name, value=raw
+        )
     return value
 
 
@@ -110,7 +128,22 @@ class Settings:
     turn_lease: float = 10.0
     #: A replica that dies while waiting holds what it was handed at most this long.
     ticket_ttl: float = 5.0
+    #: The fair queue's priority of a user's message (``POST /messages``): higher is
+    #: served first by the limiter when OpenAI or Zapier has no room.
+    interactive_priority: int = 10
+    #: The priority of batch work (``POST /batch``): served when no message waits.
+    batch_priority: int = 0
     replica: str = field(default_factory=lambda: os.environ.get("HOSTNAME", str(os.getpid())))
+
+    def __post_init__(self) -> None:
+        for name in ("interactive_priority", "batch_priority"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or abs(value) > 1000:
+                raise ConfigError(
+                    f"{name}={value!r}: must be an integer from -1000 to 1000",
+                    field=name,
+                    value=value,
+                )
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
@@ -132,5 +165,7 @@ class Settings:
             message_timeout=_seconds(env, "MESSAGE_TIMEOUT", base.message_timeout),
             turn_lease=_seconds(env, "TURN_LEASE", base.turn_lease),
             ticket_ttl=_seconds(env, "TICKET_TTL", base.ticket_ttl),
+            interactive_priority=_priority(env, "INTERACTIVE_PRIORITY", base.interactive_priority),
+            batch_priority=_priority(env, "BATCH_PRIORITY", base.batch_priority),
             replica=env.get("REPLICA_NAME", base.replica),
         )

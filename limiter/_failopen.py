@@ -5,6 +5,8 @@ count it reads, the circuit breaker, each API's local share (``_local.LocalGate`
 cooldowns remembered for those shares, and the slots admitted locally that Redis does not
 count yet. When Redis answers again it has Redis count those slots (adopting them into
 the admission part). Calls the script runner and the admission part, never the Limiter.
+The local shares admit first come, first served: tenants and priorities are decided in
+Redis only.
 """
 
 from __future__ import annotations
@@ -245,7 +247,7 @@ class FailOpen:
                 self.trip(exc)
         if timeout is not None:
             timeout = max(0.0, timeout - (loop.time() - start))
-        return await self._acquire_local(plan, limits, timeout, cost, tokens, start)
+        return await self._acquire_local(plan, limits, timeout, cost, tokens, start, fair)
 
     def _gate(self, plan: KeyPlan, limits: APILimits, replicas: int) -> LocalGate:
         gate = self._gates.get(plan.tag)
@@ -268,6 +270,7 @@ class FailOpen:
         cost: int,
         tokens: int,
         start: float,
+        fair: Fair = DEFAULT_FAIR,
     ) -> Slot:
         """Admission within this replica's share while the breaker is open."""
         api = plan.api
@@ -303,7 +306,14 @@ class FailOpen:
                 state.gate = gate
                 self._local_held[slot_id] = state
                 if events.active:
-                    events.emit("admitted", api, waited=now - start, reason=first, local=True)
+                    events.emit(
+                        "admitted",
+                        api,
+                        waited=now - start,
+                        reason=first,
+                        local=True,
+                        priority=fair.priority,
+                    )
                 return Slot(state)
             if first is None:
                 first = reason

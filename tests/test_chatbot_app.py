@@ -8,6 +8,8 @@ from the ``providers`` fixture (``conftest``) and ``running`` (``tests._replica`
 
 from __future__ import annotations
 
+import asyncio
+import hashlib
 import json
 import socket
 from typing import Any
@@ -15,8 +17,13 @@ from typing import Any
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from chatbot.agent import tenant_for
+from chatbot.metrics import Metrics
+from chatbot.settings import Settings
+from limiter import APILimits, ConfigError
 from limiter._admin import is_registry_key
 from tests._replica import KEY, NAMESPACE, TOKEN, Providers, running
+from tests.conftest import LimiterFactory, wait_for_waiters
 
 pytestmark = pytest.mark.redis
 
@@ -198,6 +205,43 @@ async def test_metrics_expose_limiter_and_chatbot_series(providers: Providers) -
     assert values[("limiter_limit", (("api", "openai"), ("limit", "max_concurrent")))] == 4.0
 
 
+async def test_wait_histogram_counts_admissions_by_priority_band(
+    make_limiter: LimiterFactory,
+) -> None:
+    """limiter_wait_seconds{api, priority} counts each admission under its priority's
+    band of powers of ten (9 values at most), and a queued wait lands in its band."""
+    lim = make_limiter({"openai": APILimits(max_concurrent=1)})
+    metrics = Metrics(lim)
+    for priority in (None, 0, 7, 10, 99, -1, 1000, -1000):
+        await (await lim.acquire("openai", timeout=0, priority=priority)).release()
+    held = await lim.acquire("openai", timeout=0, priority=500)
+    waiter = asyncio.create_task(lim.acquire("openai", timeout=10, priority=50))
+    await wait_for_waiters(lim, "openai", 1)
+    await asyncio.sleep(0.2)
+    await held.release()
+    await (await waiter).release()
+    values = samples((await metrics.render()).decode())
+    counts = {
+        dict(labels)["priority"]: value
+        for (name, labels), value in values.items()
+        if name == "limiter_wait_seconds_count"
+    }
+    assert counts == {
+        "-1000": 1.0,
+        "-9..-1": 1.0,
+        "0": 2.0,
+        "1..9": 1.0,
+        "10..99": 3.0,
+        "100..999": 1.0,
+        "1000": 1.0,
+    }
+    assert values[("limiter_admissions_total", (("api", "openai"),))] == 10.0
+    band = (("api", "openai"), ("priority", "10..99"))
+    le = (("api", "openai"), ("le", "0.1"), ("priority", "10..99"))
+    assert values[("limiter_wait_seconds_bucket", le)] == 2.0  # 10 and 99 did not wait
+    assert values[("limiter_wait_seconds_sum", band)] >= 0.2  # 50 waited for the release
+
+
 async def test_stats_are_cluster_wide(providers: Providers) -> None:
     """A message answered by replica A shows in replica B's /stats: openai 1 request,
     1 successful, 0 in flight, max_concurrent 4; zapier 0 requests."""
@@ -270,3 +314,149 @@ async def test_zapier_unreachable_answers_502_naming_it(providers: Providers) ->
         turn = await app.state.turns.stats("conversation", key="cy")
         zapier = await app.state.limiter.stats("zapier")
     assert (turn["concurrent_requests"], zapier["concurrent_requests"]) == (0, 0)
+
+
+# --------------------------------------------------------------------------- fair queue
+
+
+async def _queued(
+    lim: Any, api: str, tenant: str, priority: int, within: float = 5.0
+) -> dict[str, Any]:
+    """``lim.stats(api)`` once ``tenant`` has a waiter queued in it at ``priority``."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + within
+    while True:
+        stats = await lim.stats(api)
+        if (
+            stats["tenants"].get(tenant, {}).get("waiting") == 1
+            and stats["waiting_by_priority"].get(priority) == 1
+        ):
+            return stats
+        assert loop.time() < deadline, stats
+        await asyncio.sleep(0.005)
+
+
+async def test_a_message_queues_as_its_user_at_priority_10_for_openai_and_zapier(
+    providers: Providers,
+) -> None:
+    """With every OpenAI and Zapier slot held, an email message waits for OpenAI, then for
+    its Zapier tool call (which the MCP session's own task sends), each time as tenant
+    "bo" at priority 10 in stats(); every admission it gets carries priority 10; its
+    limiter_wait (in the reply) counts both waits."""
+    async with running(providers.settings()) as (app, client):
+        lim = app.state.limiter
+        openai_held = [await lim.acquire("openai", timeout=0) for _ in range(4)]
+        zapier_held = [await lim.acquire("zapier", timeout=0) for _ in range(2)]
+        admitted: list[tuple[str, int]] = []
+        lim.add_listener(
+            lambda event, api, fields: (
+                admitted.append((api, fields["priority"])) if event == "admitted" else None
+            )
+        )
+        message = asyncio.create_task(
+            client.post("/messages", json={"user_id": "bo", "text": EMAIL_TEXT})
+        )
+        openai_stats = await _queued(lim, "openai", "bo", 10)
+        await asyncio.sleep(0.2)  # held back at least this long
+        for slot in openai_held:
+            await slot.release()
+        zapier_stats = await _queued(lim, "zapier", "bo", 10)
+        await asyncio.sleep(0.2)
+        for slot in zapier_held:
+            await slot.release()
+        response = await message
+    assert openai_stats["waiting_by_priority"] == {10: 1}
+    assert zapier_stats["waiting_by_priority"] == {10: 1}
+    assert list(zapier_stats["tenants"]) == ["bo"]  # not the MCP session's task's ""
+    assert response.status_code == 200, response.text
+    body = response.json()
+    assert [c["tool"] for c in body["tool_calls"]] == ["send_email"]
+    assert sorted(admitted) == [("openai", 10), ("openai", 10), ("zapier", 10)]
+    assert body["limiter_wait"] >= 0.4
+
+
+async def test_a_waiting_message_goes_before_a_batch_item_queued_earlier(
+    providers: Providers,
+) -> None:
+    """POST /batch queues as its job's tenant at priority 0: with OpenAI full, a batch item
+    queued first and a message queued after it, the one slot freed goes to the message
+    (priority 10); both are answered, the batch item without touching any history."""
+    async with running(providers.settings()) as (app, client):
+        lim = app.state.limiter
+        held = [await lim.acquire("openai", timeout=0) for _ in range(4)]
+        order: list[int] = []
+        lim.add_listener(
+            lambda event, api, fields: (
+                order.append(fields["priority"]) if event == "admitted" else None
+            )
+        )
+        batch = asyncio.create_task(
+            client.post("/batch", json={"job": "nightly", "text": "Summarise day 1"})
+        )
+        await _queued(lim, "openai", "nightly", 0)
+        message = asyncio.create_task(
+            client.post("/messages", json={"user_id": "cy", "text": "Hello"})
+        )
+        stats = await _queued(lim, "openai", "cy", 10)
+        await held[0].release()
+        message_response = await message  # its slot, released, goes to the batch item
+        for slot in held[1:]:
+            await slot.release()
+        batch_response = await batch
+        malformed = await client.post("/batch", json={"text": "x", "user_id": "cy"})
+    assert stats["waiting_by_priority"] == {0: 1, 10: 1}
+    assert message_response.status_code == 200, message_response.text
+    assert batch_response.status_code == 200, batch_response.text
+    assert order == [10, 0]
+    body = batch_response.json()
+    assert body["job"] == "nightly"
+    assert body["reply"] == "You said: Summarise day 1"
+    assert body["limiter_wait"] > 0
+    assert await providers.redis.keys(f"{NAMESPACE}:chat:*") == [
+        f"{NAMESPACE}:chat:{{cy}}:history".encode()
+    ]
+    assert malformed.status_code == 422
+
+
+async def test_a_user_id_longer_than_a_tenant_name_is_queued_under_its_digest(
+    providers: Providers,
+) -> None:
+    """A 200-character user id of 2-byte characters (400 bytes, more than the 256 a tenant
+    name may have) is answered, its calls queued under "user-sha256:<digest>"."""
+    user = "é" * 200
+    tenant = tenant_for(user)
+    assert tenant == "user-sha256:" + hashlib.sha256(user.encode()).hexdigest()
+    assert tenant_for("ana") == "ana"
+    async with running(providers.settings()) as (app, client):
+        lim = app.state.limiter
+        held = [await lim.acquire("openai", timeout=0) for _ in range(4)]
+        message = asyncio.create_task(
+            client.post("/messages", json={"user_id": user, "text": "Hi"})
+        )
+        await _queued(lim, "openai", tenant, 10)
+        for slot in held:
+            await slot.release()
+        response = await message
+    assert response.status_code == 200, response.text
+
+
+def test_priorities_and_fair_queue_limits_come_from_the_environment() -> None:
+    """INTERACTIVE_PRIORITY and BATCH_PRIORITY set the two priorities (10 and 0 by
+    default; an integer from -1000 to 1000, else ConfigError naming the variable);
+    LIMITS_JSON accepts tenant_weights and priority_aging."""
+    default = Settings.from_env({})
+    assert (default.interactive_priority, default.batch_priority) == (10, 0)
+    env = {
+        "INTERACTIVE_PRIORITY": "50",
+        "BATCH_PRIORITY": "-5",
+        "LIMITS_JSON": json.dumps({"openai": {"tenant_weights": {"vip": 4}, "priority_aging": 30}}),
+    }
+    settings = Settings.from_env(env)
+    assert (settings.interactive_priority, settings.batch_priority) == (50, -5)
+    assert dict(settings.limits["openai"].tenant_weights) == {"vip": 4.0}
+    assert settings.limits["openai"].priority_aging == 30
+    for bad in ("high", "1001", "2.5"):
+        with pytest.raises(ConfigError, match="INTERACTIVE_PRIORITY"):
+            Settings.from_env({"INTERACTIVE_PRIORITY": bad})
+    with pytest.raises(ConfigError, match="batch_priority"):
+        Settings(batch_priority=5000)

@@ -11,7 +11,8 @@ import asyncio
 import json
 import sys
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from io import StringIO
 from typing import Any
 
 import httpx2
@@ -19,8 +20,16 @@ import openai
 import pytest
 import redis.asyncio as aioredis
 from prometheus_client.parser import text_string_to_metric_families
+from rich.console import Console
 
-from chatbot.cluster import OPENAI_KEY, Cluster, ClusterConfig, _Proc
+from chatbot.cluster import (
+    OPENAI_KEY,
+    Cluster,
+    ClusterConfig,
+    _Proc,
+    print_noisy_report,
+    run_noisy,
+)
 from chatbot.load import LoadResult, run_load
 from limiter import APILimits, Limiter
 from limiter.http import openai_client
@@ -119,6 +128,68 @@ def test_three_replicas_saturate_the_providers_without_exceeding_them() -> None:
     assert zapier_record["max_concurrent"] == config.zapier_concurrent
     assert zapier_record["max_starts_in_minute_window"] == config.zapier_per_minute
     assert zapier_record["max_starts_in_hour_window"] == config.zapier_per_hour
+
+
+# --------------------------------------------------------------------------- noisy user
+
+
+def test_noisy_user_and_batch_job_leave_the_others_answered_and_the_limits_kept() -> None:
+    """``cluster --noisy-user``, small: 12 users x 4 messages on a fresh cluster, then
+    again with a user meaning to send 20x as many (4 at a time) and a batch job keeping 8
+    items in flight at POST /batch (priority 0). In both runs every ordinary message is
+    answered in order and the fakes saw no excess (no 429); the noisy user and the batch
+    job got answers without errors; the batch items' median wait in the limiter is longer
+    than the messages' (priority 0 goes after every waiting message); the report has the
+    ordinary users' with and without rows with their p50/p99 waits.
+
+    The ratio of the others' p99 waits (with / without) is printed, not asserted: over
+    eleven runs on this machine it went from 0.97 to 1.39, and the p99 itself comes from
+    how the fair queue breaks ties between tenants with one waiter each (by tenant name,
+    in the scripts as they are: the users whose names sort last wait longest), not from
+    the noisy user; a bound on it would test that tie-break.
+    """
+    config = replace(FAST, users=12, messages=4)
+    out = StringIO()
+    console = Console(file=out, width=200)
+    report = run_noisy(config, console=console, noisy=20)
+    print_noisy_report(report, console)
+    text = out.getvalue()
+    for run in (report.quiet, report.noisy):
+        _assert_everyone_answered_in_order(run.load, config)
+        _assert_never_exceeded(run.openai, run.zapier, config)
+        assert set(run.excess.values()) == {0}, run.excess
+    loud = report.noisy.load
+    assert report.quiet.load.noisy is None
+    assert report.quiet.load.batch is None
+    noisy, batch = loud.noisy, loud.batch
+    assert noisy is not None
+    assert batch is not None
+    assert noisy.planned == 20 * config.messages
+    assert noisy.errors == {}
+    assert noisy.answered == noisy.sent >= 4
+    assert batch.errors == {}
+    assert batch.answered >= 2 * config.openai_concurrent
+    assert batch.wait_percentile(0.5) > loud.wait_percentile(0.5), (batch.waits, loud.waits)
+    rows = {
+        name: next(
+            line
+            for line in text.splitlines()
+            if line.lstrip("│┃ ").startswith(f"{name} the noisy user")
+        )
+        for name in ("without", "with")
+    }
+    for name, run in (("without", report.quiet), ("with", report.noisy)):
+        for q in (0.5, 0.99):
+            assert f"{run.load.wait_percentile(q):.2f}s" in rows[name], (rows[name], text)
+            assert f"{run.load.percentile(q):.2f}s" in rows[name], (rows[name], text)
+        assert rows[name].rstrip(" │").endswith(" 0"), rows[name]  # the excess column
+    assert "0 excess at the providers in both runs" in text
+    print(
+        f"others' wait p50/p99 without {report.quiet.load.wait_percentile(0.5):.2f}/"
+        f"{report.quiet.load.wait_percentile(0.99):.2f}s, with "
+        f"{loud.wait_percentile(0.5):.2f}/{loud.wait_percentile(0.99):.2f}s "
+        f"(p99 x{report.p99_ratio:.2f}); noisy {noisy.answered}, batch {batch.answered}"
+    )
 
 
 # --------------------------------------------------------------------------- SIGKILL

@@ -78,6 +78,17 @@ async def test_a_tenant_behind_a_backlog_is_served_every_other_turn(
     ]  # fmt: skip
 
 
+async def test_tenants_level_on_service_are_served_in_the_order_they_began_waiting(
+    make_limiter: LimiterFactory,
+) -> None:
+    """Tenants with one waiter each are all level (each starts at the least service of
+    those waiting): they are served first come, first served, not by name."""
+    lim = make_limiter({"a": APILimits(max_concurrent=1)})
+    names = ["user-029", "user-015", "user-000", "zed", "alpha", "user-100"]
+    order = await served_order(lim, "a", [(n, {"tenant": n}) for n in names])
+    assert order == names
+
+
 async def test_weights_give_shares_in_proportion(make_limiter: LimiterFactory) -> None:
     """Weights 3:1: while both tenants wait, the heavier one gets 3 of every 4 admissions."""
     lim = make_limiter({"a": APILimits(max_concurrent=1, tenant_weights={"gold": 3.0})})
@@ -135,7 +146,8 @@ async def test_a_tenant_back_from_idle_banks_no_credit(make_limiter: LimiterFact
         await wait_for_waiters(lim, "a", 4 + i + 1)
     gate.set()
     await asyncio.gather(*tasks)
-    assert order == ["b0", "b1", "b2", "b3", "a0", "b4", "a1", "b5", "a2", "b6", "b7"]
+    # "a" starts level with "b" (not at 0); on a tie the tenant backlogged first goes first.
+    assert order == ["b0", "b1", "b2", "b3", "b4", "a0", "b5", "a1", "b6", "a2", "b7"]
 
 
 async def test_a_waiter_that_waited_priority_aging_passes_higher_priorities(

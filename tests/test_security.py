@@ -70,8 +70,8 @@ LIMITER_ACL = (
     "resetkeys ~limiter:* resetchannels &limiter:wake:* -@all "
     "+evalsha +script|load +fcall +function|load +subscribe "
     "+time +exists +zadd +zrem +zscore +zcard +zcount +zincrby +zrange +zrangebyscore "
-    "+zremrangebyscore +hset +hget +hmget +hdel +hincrby +hgetall +set +sadd +pexpire +persist "
-    "+del +publish"
+    "+zremrangebyscore +hset +hget +hmget +hexists +hkeys +hdel +hincrby +hgetall +set +sadd "
+    "+pexpire +persist +del +publish"
 )
 ACL_LINES = [f"user fleet on >{FLEET_PASSWORD} {LIMITER_ACL}"]
 

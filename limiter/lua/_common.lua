@@ -34,8 +34,11 @@
 --   classes        ZSET  class -> -priority: the classes with waiters, highest
 --                        first. A class is a priority ("10", "-5") or "aged"
 --                        (score -1001), where waiters go after waiting AGING_US
---   t:<class>      ZSET  tenant -> weighted service received (the VTC counter):
---                        the class's backlogged tenants, least served first
+--   t:<class>      ZSET  "<joined at us, 16 digits>|<tenant>" -> weighted service
+--                        received (the VTC counter): the class's backlogged
+--                        tenants, least served first; among equal counters, the
+--                        one backlogged first (FIFO, not by name)
+--   m:<class>      HASH  tenant -> its member in t:<class>
 --   q:<class>:<t>  ZSET  ticket -> arrival: one tenant's waiters, FIFO
 --   a:<class>      ZSET  tenant -> admissions from the queue since its backlog
 --                        began (for stats())
@@ -424,17 +427,20 @@ contended = function()
   -- tenant banks no credit, and a new one is served at once, not after the
   -- others' history.
   join = function(class, score, tenant, ticket, at)
-    local tk, classes = fair_key('t', class), fair_key('classes')
+    local tk, mk, classes = fair_key('t', class), fair_key('m', class), fair_key('classes')
     local life = ttl_ms(TICKET_US)
-    if not redis.call('ZSCORE', tk, tenant) then
+    if redis.call('HEXISTS', mk, tenant) == 0 then
       local least = redis.call('ZRANGE', tk, 0, 0, 'WITHSCORES')
       if #least == 0 then redis.call('ZADD', classes, score, class) end
-      redis.call('ZADD', tk, least[2] or 0, tenant)
+      local member = string.format('%016d|', NOW) .. tenant
+      redis.call('ZADD', tk, least[2] or 0, member)
+      redis.call('HSET', mk, tenant, member)
     end
     local q = fair_key('q', class, tenant)
     redis.call('ZADD', q, at, ticket)
     redis.call('PEXPIRE', q, life)
     redis.call('PEXPIRE', tk, life)
+    redis.call('PEXPIRE', mk, life)
     redis.call('PEXPIRE', classes, life)
   end
 
@@ -442,8 +448,12 @@ contended = function()
   -- leaves the class (its counter goes with it), a class with no tenant goes.
   local function left(class, tenant)
     if redis.call('EXISTS', fair_key('q', class, tenant)) == 1 then return false end
-    local tk = fair_key('t', class)
-    redis.call('ZREM', tk, tenant)
+    local tk, mk = fair_key('t', class), fair_key('m', class)
+    local member = redis.call('HGET', mk, tenant)
+    if member then
+      redis.call('ZREM', tk, member)
+      redis.call('HDEL', mk, tenant)
+    end
     redis.call('ZREM', fair_key('a', class), tenant)
     if redis.call('EXISTS', tk) == 0 then redis.call('ZREM', fair_key('classes'), class) end
     return true
@@ -472,6 +482,7 @@ contended = function()
       if redis.call('ZSCORE', fair_key('q', class, tenant), ticket) then
         redis.call('PEXPIRE', fair_key('q', class, tenant), life)
         redis.call('PEXPIRE', fair_key('t', class), life)
+        redis.call('PEXPIRE', fair_key('m', class), life)
         redis.call('PEXPIRE', fair_key('classes'), life)
         return
       end
@@ -504,9 +515,9 @@ contended = function()
     end
   end
 
-  -- The ticket to serve next, its class and tenant, or nil: the highest class,
-  -- in it the tenant with the least weighted service (ties by name), that
-  -- tenant's oldest ticket.
+  -- The ticket to serve next, its class, tenant and member in t:<class>, or nil:
+  -- the highest class, in it the tenant with the least weighted service (ties:
+  -- the one backlogged first), that tenant's oldest ticket.
   local function next_ticket()
     promote()
     local classes = fair_key('classes')
@@ -518,9 +529,12 @@ contended = function()
       if #t == 0 then
         redis.call('ZREM', classes, class)
       else
-        local q = redis.call('ZRANGE', fair_key('q', class, t[1]), 0, 0)
-        if #q > 0 then return q[1], class, t[1] end
-        left(class, t[1])
+        local tenant = string.match(t[1], '^%d+|(.*)$') or t[1]
+        local q = redis.call('ZRANGE', fair_key('q', class, tenant), 0, 0)
+        if #q > 0 then return q[1], class, tenant, t[1] end
+        if not left(class, tenant) or redis.call('ZSCORE', fair_key('t', class), t[1]) then
+          redis.call('ZREM', fair_key('t', class), t[1]) -- a stale member
+        end
       end
     end
     return nil
@@ -539,14 +553,14 @@ contended = function()
 
   -- Count an admitted ticket as service to its tenant (tokens when the API has a
   -- token budget, else the cost, divided by the weight) and take it out.
-  local function served(ticket, class, tenant, cost, tokens, weight)
+  local function served(ticket, class, tenant, member, cost, tokens, weight)
     redis.call('ZREM', K_QEXP, ticket)
     redis.call('ZREM', K_QUEUE, ticket)
     redis.call('ZREM', fair_key('q', class, tenant), ticket)
     if left(class, tenant) then return end
     local service = cost
     if LONGEST_T then service = math.max(tokens, 1) end
-    redis.call('ZINCRBY', fair_key('t', class), service / weight_now(tenant, weight), tenant)
+    redis.call('ZINCRBY', fair_key('t', class), service / weight_now(tenant, weight), member)
     redis.call('ZINCRBY', fair_key('a', class), 1, tenant)
   end
 
@@ -605,7 +619,7 @@ contended = function()
   drain = function(own)
     local own_admitted, woken = false, 0
     while true do
-      local ticket, class, tenant = next_ticket()
+      local ticket, class, tenant, member = next_ticket()
       if not ticket then return own_admitted, nil, nil, -1, woken end
       local slot, cost, tokens, _, weight = parse_ticket(ticket)
       if too_heavy(cost, tokens) then
@@ -625,7 +639,7 @@ contended = function()
           lease = math.max(1, math.min(LEASE_US, expires - NOW))
         end
         admit(slot, cost, tokens, lease)
-        served(ticket, class, tenant, cost, tokens, weight)
+        served(ticket, class, tenant, member, cost, tokens, weight)
         if ticket == own then
           own_admitted = true
         else

@@ -61,8 +61,11 @@ OPS.release = function()
       weight = tonumber(weight)
       if tenant and weight and weight > 0 then
         contended()
-        redis.call('ZADD', fair_key('t', prio), 'XX', 'INCR',
-                   (math.max(ACTUAL, 1) - math.max(RESERVED, 1)) / weight, tenant)
+        local member = redis.call('HGET', fair_key('m', prio), tenant)
+        if member then
+          redis.call('ZINCRBY', fair_key('t', prio),
+                     (math.max(ACTUAL, 1) - math.max(RESERVED, 1)) / weight, member)
+        end
       end
     end
   end

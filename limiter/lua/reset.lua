@@ -12,11 +12,11 @@ OPS.reset = function()
   local classes = fair_key('classes')
   for _, class in ipairs(redis.call('ZRANGE', classes, 0, -1)) do
     local tk = fair_key('t', class)
-    local tenants = redis.call('ZRANGE', tk, 0, -1)
+    local tenants = redis.call('HKEYS', fair_key('m', class))
     for _, tenant in ipairs(tenants) do
       n = n + redis.call('DEL', fair_key('q', class, tenant))
     end
-    n = n + redis.call('DEL', tk, fair_key('a', class))
+    n = n + redis.call('DEL', tk, fair_key('m', class), fair_key('a', class))
   end
   n = n + redis.call('DEL', classes)
   local raw = redis.call('HGETALL', K_STATE)

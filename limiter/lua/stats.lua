@@ -77,7 +77,7 @@ OPS.stats = function()
     for _, class in ipairs(redis.call('ZRANGE', fair_key('classes'), 0, -1)) do
       local served = redis.call('ZRANGE', fair_key('t', class), 0, 9999, 'WITHSCORES')
       for i = 1, #served, 2 do
-        local t = tenant(served[i])
+        local t = tenant(string.match(served[i], '^%d+|(.*)$') or served[i])
         t[3] = t[3] + tonumber(served[i + 1])
       end
       local admitted = redis.call('ZRANGE', fair_key('a', class), 0, 9999, 'WITHSCORES')
