@@ -397,8 +397,10 @@ def _rows(
             "3t/3. pair with tenant= and priority= / pair without (uncontended)",
             f"p50 {fair.p50_us / lim.p50_us:.2f}x; Redis commands {c_fair.executed:g} vs "
             f"{c_lim.executed:g}; Redis time {c_fair.lua_us:.1f} vs {c_lim.lua_us:.1f} µs",
-            "the same commands; Redis time within 1.1x",
-            c_fair.executed == c_lim.executed and c_fair.lua_us <= 1.1 * c_lim.lua_us,
+            "the same commands (rounded); Redis time within 1.1x",
+            # Executed commands are counted over many pairs: a TTL refresh (once a second)
+            # falls in one run or the other and adds a few thousandths per pair.
+            round(c_fair.executed) == round(c_lim.executed) and c_fair.lua_us <= 1.1 * c_lim.lua_us,
         )
     )
     report.checks.append(
