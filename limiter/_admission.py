@@ -33,7 +33,7 @@ _WINDOW_WORDS = {"rate:60s": "minute", "rate:3600s": "hour", "rate:1s": "second"
 
 
 class Admission:
-    """One process's admissions in Redis, FIFO across the cluster."""
+    """One process's admissions in Redis, in the cluster's one fair queue per API."""
 
     def __init__(
         self, runner: ScriptRunner, waiting: Waiting, events: Events, process_id: str

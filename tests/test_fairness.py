@@ -307,3 +307,33 @@ def test_bad_fair_settings_are_config_errors() -> None:
         limiter.scope(priority=2000)
     with pytest.raises(ConfigError):
         limiter.scope(tenant="")
+
+
+async def test_a_renewal_puts_back_a_waiter_whose_queue_keys_expired(
+    make_limiter: LimiterFactory, redis_client: Any
+) -> None:
+    """The fair queue's keys live a ticket's life unless renewed: if they are gone while
+    the waiter lives (an expiry, an operator's DEL), its next renewal queues it again in
+    its tenant's place, and the next release admits it."""
+    lim = make_limiter({"a": APILimits(max_concurrent=1)})
+    holder = await lim.acquire("a")
+    waiter = asyncio.create_task(lim.acquire("a", timeout=10, tenant="t", priority=3))
+    await wait_for_waiters(lim, "a", 1)
+    fair_keys = [
+        k
+        for k in await redis_client.keys("limiter:{a}:*")
+        if k.decode().split(":", 2)[2].startswith(("q:", "t:", "m:", "classes"))
+    ]
+    assert len(fair_keys) == 4, fair_keys  # classes, t:3, m:3, q:3:t
+    await redis_client.delete(*fair_keys)
+    # The waiter's ticket is renewed once its process knows it waits (its first call's
+    # answer has reached it): renew until the queue key is back, at most for 2 s.
+    for _ in range(200):
+        await lim.renew()
+        if await redis_client.exists("limiter:{a}:q:3:t"):
+            break
+        await asyncio.sleep(0.01)
+    assert await redis_client.exists("limiter:{a}:q:3:t") == 1
+    await holder.release()
+    slot = await asyncio.wait_for(waiter, 5)
+    await slot.release()

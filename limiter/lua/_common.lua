@@ -472,18 +472,24 @@ contended = function()
     end
   end
 
-  -- A renewed ticket of a live waiter: give its queue keys their life again, and
-  -- put it back in its tenant's queue if they expired under it.
-  keep_queued = function(ticket)
+  -- A queued ticket of a live waiter (renewed, or asking again): put it back in its
+  -- tenant's queue if the queue's keys expired under it; with `seen` (a renewal),
+  -- also give those keys their life again, each key once per call (`seen` holds
+  -- the keys done).
+  keep_queued = function(ticket, seen)
     local _, _, _, prio, _, tenant = parse_ticket(ticket)
     if not tenant then return end
     local life = ttl_ms(TICKET_US)
     for _, class in ipairs({prio, 'aged'}) do
-      if redis.call('ZSCORE', fair_key('q', class, tenant), ticket) then
-        redis.call('PEXPIRE', fair_key('q', class, tenant), life)
-        redis.call('PEXPIRE', fair_key('t', class), life)
-        redis.call('PEXPIRE', fair_key('m', class), life)
-        redis.call('PEXPIRE', fair_key('classes'), life)
+      local q = fair_key('q', class, tenant)
+      if redis.call('ZSCORE', q, ticket) then
+        if not seen then return end
+        for _, k in ipairs({q, fair_key('t', class), fair_key('m', class), fair_key('classes')}) do
+          if not seen[k] then
+            seen[k] = true
+            redis.call('PEXPIRE', k, life)
+          end
+        end
         return
       end
     end

@@ -43,6 +43,8 @@ local function enqueue(ticket)
     redis.call('ZADD', K_QUEUE, NOW_S, ticket)
     join(PRIORITY, -tonumber(PRIORITY), TENANT, ticket, NOW_S)
     new = true
+  else
+    keep_queued(ticket) -- a waiter asking again keeps its place (or gets it back)
   end
   redis.call('ZADD', K_QEXP, int(NOW + TICKET_US), ticket)
   redis.call('PEXPIRE', K_QUEUE, ttl_ms(TICKET_US))
@@ -109,7 +111,8 @@ local function acquire_now()
   if own then return {1, NOW} end
   if new and FIRST == 1 then count_refusal(reason) end
   if head == ticket then return {0, reason, wait, 1} end
-  return {0, reason, -1, 0}
+  -- (reason is nil only if this ticket is in no queue: it waits for its renewal)
+  return {0, reason or 'concurrency', -1, 0}
 end
 
 OPS.acquire = function()

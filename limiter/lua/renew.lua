@@ -38,12 +38,12 @@ OPS.renew = function()
     end
   end
 
-  local queued = false
+  local queued, seen = false, {}
   for i = TAIL_AT + SLOTS, #ARGS do
     local ticket = ARGS[i]
     if redis.call('ZSCORE', K_QEXP, ticket) then
       redis.call('ZADD', K_QEXP, int(NOW + TICKET_US), ticket)
-      keep_queued(ticket)
+      keep_queued(ticket, seen)
       queued = true
     else
       local slot = parse_ticket(ticket)
