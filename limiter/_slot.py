@@ -78,8 +78,8 @@ class SlotState:
     gate: LocalGate | None = None
     actual_tokens: int = -1
     released: bool = False
-    #: ``"<priority>|<weight>|<tenant>"`` when the slot waited in the fair queue (its
-    #: release corrects the tenant's service by the tokens used), else "".
+    #: ``"1"`` when the slot was admitted through the fair queue (its release corrects
+    #: the service charged to its tenant by the tokens used), else "".
     fair: str = ""
     lost: bool = False
 

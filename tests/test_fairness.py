@@ -337,3 +337,64 @@ async def test_a_renewal_puts_back_a_waiter_whose_queue_keys_expired(
     await holder.release()
     slot = await asyncio.wait_for(waiter, 5)
     await slot.release()
+
+
+async def test_a_tenant_with_one_request_at_a_time_is_charged_for_each(
+    make_limiter: LimiterFactory,
+) -> None:
+    """A client that sends its next request as soon as the last one is admitted has one
+    waiter at a time: each admission still counts (its counter is kept when it leaves the
+    queue, and taken up when it comes back), so weights 3:1 give it 1 in 4, not 1 in 2."""
+    lim = make_limiter({"a": APILimits(max_concurrent=1, tenant_weights={"big": 3.0})})
+    order: list[str] = []
+    holder = await lim.acquire("a")
+
+    async def big() -> None:
+        slot = await lim.acquire("a", timeout=30, tenant="big")
+        order.append("big")
+        await slot.release()
+
+    async def small() -> None:
+        for _ in range(5):
+            slot = await lim.acquire("a", timeout=30, tenant="small")
+            order.append("small")
+            nxt = asyncio.create_task(lim.acquire("a", timeout=30, tenant="small"))
+            await wait_for_waiters(lim, "a", 1)  # its next request waits before this ends
+            await slot.release()
+            slot = await nxt
+            order.append("small")
+            await slot.release()
+            if len(order) >= 16:
+                return
+
+    bigs = []
+    for i in range(16):
+        bigs.append(asyncio.create_task(big()))
+        await wait_for_waiters(lim, "a", i + 1)
+    runner = asyncio.create_task(small())
+    await wait_for_waiters(lim, "a", 17)
+    await holder.release()
+    await runner
+    await asyncio.gather(*bigs)
+    first = order[:16]
+    assert first.count("small") == 4, order
+
+
+async def test_a_lost_class_list_is_repaired_by_the_next_renewal(
+    make_limiter: LimiterFactory, redis_client: Any
+) -> None:
+    """If the list of classes is lost (evicted, deleted) while tenants wait, the next
+    renewal lists their class again and the queue moves: no waiter is stranded."""
+    lim = make_limiter({"a": APILimits(max_concurrent=1)})
+    holder = await lim.acquire("a")
+    waiter = asyncio.create_task(lim.acquire("a", timeout=10, tenant="t"))
+    await wait_for_waiters(lim, "a", 1)
+    await redis_client.delete("limiter:{a}:classes")
+    await holder.release()  # nothing listed: the slot stays free
+    for _ in range(200):  # renew until the waiter's ticket is known to its process
+        await lim.renew()
+        if waiter.done():
+            break
+        await asyncio.sleep(0.01)
+    slot = await asyncio.wait_for(waiter, 5)
+    await slot.release()

@@ -63,7 +63,7 @@
 -- Made by contended() (at the end), on first use.
 local contended, ttl_ms, parse_ticket, lease_of, drop_ticket, prune_tickets
 local remove_weight, window_wait, tell, hint_head, drain, handed_at
-local join, keep_queued, fair_key
+local join, keep_queued, fair_key, correct_charge
 
 -- The API's key prefix "<ns>:{api}:", for the fair queue's keys; per call.
 local PREFIX
@@ -414,48 +414,78 @@ contended = function()
 
   -- Fair queue ------------------------------------------------------------
 
-  -- `kind` "q" (with the tenant), "t" or "a" of a class; "classes"; "weights".
+  -- `kind` "q" (with the tenant), "t", "m", "v" or "a" of a class; "classes",
+  -- "weights", "charged".
   fair_key = function(kind, class, tenant)
     if tenant then return pfx() .. 'q:' .. class .. ':' .. tenant end
     if class then return pfx() .. kind .. ':' .. class end
     return pfx() .. kind
   end
 
-  -- Put `ticket` (arrived at `at`) in the queue of `tenant` in `class` (whose
-  -- order in the classes is `score`). A tenant that was not backlogged in the
-  -- class starts at the least service of those that are (as VTC does): an idle
-  -- tenant banks no credit, and a new one is served at once, not after the
-  -- others' history.
-  join = function(class, score, tenant, ticket, at)
-    local tk, mk, classes = fair_key('t', class), fair_key('m', class), fair_key('classes')
-    local life = ttl_ms(TICKET_US)
-    if redis.call('HEXISTS', mk, tenant) == 0 then
-      local least = redis.call('ZRANGE', tk, 0, 0, 'WITHSCORES')
-      if #least == 0 then redis.call('ZADD', classes, score, class) end
-      local member = string.format('%016d|', NOW) .. tenant
-      redis.call('ZADD', tk, least[2] or 0, member)
-      redis.call('HSET', mk, tenant, member)
+  -- Put `tenant` in the backlogged tenants of `class` (whose order in the classes
+  -- is `score`) unless it is there. Its counter starts at the larger of the least
+  -- counter of those backlogged (as VTC does: an idle tenant banks no credit, a
+  -- new one is served at once, not after the others' history) and what it had
+  -- when it last left while others waited (v:<class>: leaving does not wipe a
+  -- debt). Returns its member in t:<class>.
+  local function backlog(class, score, tenant)
+    local tk, mk, vk = fair_key('t', class), fair_key('m', class), fair_key('v', class)
+    local member = redis.call('HGET', mk, tenant)
+    if member and redis.call('ZSCORE', tk, member) then return member end
+    local classes = fair_key('classes')
+    local least = redis.call('ZRANGE', tk, 0, 0, 'WITHSCORES')
+    local start = 0
+    if #least == 0 then
+      redis.call('DEL', vk) -- nobody waits in the class: nobody owes anything
+    else
+      start = tonumber(least[2])
+      local owed = tonumber(redis.call('ZSCORE', vk, tenant))
+      if owed and owed > start then start = owed end
+      redis.call('ZREM', vk, tenant)
+      redis.call('ZREMRANGEBYSCORE', vk, '-inf', least[2]) -- debts nobody can owe now
     end
+    redis.call('ZADD', classes, 'NX', score, class)
+    member = string.format('%016d|', NOW) .. tenant
+    redis.call('ZADD', tk, start, member)
+    redis.call('HSET', mk, tenant, member)
+    return member
+  end
+
+  -- Put `ticket` (arrived at `at`) in the queue of `tenant` in `class`.
+  join = function(class, score, tenant, ticket, at)
+    backlog(class, score, tenant)
     local q = fair_key('q', class, tenant)
     redis.call('ZADD', q, at, ticket)
-    redis.call('PEXPIRE', q, life)
-    redis.call('PEXPIRE', tk, life)
-    redis.call('PEXPIRE', mk, life)
-    redis.call('PEXPIRE', classes, life)
+    local life = ttl_ms(TICKET_US)
+    for _, k in ipairs({q, fair_key('t', class), fair_key('m', class), fair_key('a', class),
+                        fair_key('v', class), fair_key('classes')}) do
+      redis.call('PEXPIRE', k, life)
+    end
   end
 
   -- After a ticket left the queue of `tenant` in `class`: a tenant with none left
-  -- leaves the class (its counter goes with it), a class with no tenant goes.
-  local function left(class, tenant)
+  -- leaves the class. Its counter (plus `charge`, the service just given) is kept
+  -- in v:<class> while others wait there; a class with no tenant left goes.
+  -- Returns true when the tenant left.
+  local function left(class, tenant, charge)
     if redis.call('EXISTS', fair_key('q', class, tenant)) == 1 then return false end
     local tk, mk = fair_key('t', class), fair_key('m', class)
     local member = redis.call('HGET', mk, tenant)
     if member then
+      local counter = tonumber(redis.call('ZSCORE', tk, member))
       redis.call('ZREM', tk, member)
       redis.call('HDEL', mk, tenant)
+      if counter and redis.call('EXISTS', tk) == 1 then
+        local vk = fair_key('v', class)
+        redis.call('ZADD', vk, counter + (charge or 0), tenant)
+        redis.call('PEXPIRE', vk, ttl_ms(TICKET_US))
+      end
     end
     redis.call('ZREM', fair_key('a', class), tenant)
-    if redis.call('EXISTS', tk) == 0 then redis.call('ZREM', fair_key('classes'), class) end
+    if redis.call('EXISTS', tk) == 0 then
+      redis.call('ZREM', fair_key('classes'), class)
+      redis.call('DEL', fair_key('v', class), fair_key('a', class))
+    end
     return true
   end
 
@@ -473,19 +503,26 @@ contended = function()
   end
 
   -- A queued ticket of a live waiter (renewed, or asking again): put it back in its
-  -- tenant's queue if the queue's keys expired under it; with `seen` (a renewal),
-  -- also give those keys their life again, each key once per call (`seen` holds
-  -- the keys done).
+  -- tenant's queue if the queue's keys were lost under it (expired, evicted,
+  -- deleted). With `seen` (a renewal) also repair its tenant's entries in the
+  -- class and give every key its life again, each key once per call (`seen` holds
+  -- those done).
   keep_queued = function(ticket, seen)
     local _, _, _, prio, _, tenant = parse_ticket(ticket)
     if not tenant then return end
-    local life = ttl_ms(TICKET_US)
     for _, class in ipairs({prio, 'aged'}) do
       local q = fair_key('q', class, tenant)
       if redis.call('ZSCORE', q, ticket) then
-        if not seen then return end
-        for _, k in ipairs({q, fair_key('t', class), fair_key('m', class), fair_key('classes')}) do
-          if not seen[k] then
+        if not seen or seen[q] then return end
+        seen[q] = true
+        local score = (class == 'aged') and -1001 or -tonumber(prio)
+        backlog(class, score, tenant)
+        redis.call('ZADD', fair_key('classes'), 'NX', score, class)
+        local life = ttl_ms(TICKET_US)
+        for _, k in ipairs({q, fair_key('t', class), fair_key('m', class),
+                            fair_key('a', class), fair_key('v', class),
+                            fair_key('classes')}) do
+          if k == q or not seen[k] then
             seen[k] = true
             redis.call('PEXPIRE', k, life)
           end
@@ -493,14 +530,51 @@ contended = function()
         return
       end
     end
-    local at = redis.call('ZSCORE', K_QUEUE, ticket) or int(NOW)
-    join(prio, -tonumber(prio), tenant, ticket, at)
+    -- In no queue: back in place. A ticket that aged (no longer in K_QUEUE) goes
+    -- back to the aged class, not to the end of its priority.
+    local at = redis.call('ZSCORE', K_QUEUE, ticket)
+    if AGING_US > 0 and not at then
+      join('aged', -1001, tenant, ticket, int(NOW))
+    else
+      join(prio, -tonumber(prio), tenant, ticket, at or int(NOW))
+    end
   end
 
-  -- Drop expired tickets (only worth calling when the queue is not empty).
+  -- Drop expired tickets (only worth calling when the queue is not empty): out of
+  -- K_QEXP and K_QUEUE in batches, out of each tenant's queue in one call per
+  -- tenant and class.
   prune_tickets = function()
-    for _, ticket in ipairs(redis.call('ZRANGEBYSCORE', K_QEXP, '-inf', NOW)) do
-      drop_ticket(ticket)
+    local dead = redis.call('ZRANGEBYSCORE', K_QEXP, '-inf', NOW)
+    if #dead == 0 then return end
+    for i = 1, #dead, 1000 do
+      local j = math.min(i + 999, #dead)
+      redis.call('ZREM', K_QEXP, unpack_list(dead, i, j))
+      redis.call('ZREM', K_QUEUE, unpack_list(dead, i, j))
+    end
+    local by, order = {}, {}
+    for _, ticket in ipairs(dead) do
+      local _, _, _, prio, _, tenant = parse_ticket(ticket)
+      if tenant then
+        local key = prio .. ':' .. tenant
+        if not by[key] then
+          by[key] = {prio, tenant}
+          order[#order + 1] = key
+        end
+        local list = by[key]
+        list[#list + 1] = ticket
+      end
+    end
+    for _, key in ipairs(order) do
+      local list = by[key]
+      local prio, tenant = list[1], list[2]
+      for _, class in ipairs((AGING_US > 0) and {prio, 'aged'} or {prio}) do
+        local q = fair_key('q', class, tenant)
+        local gone = 0
+        for i = 3, #list, 1000 do
+          gone = gone + redis.call('ZREM', q, unpack_list(list, i, math.min(i + 999, #list)))
+        end
+        if gone > 0 then left(class, tenant) end
+      end
     end
   end
 
@@ -513,9 +587,13 @@ contended = function()
     for i = 1, #old, 2 do
       local ticket = old[i]
       local _, _, _, prio, _, tenant = parse_ticket(ticket)
-      if tenant and redis.call('ZREM', fair_key('q', prio, tenant), ticket) == 1 then
-        left(prio, tenant)
-        join('aged', -1001, tenant, ticket, old[i + 1])
+      if tenant then
+        local moved = redis.call('ZREM', fair_key('q', prio, tenant), ticket) == 1
+        if moved then left(prio, tenant) end
+        if moved or (redis.call('ZSCORE', K_QEXP, ticket)
+                     and not redis.call('ZSCORE', fair_key('q', 'aged', tenant), ticket)) then
+          join('aged', -1001, tenant, ticket, old[i + 1])
+        end
       end
       redis.call('ZREM', K_QUEUE, ticket)
     end
@@ -558,16 +636,52 @@ contended = function()
   end
 
   -- Count an admitted ticket as service to its tenant (tokens when the API has a
-  -- token budget, else the cost, divided by the weight) and take it out.
-  local function served(ticket, class, tenant, member, cost, tokens, weight)
+  -- token budget, else the cost, divided by the weight in force) and take it out.
+  -- With a token budget, what was charged is kept in `charged` (slot -> "<class>
+  -- <weight> <member>") for the release to correct by the tokens really used.
+  local function served(ticket, slot, class, tenant, member, cost, tokens, weight)
     redis.call('ZREM', K_QEXP, ticket)
     redis.call('ZREM', K_QUEUE, ticket)
     redis.call('ZREM', fair_key('q', class, tenant), ticket)
-    if left(class, tenant) then return end
     local service = cost
     if LONGEST_T then service = math.max(tokens, 1) end
-    redis.call('ZINCRBY', fair_key('t', class), service / weight_now(tenant, weight), member)
-    redis.call('ZINCRBY', fair_key('a', class), 1, tenant)
+    local w = weight_now(tenant, weight)
+    if LONGEST_T then
+      local ck = fair_key('charged')
+      redis.call('HSET', ck, slot, class .. ' ' .. string.format('%.17g', w) .. ' ' .. member)
+      redis.call('PEXPIRE', ck, ttl_ms(LEASE_US))
+    end
+    if left(class, tenant, service / w) then return end
+    redis.call('ZINCRBY', fair_key('t', class), service / w, member)
+    if tonumber(redis.call('ZINCRBY', fair_key('a', class), 1, tenant)) == 1 then
+      redis.call('PEXPIRE', fair_key('a', class), ttl_ms(TICKET_US))
+    end
+  end
+
+  -- Correct the service charged to a slot's tenant when it used `actual` tokens,
+  -- not the `reserved` ones charged (release): in the same backlog of the tenant
+  -- (its member in t:<class>), or in the counter it left with (v:<class>) if it
+  -- has not come back since; a tenant that came back started afresh at the
+  -- others' level and is not corrected (no credit below it). Never makes a key.
+  correct_charge = function(slot, reserved, actual)
+    local ck = fair_key('charged')
+    local info = redis.call('HGET', ck, slot)
+    if not info then return end
+    redis.call('HDEL', ck, slot)
+    local class, w, member = string.match(info, '^(%S+) (%S+) (.*)$')
+    w = tonumber(w)
+    if not member or not w or w <= 0 then return end
+    local delta = (math.max(actual, 1) - math.max(reserved, 1)) / w
+    if delta == 0 then return end
+    local tk = fair_key('t', class)
+    if redis.call('ZSCORE', tk, member) then
+      redis.call('ZADD', tk, 'XX', 'INCR', delta, member)
+      return
+    end
+    local tenant = string.match(member, '^%d+|(.*)$')
+    if tenant and not redis.call('HGET', fair_key('m', class), tenant) then
+      redis.call('ZADD', fair_key('v', class), 'XX', 'INCR', delta, tenant)
+    end
   end
 
   -- Take back `n` weight units of an entry admitted at `at` from the windows of
@@ -645,7 +759,7 @@ contended = function()
           lease = math.max(1, math.min(LEASE_US, expires - NOW))
         end
         admit(slot, cost, tokens, lease)
-        served(ticket, class, tenant, member, cost, tokens, weight)
+        served(ticket, slot, class, tenant, member, cost, tokens, weight)
         if ticket == own then
           own_admitted = true
         else

@@ -23,6 +23,8 @@
 -- Returns:
 --   {1, admission time (microseconds, Redis TIME)}   admitted; the lease runs
 --                                                    until admission + lease
+--   {1, admission time, 1}   admitted through the fair queue (its tenant was
+--                            charged: the release may correct the charge)
 --   {0, reason, wait (microseconds), at_head (0/1)}  refused, where reason is
 --       "cooldown", "concurrency" or a window's id ("w:<period us>", "tokens");
 --       wait is how long until that limit could pass when this ticket is at
@@ -108,8 +110,8 @@ local function acquire_now()
   local own, head, reason, wait, woken = drain(ticket)
   -- A new head (after this ticket or others were admitted) learns how long it must wait.
   if own or woken > 0 then hint_head(head, wait, ticket) end
-  if own then return {1, NOW} end
-  if new and FIRST == 1 then count_refusal(reason) end
+  if own then return {1, NOW, 1} end -- admitted through the fair queue
+  if new and FIRST == 1 and reason then count_refusal(reason) end
   if head == ticket then return {0, reason, wait, 1} end
   -- (reason is nil only if this ticket is in no queue: it waits for its renewal)
   return {0, reason or 'concurrency', -1, 0}

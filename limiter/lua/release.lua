@@ -14,10 +14,10 @@
 --                under-estimates are charged)
 --   HANDED       1 when the slot was handed over by another call's drain (its
 --                admission time may still be kept in `handed`), else 0
---   FAIR         "" for a slot admitted without waiting; else
---                "<priority>|<weight>|<tenant>" of the ticket it waited with: a
---                tenant still backlogged in that priority has its service
---                corrected from the reserved tokens to the tokens used
+--   FAIR         "1" for a slot admitted through the fair queue, else "": with
+--                a token budget, the service charged to its tenant (kept in
+--                `charged`) is corrected from the reserved tokens to the tokens
+--                used (correct_charge in _common.lua)
 --
 -- Returns {held, woken}: held is 1 when the slot's lease was there and is now
 -- released, 0 when it was already gone (expired or lost: the caller raises
@@ -56,17 +56,17 @@ OPS.release = function()
       add_weight('t', ACTUAL - RESERVED)
     end
     redis.call('PEXPIRE', K_TOKENS, ttl(LONGEST_T.period))
-    if FAIR ~= '' then
-      local prio, weight, tenant = string.match(FAIR, '^(-?%d+)|([^|]+)|(.*)$')
-      weight = tonumber(weight)
-      if tenant and weight and weight > 0 then
-        contended()
-        local member = redis.call('HGET', fair_key('m', prio), tenant)
-        if member then
-          redis.call('ZINCRBY', fair_key('t', prio),
-                     (math.max(ACTUAL, 1) - math.max(RESERVED, 1)) / weight, member)
-        end
-      end
+    -- The correction may have emptied the log (Redis then drops the key): an
+    -- admission made by this call must give it a TTL again.
+    if ACTUAL == 0 then FRESH_T = redis.call('EXISTS', K_TOKENS) == 0 end
+  end
+
+  if FAIR ~= '' and LONGEST_T then
+    contended()
+    if ACTUAL >= 0 and ACTUAL ~= RESERVED then
+      correct_charge(SLOT, RESERVED, ACTUAL)
+    else
+      redis.call('HDEL', fair_key('charged'), SLOT)
     end
   end
 

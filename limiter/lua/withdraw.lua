@@ -36,6 +36,7 @@ OPS.withdraw = function()
     end
   end
   redis.call('HDEL', K_HANDED, SLOT)
+  if LONGEST_T then redis.call('HDEL', fair_key('charged'), SLOT) end
 
   local woken = move_queue()
   flush()
