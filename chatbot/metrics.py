@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from redis.exceptions import RedisError
 
-from limiter import Limiter
+from limiter import Limiter, LimiterUnavailable
 
 __all__ = ["Metrics", "priority_band"]
 
@@ -72,6 +74,33 @@ class Metrics:
             ["api", "window"],
             registry=registry,
         )
+        # Read from Redis at scrape time too (render), for deploy/prometheus/alerts.yml.
+        self.limit_in_force = Gauge(
+            "limiter_limit_in_force",
+            "Limits in force, cluster-wide: a runtime override's value while one is in force, "
+            "else the configured one (labels as limiter_limit)",
+            ["api", "limit"],
+            registry=registry,
+        )
+        self.cooldown = Gauge(
+            "limiter_cooldown_seconds",
+            "Seconds left of the API's cooldown (a provider pause), cluster-wide; 0: none",
+            ["api"],
+            registry=registry,
+        )
+        self.redis_up = Gauge(
+            "limiter_redis_up",
+            "1 when this replica's last read of the API's state in Redis (at scrape) worked",
+            ["api"],
+            registry=registry,
+        )
+        self.fail_open = Gauge(
+            "limiter_fail_open",
+            "1 while this replica admits locally, within its share (on_redis_error='fail_open' "
+            "and Redis unreachable)",
+            ["api"],
+            registry=registry,
+        )
         self.messages = Counter(
             "chatbot_messages", "Messages answered, by status", ["status"], registry=registry
         )
@@ -82,6 +111,16 @@ class Metrics:
             registry=registry,
         )
         for api, limits in lim.limits.items():
+            # Series that exist from the start at 0, so that the first increment shows in
+            # rate() and increase(), and every alert's metric is in the first scrape.
+            for family in (
+                self.admissions,
+                self.retries,
+                self.provider_429,
+                self.in_flight,
+                self.fail_open,
+            ):
+                family.labels(api)
             if limits.max_concurrent is not None:
                 self.limit.labels(api, "max_concurrent").set(limits.max_concurrent)
             for rate in limits.windows:
@@ -107,11 +146,46 @@ class Metrics:
             self.retries.labels(api).inc()
         elif event == "provider_pause":
             self.provider_429.labels(api).inc()
+        elif event == "fail_open":
+            self.fail_open.labels(api).set(1)
+        elif event == "recovered":
+            self.fail_open.labels(api).set(0)
 
     async def render(self) -> bytes:
-        """The exposition text, with the cluster-wide gauges read from Redis now."""
-        for api, stats in (await self.limiter.stats()).items():
+        """The exposition text, with the cluster-wide gauges read from Redis now.
+
+        When Redis does not answer for an API, its ``limiter_redis_up`` is 0 and its
+        cluster-wide gauges are left out (not kept at stale values); the replica's own
+        series are served all the same.
+        """
+        for api in self.limiter.limits:
+            try:
+                stats = await self.limiter.stats(api)
+            except (LimiterUnavailable, RedisError):
+                self.redis_up.labels(api).set(0)
+                self._forget_cluster_view(api)
+                continue
+            self.redis_up.labels(api).set(1)
             self.cluster_in_flight.labels(api).set(stats["concurrent_requests"])
+            self.cooldown.labels(api).set(stats["cooldown_remaining"])
+            if stats["max_concurrent"] is not None:
+                self.limit_in_force.labels(api, "max_concurrent").set(stats["max_concurrent"])
             for window, use in stats["windows"].items():
                 self.window_used.labels(api, window).set(use["used"])
+                self.limit_in_force.labels(api, window).set(use["limit"])
         return generate_latest(self.registry)
+
+    def _forget_cluster_view(self, api: str) -> None:
+        """Drop the gauges read from Redis for ``api`` (until Redis answers again)."""
+        limits = self.limiter.limits[api]
+        windows = [rate.reason for rate in limits.windows]
+        if limits.tokens_per_minute is not None:
+            windows.append("tokens")
+        series = [(self.cluster_in_flight, (api,)), (self.cooldown, (api,))]
+        series.append((self.limit_in_force, (api, "max_concurrent")))
+        series += [
+            (gauge, (api, w)) for w in windows for gauge in (self.window_used, self.limit_in_force)
+        ]
+        for gauge, labels in series:
+            with contextlib.suppress(KeyError):  # never set (older clients raise)
+                gauge.remove(*labels)

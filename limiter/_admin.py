@@ -17,8 +17,11 @@ from __future__ import annotations
 import json
 import logging
 import math
+import re
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
+
+from redis.exceptions import NoPermissionError
 
 from ._config import (
     MAX_SECONDS,
@@ -30,7 +33,8 @@ from ._config import (
     show,
 )
 from ._contract import KeyPlan, text
-from ._errors import ConfigError
+from ._errors import ConfigError, LimiterUnavailable
+from ._runner import REDIS_ERRORS, redact
 
 if TYPE_CHECKING:
     from ._runner import ScriptRunner
@@ -42,6 +46,7 @@ __all__ = [
     "override_fields",
     "override_view",
     "registered",
+    "remove_old_layout",
     "set_override",
     "stats_view",
 ]
@@ -362,3 +367,49 @@ def weights_view(limits: APILimits, rows: Sequence[Any]) -> dict[str, dict[str, 
             "ttl": None if ms < 0 else ms / 1000,
         }
     return out
+
+
+#: Keys of an API in the 0.1.0 layout that this version neither reads nor writes (each
+#: request window had its own ``w:<period us>`` key, so a window that a configuration
+#: dropped stayed behind). The names ``holders``, ``queue``, ``qexp``, ``handed``,
+#: ``tokens`` and ``config`` are this version's too (``reset.lua`` handles them).
+_OLD_LAYOUT = re.compile(rb"(cooldown|stats|extra|override|w:[0-9]+)")
+#: Redis glob metacharacters (an API name may hold none but ``:``; a keyed tag may hold
+#: any character).
+_GLOB = re.compile(rb"([*?\[\]\\])")
+
+
+async def remove_old_layout(runner: ScriptRunner, plan: KeyPlan) -> int:
+    """Delete the keys of ``plan``'s API (or key) left in the 0.1.0 layout; their count.
+
+    Found with ``SCAN MATCH <prefix>*`` (scripts cannot scan). A user whom Redis refuses
+    ``SCAN`` (the limiter's own ACL user needs none) gets a warning and 0.
+    """
+    prefix = plan.keys[0].rpartition(b":")[0] + b":"
+    pattern = _GLOB.sub(rb"\\\1", prefix) + b"*"
+    redis = runner.redis
+    try:
+        async with runner.connection_cap:
+            old = [
+                key
+                async for key in redis.scan_iter(match=pattern, count=1000)
+                if _OLD_LAYOUT.fullmatch(_encoded(key)[len(prefix) :])
+            ]
+            removed = int(await redis.delete(*old)) if old else 0
+    except NoPermissionError as exc:
+        log.warning(
+            "API %r: keys of the 0.1.0 layout were not looked for: Redis refused SCAN (%s)",
+            plan.api,
+            exc,
+        )
+        return 0
+    except REDIS_ERRORS as exc:
+        raise LimiterUnavailable(plan.api, "reset", redact(exc)) from exc
+    if removed:
+        log.info("API %r: removed %d keys of the 0.1.0 layout", plan.api, removed)
+    return removed
+
+
+def _encoded(key: str | bytes) -> bytes:
+    """A key as Redis holds it (a client with ``decode_responses=True`` gives str)."""
+    return key if isinstance(key, bytes) else key.encode()

@@ -46,6 +46,9 @@ class Admission:
         #: Background work: releases and withdrawals finishing after a cancel.
         self.tasks: set[asyncio.Future[Any]] = set()
         self._last_wait_log: dict[str, float] = {}
+        #: The runner's answer count when a failed withdrawal was last logged (None: never).
+        #: Another failure with the same count is the same outage: not logged again.
+        self._withdraw_logged_at: int | None = None
         #: fail_open: told of a Redis outage met by a release; True when it takes over
         #: (the lease then ends by itself within lease_ttl).
         self.on_outage: Callable[[LimiterUnavailable], bool] | None = None
@@ -85,7 +88,8 @@ class Admission:
                 res = await self._runner.run("acquire", plan, *args, retry_args=again)
                 args = again
                 if int(res[0]) == 1:
-                    slot = self._admitted(plan, slot_id, int(res[1]), cost, tokens, waiter, fair)
+                    charged = waiter is not None or len(res) > 2
+                    slot = self._admitted(plan, slot_id, int(res[1]), cost, tokens, waiter, charged)
                     if events.active:
                         events.emit(
                             "admitted",
@@ -140,7 +144,7 @@ class Admission:
                     )
                 at = await self._wait(waiter, delay, deadline)
                 if at is not None:
-                    slot = self._admitted(plan, slot_id, at, cost, tokens, waiter, fair)
+                    slot = self._admitted(plan, slot_id, at, cost, tokens, waiter, True)
                     if events.active:
                         events.emit(
                             "admitted",
@@ -195,12 +199,11 @@ class Admission:
         cost: int,
         tokens: int,
         waiter: Any,
-        fair: Fair,
+        charged: bool,
     ) -> Slot:
         handed = waiter is not None
         state = SlotState(self, plan, slot_id, at, cost, tokens, handed, handed)
-        if handed:
-            state.fair = fair.tail
+        state.fair = "1" if charged else ""
         self._waiting.hold(state)
         return Slot(state)
 
@@ -246,8 +249,18 @@ class Admission:
         try:
             await to_the_end(self._runner.run("withdraw", plan, slot_id, ticket), self.keep)
         except LimiterUnavailable as exc:
-            # The ticket expires by itself within ticket_ttl.
-            log.warning("could not withdraw ticket %s: %s", slot_id, exc)
+            # The ticket expires by itself within ticket_ttl. While Redis is down every
+            # failed acquire fails its withdrawal too: say so once, until Redis answers.
+            answers = self._runner.answers
+            if self._withdraw_logged_at == answers:
+                return
+            self._withdraw_logged_at = answers
+            log.warning(
+                "could not withdraw ticket %s (it expires by itself within ticket_ttl; "
+                "later failures to withdraw are not logged until Redis is reachable again): %s",
+                slot_id,
+                exc,
+            )
 
     def _log_wait(self, api: str) -> bool:
         """At most one "Rate limit reached" line per API per second, per process."""

@@ -43,6 +43,13 @@ _CLUSTER_QUERY_KEYS = (
     "ssl_ca_path",
 )
 DEFAULT_SENTINEL_PORT = 26379
+#: Schemes redis-py's own URL parser takes.
+_PLAIN_SCHEMES = ("redis", "rediss", "unix")
+#: Every scheme client_from_url takes, as its errors list them.
+_KNOWN = (
+    "the limiter takes redis://, rediss://, unix://, redis+cluster://, rediss+cluster:// "
+    "and redis+sentinel://"
+)
 _QUERY_KEYS = ("sentinel_password", "sentinel_username")
 
 
@@ -197,14 +204,30 @@ def client_from_url(
         )
     if scheme.endswith("+sentinel"):
         raise _bad(url, f"{scheme}:// is not supported; use {SENTINEL_SCHEME}://")
-    pool = BlockingConnectionPool.from_url(
-        url,
-        max_connections=max_connections,
-        timeout=pool_timeout,
-        socket_timeout=socket_timeout,
-        socket_connect_timeout=socket_connect_timeout,
-    )
+    if "://" not in url:
+        raise _bad(url, f"no scheme: write redis://host:port/db ({_KNOWN})")
+    if scheme not in _PLAIN_SCHEMES:
+        raise _bad(url, f"{scheme}:// is not a Redis URL ({_KNOWN})")
+    try:
+        pool = BlockingConnectionPool.from_url(
+            url,
+            max_connections=max_connections,
+            timeout=pool_timeout,
+            socket_timeout=socket_timeout,
+            socket_connect_timeout=socket_connect_timeout,
+        )
+    except ValueError as exc:  # redis-py's parser: a bad port, database or query value
+        raise _bad(url, _scrub(str(exc), url)) from None
     return Redis.from_pool(pool)
+
+
+def _scrub(message: str, url: str) -> str:
+    """``message`` without the URL's password (as written and percent-decoded)."""
+    userinfo = url.partition("://")[2].partition("?")[0].rpartition("@")[0]
+    secret = userinfo.partition(":")[2]
+    for s in {secret, unquote(secret)} - {""}:
+        message = message.replace(s, "***")
+    return message
 
 
 def _sentinel_client(

@@ -368,18 +368,24 @@ class Limiter:
         log.info("API %r: limits override cleared", api)
         await self._runner.run("move", plan, label="clear_limits")
 
-    async def reset(self, api: str) -> None:
+    async def reset(self, api: str) -> int:
         """Forget the state of ``api`` in Redis: leases, waiters, windows, cooldown, totals.
 
         For operators (``limiter reset API``), not for normal running: holders of slots
         get :class:`LeaseLost` on release, waiters queue again, and the windows start
         empty, so the provider may see up to twice a window's limit across the reset.
-        The runtime override and the registry entry are kept.
+        The runtime override and the registry entry are kept. Windows of any earlier
+        configuration go too: this layout keeps every request window in one log, and the
+        API's keys left in the 0.1.0 layout (``w:<period>``, ``cooldown``, ``stats``,
+        ``extra``, ``override``) are found with ``SCAN`` and deleted. Returns how many of
+        those old keys it deleted.
         """
         plan, _ = self._lookup(api)
         await self._ready()
         await self._runner.run("reset", plan)
+        removed = await _admin.remove_old_layout(self._runner, plan)
         log.info("API %r: state reset in namespace %r", api, self.namespace)
+        return removed
 
     async def set_tenant_weight(
         self, api: str, tenant: str | None, weight: float | None, ttl: float | None = None

@@ -37,7 +37,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 from ._contract import OPERATIONS, KeyPlan, library_source, lua_source
 from ._errors import LimiterUnavailable
 
-__all__ = ["REDIS_ERRORS", "ScriptRunner", "is_outage", "redact"]
+__all__ = ["NO_PASSWORD", "REDIS_ERRORS", "ScriptRunner", "is_outage", "needs_password", "redact"]
 
 #: What a Redis client raises when Redis fails: redis-py's cluster client raises
 #: RedisClusterException (not a RedisError) for a slot it cannot route, e.g. CROSSSLOT.
@@ -52,8 +52,34 @@ _NOT_OUTAGES = (AuthenticationError, AuthorizationError)
 _NO_CAP: contextlib.nullcontext[None] = contextlib.nullcontext()
 
 
+#: What a client that sent no password hears from a Redis that requires one (NOAUTH):
+#: redis-py's HELLO (RESP3) gets the first, any other first command (RESP2) the second.
+_NOAUTH = (
+    "HELLO must be called with the client already authenticated",
+    "Authentication required",
+)
+#: ... and a command too long for a client not yet authenticated (a FUNCTION LOAD, an
+#: EVALSHA with many keys) gets a protocol error instead, and its connection closed.
+_UNAUTHENTICATED = "Protocol error: unauthenticated "
+#: The message that replaces them: the fix is in the URL.
+NO_PASSWORD = "Redis requires a password; the URL has none"
+
+
+def needs_password(exc: BaseException) -> bool:
+    """Whether ``exc`` is Redis refusing a client that gave no password."""
+    if isinstance(exc, AuthenticationError):
+        return str(exc).startswith(_NOAUTH)
+    return isinstance(exc, ResponseError) and str(exc).startswith(_UNAUTHENTICATED)
+
+
 def redact(exc: BaseException) -> str:
-    """A Redis error as text for our messages (redis-py never puts passwords in them)."""
+    """A Redis error as text for our messages (redis-py never puts passwords in them).
+
+    A client that gave no password to a Redis that requires one is told so in those words
+    (redis-py's own text speaks of HELLO and RESP versions).
+    """
+    if needs_password(exc):
+        return NO_PASSWORD
     return f"{type(exc).__name__}: {exc}"
 
 
@@ -98,6 +124,9 @@ class ScriptRunner:
         }
         #: True when the operations run as the Functions library (FCALL).
         self.functions = False
+        #: Script calls Redis answered so far (parts that say something once per outage
+        #: compare it: a change means Redis answered since).
+        self.answers = 0
         # redis-py's cluster client fails a command (MaxConnectionsError) when a node's
         # connections are all busy, where the standalone blocking pool would queue it:
         # queue script calls here instead, leaving two connections for pub/sub.
@@ -143,7 +172,7 @@ class ScriptRunner:
         except REDIS_ERRORS as exc:
             if "already exists" in str(exc):
                 return True
-            if isinstance(exc, RedisConnectionError | RedisTimeoutError):
+            if isinstance(exc, RedisConnectionError | RedisTimeoutError) or needs_password(exc):
                 raise LimiterUnavailable(None, "connect", redact(exc)) from exc
             return False
         return True
@@ -188,6 +217,7 @@ class ScriptRunner:
                 result = await self.eval(op, keys, retry_args or args)
         except REDIS_ERRORS as exc:
             raise LimiterUnavailable(api, label, redact(exc)) from exc
+        self.answers += 1
         if task is not None and task.cancelling() > cancels:
             # redis-py (8.1, on Python 3.11) can swallow a cancellation that arrives while
             # a command is being sent; honour it here, so that the caller's cleanup runs.
@@ -264,6 +294,7 @@ class ScriptRunner:
                 results = await pipe.execute(raise_on_error=False)
             except REDIS_ERRORS as exc:
                 raise LimiterUnavailable(None, op, redact(exc)) from exc
+            self.answers += 1
             if functions:
                 lost = any(isinstance(r, ResponseError) and _function_missing(r) for r in results)
             else:

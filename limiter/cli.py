@@ -26,11 +26,20 @@ from urllib.parse import unquote
 from redis.exceptions import RedisClusterException, RedisError
 
 from ._admin import apis_key, registered
-from ._config import MAX_SECONDS, MAX_TENANT_BYTES, Rate, check_tenant, check_weight
+from ._checks import check_namespace
+from ._config import (
+    MAX_COUNT,
+    MAX_SECONDS,
+    MAX_TENANT_BYTES,
+    Rate,
+    check_tenant,
+    check_weight,
+)
 from ._connect import redact_url
 from ._contract import OPERATIONS, library_source, lua_source, text
 from ._errors import ConfigError, LimiterError, LimiterUnavailable
 from ._limiter import Limiter
+from ._runner import NO_PASSWORD, needs_password
 
 __all__ = ["main"]
 
@@ -53,6 +62,8 @@ def _count(text: str) -> int:
         raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
     if value < 1:
         raise argparse.ArgumentTypeError(f"{text!r}: must be at least 1")
+    if value > MAX_COUNT:
+        raise argparse.ArgumentTypeError(f"{text!r}: must be at most {MAX_COUNT} (2**53 - 1)")
     return value
 
 
@@ -110,9 +121,15 @@ def _rate(text: str) -> Rate:
     if not sep:
         raise argparse.ArgumentTypeError(f"{text!r}: write LIMIT/SECONDS, e.g. 5/1 or 100/10")
     try:
-        return Rate(_count(limit), _seconds(period))
-    except ConfigError as exc:
-        raise argparse.ArgumentTypeError(f"{text!r}: {exc}") from None
+        count = _count(limit)
+    except argparse.ArgumentTypeError as exc:
+        raise argparse.ArgumentTypeError(f"{text!r}: LIMIT {exc}") from None
+    try:
+        return Rate(count, float(period))
+    except (ValueError, ConfigError):  # not a number, NaN, inf, out of range
+        raise argparse.ArgumentTypeError(
+            f"{text!r}: SECONDS must be a number from 0.001 to {MAX_SECONDS:.0f} (366 days)"
+        ) from None
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -264,6 +281,8 @@ def _scrub(text: str, url: str) -> str:
 
 
 def _reason(exc: BaseException) -> str:
+    if needs_password(exc):
+        return NO_PASSWORD
     text = str(exc) or type(exc).__name__
     return text.splitlines()[0]
 
@@ -296,6 +315,7 @@ def _stats_table(all_stats: dict[str, dict[str, Any]]) -> str:
         maxc = st["max_concurrent"]
         windows = " ".join(f"{n}={w['used']}/{w['limit']}" for n, w in st["windows"].items())
         override = st["overrides"]
+        done = st["successful_requests"] + st["failed_requests"]
         rows.append(
             [
                 api,
@@ -306,8 +326,9 @@ def _stats_table(all_stats: dict[str, dict[str, Any]]) -> str:
                 str(st["total_requests"]),
                 str(st["successful_requests"]),
                 str(st["failed_requests"]),
-                f"{st['success_rate']:.1f}",
-                f"{st['average_response_time']:.3f}",
+                # No completed call: no rate and no average to show.
+                f"{st['success_rate']:.1f}" if done else "-",
+                f"{st['average_response_time']:.3f}" if done else "-",
                 "yes" if override else "-",
             ]
         )
@@ -441,6 +462,29 @@ def _limits_set_refused(args: argparse.Namespace) -> _Failed:
     )
 
 
+#: ``set_limits``' keywords as ``limits set`` spells them.
+_FLAGS = {
+    "max_concurrent": "--max-concurrent",
+    "requests_per_minute": "--per-minute",
+    "requests_per_hour": "--per-hour",
+    "tokens_per_minute": "--tokens-per-minute",
+}
+
+
+def _in_flags(exc: ConfigError, args: argparse.Namespace) -> Exception:
+    """A refusal of ``set_limits`` (a window or budget the API lacks) naming the flag the
+    user gave (``--per-hour``, ``--rate 5/1``) instead of the keyword (``rates[0]``)."""
+    field = exc.field or ""
+    flag = _FLAGS.get(field)
+    if field.startswith("rates[") and field.endswith("]"):
+        rate = args.rate[int(field[6:-1])]
+        flag = f"--rate {rate.limit}/{rate.period:g}"
+    message = str(exc)
+    if flag is None or not message.startswith(f"{field}: "):
+        return exc
+    return _Failed(f"{flag}{message[len(field) :]}")
+
+
 async def _limits_set(session: _Session, args: argparse.Namespace) -> int:
     lim = await session.open([args.api])
     try:
@@ -454,9 +498,9 @@ async def _limits_set(session: _Session, args: argparse.Namespace) -> int:
             ttl=args.ttl,
         )
     except ConfigError as exc:
-        if exc.field != "ttl":
-            raise
-        raise _limits_set_refused(args) from exc
+        if exc.field == "ttl":
+            raise _limits_set_refused(args) from exc
+        raise _in_flags(exc, args) from exc
     expires = override.pop("expires_in", None)
     said = ", ".join(f"{k}={v}" for k, v in override.items())
     until = f" for {expires:g}s" if expires is not None else " until cleared"
@@ -552,12 +596,18 @@ async def _tenants_clear(session: _Session, args: argparse.Namespace) -> int:
 
 async def _reset(session: _Session, args: argparse.Namespace) -> int:
     lim = await session.open([args.api])
-    await lim.reset(args.api)
+    removed = await lim.reset(args.api)
     print(
         f"{args.api}: state reset (leases, queue, windows, cooldown, totals); "
         "holders of slots will see LeaseLost",
         file=session.out,
     )
+    if removed:
+        print(
+            f"{args.api}: also removed {removed} key{'s' if removed != 1 else ''} of the "
+            "0.1.0 layout (w:<period>, cooldown, stats, extra, override)",
+            file=session.out,
+        )
     return 0
 
 
@@ -655,7 +705,7 @@ async def run(argv: Sequence[str], out: TextIO | None = None, err: TextIO | None
     parser = _parser()
     args = parser.parse_args(list(argv))
     url = getattr(args, "url", None) or os.environ.get("REDIS_URL") or DEFAULT_URL
-    namespace = getattr(args, "namespace", None) or "limiter"
+    namespace = getattr(args, "namespace", "limiter")
     command = _COMMANDS[(args.command, getattr(args, "action", None))]
     if args.command == "limits" and args.action == "set":
         given = (args.max_concurrent, args.per_minute, args.per_hour, args.tokens_per_minute)
@@ -665,9 +715,18 @@ async def run(argv: Sequence[str], out: TextIO | None = None, err: TextIO | None
                 "--per-hour, --rate, --tokens-per-minute"
             )
     try:
+        check_namespace(namespace)
+    except ConfigError as exc:  # "namespace='a b': must be ...": say it as the flag
+        why = str(exc).partition(": ")[2]
+        print(f"limiter: invalid --namespace {namespace!r}: {why}", file=err)
+        return 2
+    try:
         session = _Session(url, namespace, out, err)
     except (ConfigError, ValueError) as exc:  # ValueError: redis-py refused the URL
-        print(f"limiter: invalid --url {redact_url(url)}: {_scrub(str(exc), url)}", file=err)
+        shown = redact_url(url)
+        # "url: <problem> (in <url>)": the line names the URL once, as --url.
+        why = str(exc).removeprefix("url: ").removesuffix(f" (in {shown})")
+        print(f"limiter: invalid --url {shown}: {_scrub(why, url)}", file=err)
         return 2
     try:
         return await command(session, args)

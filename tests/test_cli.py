@@ -6,6 +6,7 @@ import asyncio
 import io
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -129,7 +130,22 @@ async def test_refusals_exit_1_and_say_why(
     [
         (["limits", "set", "openai", "--max-concurrent", "0"], "must be at least 1"),
         (["limits", "set", "openai", "--rate", "5"], "write LIMIT/SECONDS"),
-        (["limits", "set", "openai", "--rate", "5/-1"], "must be a number of seconds > 0"),
+        (
+            ["limits", "set", "openai", "--rate", "5/-1"],
+            "argument --rate: '5/-1': SECONDS must be a number from 0.001 to 31622400 (366 days)",
+        ),
+        (
+            ["limits", "set", "openai", "--rate", "5/1e9"],
+            "argument --rate: '5/1e9': SECONDS must be a number from 0.001 to 31622400",
+        ),
+        (
+            ["limits", "set", "openai", "--rate", "0/1"],
+            "argument --rate: '0/1': LIMIT '0': must be at least 1",
+        ),
+        (
+            ["limits", "set", "openai", "--max-concurrent", "9007199254740992"],
+            "argument --max-concurrent: '9007199254740992': must be at most 9007199254740991",
+        ),
         (["limits", "set", "openai", "--ttl", "soon"], "not a number of seconds"),
         (["stats", "--watch", "nan"], "must be a number of seconds > 0"),
         (["frobnicate"], "invalid choice"),
@@ -160,6 +176,75 @@ async def test_usage_errors_exit_2(
     assert says in capsys.readouterr().err
 
 
+async def test_refusals_name_the_flags_not_the_keywords(
+    app: Limiter, redis_server: RedisServer
+) -> None:
+    """A limit the API does not have is refused naming the flag as typed, never the
+    library's keyword (``requests_per_hour``, ``rates[1]``); nothing changes."""
+    cases = [
+        (["--per-hour", "5"], "--per-hour: API 'openai' has no rate:3600s window"),
+        (["--per-minute", "5"], "--per-minute: API 'zapier' has no rate:60s window"),
+        (["--per-minute", "5", "--rate", "7/2"], "--rate 7/2: API 'openai' has no rate:2s"),
+        (["--rate", "5/1.5"], "--rate 5/1.5: API 'openai' has no rate:1.5s window"),
+        (["--tokens-per-minute", "9"], "--tokens-per-minute: API 'zapier' has no token budget"),
+    ]
+    for flags, says in cases:
+        api = says.split("'")[1]
+        code, out, err = await cli("limits", "set", api, *flags, url=redis_server.url)
+        assert (code, out) == (1, ""), flags
+        assert err.startswith(f"limiter: {says}"), err
+        for keyword in ("requests_per", "rates[", "tokens_per_minute:", "ttl="):
+            assert keyword not in err, err
+    assert (await app.stats("openai"))["overrides"] == {}
+    assert (await app.stats("zapier"))["overrides"] == {}
+
+
+@pytest.mark.parametrize("namespace", ["a b", "", "{x}"])
+async def test_a_bad_namespace_is_a_usage_error_naming_the_flag(
+    redis_server: RedisServer, namespace: str
+) -> None:
+    code, out, err = await cli("stats", "--namespace", namespace, url=redis_server.url)
+    assert (code, out) == (2, "")
+    assert err == (
+        f"limiter: invalid --namespace {namespace!r}: must be 1-100 characters of UTF-8 text "
+        "without braces or whitespace\n"
+    )
+
+
+def _columns(table: str) -> dict[str, dict[str, str]]:
+    """A ``limiter stats`` table as {api: {column: cell}}, cut at the header's columns."""
+    header, *rows = table.splitlines()
+    found = list(re.finditer(r"\S+(?: \S+)*", header))  # one space inside a name ("OK %")
+    names = [m.group() for m in found]
+    starts = [m.start() for m in found]
+    ends = [*starts[1:], None]
+    return {
+        row.split()[0]: {n: row[a:b].strip() for n, a, b in zip(names, starts, ends, strict=True)}
+        for row in rows
+    }
+
+
+async def test_stats_shows_a_dash_for_rates_of_no_completed_call(
+    app: Limiter, redis_server: RedisServer
+) -> None:
+    """OK % and AVG S need a completed call: with none (zapier, or openai with its only
+    call still in flight) they show ``-``, not ``0.0``."""
+    held = await app.acquire("openai", timeout=0)
+    code, out, _ = await cli("stats", url=redis_server.url)
+    assert code == 0
+    table = _columns(out)
+    assert {api: (row["TOTAL"], row["OK %"], row["AVG S"]) for api, row in table.items()} == {
+        "openai": ("1", "-", "-"),
+        "zapier": ("0", "-", "-"),
+    }
+    await held.release(success=False)
+    await (await app.acquire("openai", timeout=0)).release()
+    code, out, _ = await cli("stats", "openai", url=redis_server.url)
+    row = _columns(out)["openai"]
+    assert (row["TOTAL"], row["OK"], row["FAILED"], row["OK %"]) == ("2", "1", "1", "50.0")
+    assert row["AVG S"] != "-"
+
+
 async def test_reset_clears_an_api(app: Limiter, redis_server: RedisServer) -> None:
     for _ in range(3):
         await (await app.acquire("zapier", timeout=0)).release()
@@ -171,6 +256,29 @@ async def test_reset_clears_an_api(app: Limiter, redis_server: RedisServer) -> N
     st = await app.stats("zapier")
     assert (st["total_requests"], st["windows"]["rate:3600s"]["used"]) == (0, 0)
     assert (await app.stats("openai"))["windows"]["rate:60s"]["used"] == 1  # not reset
+
+
+async def test_reset_removes_the_keys_0_1_0_left_and_says_so(
+    app: Limiter, redis_server: RedisServer, real_redis: Any
+) -> None:
+    """Windows of an earlier configuration in the 0.1.0 layout (a key per window) go with
+    a reset, and the command says how many keys it removed; a second reset finds none."""
+    for key in ("limiter:{zapier}:w:60000000", "limiter:{zapier}:w:1000000"):
+        await real_redis.zadd(key, {"x.1|1": 1})
+    await real_redis.hset("limiter:{zapier}:stats", "successful_requests", 5)
+    await real_redis.zadd("limiter:{openai}:w:60000000", {"x.1|1": 1})  # another API's
+    code, out, err = await cli("reset", "zapier", url=redis_server.url)
+    assert (code, err) == (0, "")
+    assert out.splitlines() == [
+        "zapier: state reset (leases, queue, windows, cooldown, totals); holders of slots "
+        "will see LeaseLost",
+        "zapier: also removed 3 keys of the 0.1.0 layout (w:<period>, cooldown, stats, "
+        "extra, override)",
+    ]
+    assert await real_redis.keys("limiter:{zapier}:*") == [b"limiter:{zapier}:config"]
+    assert await real_redis.exists("limiter:{openai}:w:60000000") == 1
+    code, out, _ = await cli("reset", "zapier", url=redis_server.url)
+    assert (code, len(out.splitlines())) == (0, 1)
 
 
 async def test_doctor_reports_a_healthy_redis(app: Limiter, redis_server: RedisServer) -> None:

@@ -38,6 +38,7 @@ SERVE = ["python", "-m", "chatbot", "serve"]
 _COUNTERS = {
     "limiter_admissions_total": {"api"},
     "limiter_refusals_total": {"api", "reason"},
+    "limiter_timeouts_total": {"api", "reason"},
     "limiter_retries_total": {"api"},
     "limiter_provider_429_total": {"api"},
     "chatbot_messages_total": {"status"},
@@ -47,6 +48,10 @@ _GAUGES = {
     "limiter_limit": {"api", "limit"},
     "limiter_cluster_in_flight": {"api"},
     "limiter_window_used": {"api", "window"},
+    "limiter_limit_in_force": {"api", "limit"},
+    "limiter_cooldown_seconds": {"api"},
+    "limiter_redis_up": {"api"},
+    "limiter_fail_open": {"api"},
 }
 _HISTOGRAMS = {"limiter_wait_seconds": {"api", "priority"}, "chatbot_message_seconds": set()}
 #: Every series name a dashboard may query, with the labels it may use.
@@ -610,3 +615,79 @@ def test_secrets_come_from_variables_with_demo_defaults(compose: dict[str, Any])
         elif not re.search(r"fake|demo", match["default"] or ""):
             problems.append(f"{where}: default does not look like a demo value: {value!r}")
     assert problems == []
+
+
+# --------------------------------------------------------------------------- (g) metrics
+
+
+async def _exported_metrics() -> dict[str, set[str]]:
+    """Every metric a replica exports, as a query names it (counters with ``_total``),
+    with its labels: read from the exposition text after each metric got a sample
+    through the path the replica feeds it by (the listener, the app, a scrape)."""
+    import fakeredis
+
+    from chatbot.metrics import Metrics
+    from limiter import APILimits, Limiter
+
+    redis = fakeredis.FakeAsyncRedis(server=fakeredis.FakeServer())
+    lim = Limiter(redis, {"openai": APILimits(max_concurrent=2, requests_per_minute=5)})
+    try:
+        metrics = Metrics(lim)
+        for event, fields in [
+            ("admitted", {"waited": 0.1, "reason": None, "priority": 10}),
+            ("released", {"success": True, "lost": False}),
+            ("refused", {"reason": "concurrency"}),
+            ("timeout", {"reason": "concurrency"}),
+            ("retry", {"kind": "rate_limited", "wait": 1.0}),
+            ("provider_pause", {"kind": "rate_limited", "seconds": 1.0}),
+        ]:
+            metrics.on_event(event, "openai", fields)
+        metrics.messages.labels("200").inc()  # what chatbot/app.py does per message
+        metrics.message_seconds.observe(0.5)
+        text = (await metrics.render()).decode()
+    finally:
+        await lim.aclose()
+        await redis.aclose()
+    kinds = dict(re.findall(r"^# TYPE (\w+) (\w+)$", text, re.MULTILINE))
+    exported: dict[str, set[str]] = {}
+    for name, kind in kinds.items():
+        base = name.removesuffix("_created")
+        if base != name and ({base, f"{base}_total"} & kinds.keys()):
+            continue  # prometheus_client's creation time of a counter or histogram
+        shown = name
+        if kind == "counter" and not name.endswith("_total"):
+            shown = f"{name}_total"  # older exposition formats name the family without it
+        sample = f"{name}_count" if kind == "histogram" else shown
+        found = re.search(rf"^{sample}(?:\{{([^}}]*)\}})? ", text, re.MULTILINE)
+        assert found is not None, f"{name}: no sample to read its labels from"
+        exported[shown] = set(re.findall(r"(\w+)=", found[1] or ""))
+    return exported
+
+
+async def test_the_contract_lists_every_exported_metric() -> None:
+    """METRIC_LABELS (what dashboards may query) is what the replicas export, labels too."""
+    exported = await _exported_metrics()
+    assert exported == {**_COUNTERS, **_GAUGES, **_HISTOGRAMS}
+
+
+def _readme_metrics() -> dict[str, set[str]]:
+    """The README's "Metrics and listeners" list: each name with the labels it writes in
+    braces (``api`` is left out for the limiter's metrics, which all carry it)."""
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    section = readme.split("## Metrics and listeners", 1)[1].split("\n## ", 1)[0]
+    listed: dict[str, set[str]] = {}
+    for name, labels in re.findall(r"`((?:limiter|chatbot)_\w+)(?:\{([\w,]+)\})?`", section):
+        assert name not in listed, f"{name} is listed twice"
+        listed[name] = set(labels.split(",")) if labels else set()
+    return listed
+
+
+async def test_readme_names_every_exported_metric_with_its_labels() -> None:
+    """The README's metrics list names exactly the metrics a replica exports, each with its
+    labels (besides ``api``, which every ``limiter_*`` metric carries)."""
+    exported = await _exported_metrics()
+    assert all("api" in labels for name, labels in exported.items() if name.startswith("limiter_"))
+    assert _readme_metrics() == {
+        name: labels - {"api"} if name.startswith("limiter_") else labels
+        for name, labels in exported.items()
+    }

@@ -23,7 +23,7 @@ from chatbot.fakes.zapier_server import FakeZapierConfig
 from tests._servers import serve_fake_zapier as serve
 
 TOKEN = "zap-test-token"
-TIMEOUT = httpx2.Timeout(30.0, read=300.0)  # the MCP SDK's own defaults (DESIGN.md)
+TIMEOUT = httpx2.Timeout(30.0, read=300.0)  # the MCP SDK's own defaults (zapier_mcp's too)
 PROTOCOL_VERSION = "2025-11-25"
 EMAIL = {"to": "ada@example.com", "subject": "Hi", "body": "Hello"}
 

@@ -7,7 +7,7 @@ import time
 
 import pytest
 
-from limiter import APILimits, Limiter, LimiterUnavailable
+from limiter import APILimits, ConfigError, Limiter, LimiterUnavailable
 from limiter.testing import RedisServer, free_port
 
 pytestmark = pytest.mark.redis
@@ -62,3 +62,33 @@ async def test_hung_redis_fails_fast() -> None:
             await lim.acquire("a", timeout=5)
         assert time.monotonic() - start < 1.0
         await lim.aclose()
+
+
+@pytest.mark.parametrize(
+    ("url", "problem"),
+    [
+        (
+            "http://:hunter2@127.0.0.1:6379/0",
+            "http:// is not a Redis URL (the limiter takes redis://, rediss://, unix://, "
+            "redis+cluster://, rediss+cluster:// and redis+sentinel://)",
+        ),
+        (
+            "127.0.0.1:6379",
+            "no scheme: write redis://host:port/db (the limiter takes redis://, rediss://, "
+            "unix://, redis+cluster://, rediss+cluster:// and redis+sentinel://)",
+        ),
+        (
+            "redis://:hunter2@127.0.0.1:notaport/0",
+            "Port could not be cast to integer value as 'notaport'",
+        ),
+    ],
+)
+def test_a_url_redis_py_cannot_take_is_a_config_error(url: str, problem: str) -> None:
+    """Not redis-py's bare ValueError: a ConfigError naming the field, without the password."""
+    with pytest.raises(ConfigError) as info:
+        Limiter.from_url(url, {"a": APILimits(max_concurrent=1)})
+    shown = url.replace(":hunter2@", ":***@").replace("//:***@", "//***@")
+    assert str(info.value) == f"url: {problem} (in {shown})"
+    assert (info.value.field, info.value.value) == ("url", shown)
+    assert info.value.__cause__ is None
+    assert "hunter2" not in repr(info.value.args)

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import logging
+import re
 
 import pytest
 
-from limiter import AcquireTimeout, APILimits, LeaseLost, Limiter
+from limiter import AcquireTimeout, APILimits, LeaseLost, Limiter, LimiterUnavailable
 from limiter.testing import RedisServer
 from tests.conftest import wait_for_waiters
 
@@ -100,3 +102,47 @@ async def asked_again(lim: Limiter, within: float = 10.0) -> None:
             elif expiry != first:
                 return
         await asyncio.sleep(0.01)
+
+
+def _withdraw_warnings(caplog: pytest.LogCaptureFixture) -> list[str]:
+    return [
+        r.getMessage()
+        for r in caplog.records
+        if r.name == "limiter" and r.getMessage().startswith("could not withdraw ticket")
+    ]
+
+
+async def _fail(lim: Limiter, n: int) -> None:
+    """``n`` acquires that fail at once (Redis is down), then their withdrawals finish."""
+    for _ in range(n):
+        with pytest.raises(LimiterUnavailable):
+            await lim.acquire("a", timeout=5)
+    await asyncio.gather(*list(lim._background))  # the withdrawals, in the background
+
+
+async def test_one_withdraw_warning_per_outage(caplog: pytest.LogCaptureFixture) -> None:
+    """While Redis is down every failed acquire fails to withdraw its ticket too: one
+    warning says so (and that the rest are not logged), not one line per acquire. Once
+    Redis answered again, the next outage gets its own warning."""
+    caplog.set_level(logging.WARNING, logger="limiter")
+    with RedisServer() as server:
+        lim = Limiter.from_url(server.url, {"a": APILimits(max_concurrent=1)})
+        await (await lim.acquire("a", timeout=1)).release()
+        server.kill()
+        await _fail(lim, 40)
+        warnings = _withdraw_warnings(caplog)
+        assert len(warnings) == 1
+        assert re.fullmatch(
+            r"could not withdraw ticket \w+\.\d+ \(it expires by itself within ticket_ttl; "
+            r"later failures to withdraw are not logged until Redis is reachable again\): "
+            r"limiter unavailable during withdraw for API 'a': ConnectionError: .+",
+            warnings[0],
+        ), warnings[0]
+        await _fail(lim, 5)  # the same outage: still one
+        assert len(_withdraw_warnings(caplog)) == 1
+        server.restart()
+        await (await lim.acquire("a", timeout=2)).release()  # Redis is reachable again
+        server.kill()
+        await _fail(lim, 40)
+        assert len(_withdraw_warnings(caplog)) == 2
+        await lim.aclose()

@@ -226,6 +226,66 @@ async def test_reset_forgets_state_and_holders_learn_it(make_limiter: LimiterFac
     await fresh.release()
 
 
+async def _keys(redis: Any) -> set[str]:
+    return {k.decode() for k in await redis.keys("*")}
+
+
+async def test_reset_clears_the_windows_of_an_earlier_configuration(
+    make_limiter: LimiterFactory, redis_client: Any
+) -> None:
+    """A reset by a limiter configured otherwise (the windows of 1 s and a minute and the
+    token budget dropped for an hour) forgets them all: this layout keeps every request
+    window in one log. The keys the 0.1.0 layout left (a ``w:<period>`` key per window,
+    ``cooldown``, ``stats``, ``extra``, ``override``) go too, found by SCAN; the keys of
+    other APIs, of per-key limits, of other namespaces, the registry and the tenant
+    weights stay."""
+    before = {
+        "a": APILimits(
+            max_concurrent=5, rates=[Rate(5, 1)], requests_per_minute=10, tokens_per_minute=900
+        )
+    }
+    old = make_limiter(before)
+    for slot in [await old.acquire("a", timeout=0, tokens=100) for _ in range(3)]:
+        await slot.release()
+    await old.set_tenant_weight("a", "acme", 2)
+    await asyncio.gather(*list(old._background))  # the registry is written
+    st = await old.stats("a")
+    assert [w["used"] for w in st["windows"].values()] == [3, 3, 300]
+    left = {  # what 0.1.0 wrote for API "a" (and what it wrote elsewhere)
+        "limiter:{a}:w:1000000": "zset",
+        "limiter:{a}:w:60000000": "zset",
+        "limiter:{a}:w:3600000000": "zset",
+        "limiter:{a}:cooldown": "string",
+        "limiter:{a}:stats": "hash",
+        "limiter:{a}:extra": "hash",
+        "limiter:{a}:override": "hash",
+        "limiter:{a/u1}:w:60000000": "zset",
+        "limiter:{b}:w:60000000": "zset",
+        "other:{a}:stats": "hash",
+    }
+    for key, kind in left.items():
+        if kind == "zset":
+            await redis_client.zadd(key, {"x.1|1": 1})
+        elif kind == "hash":
+            await redis_client.hset(key, "max_concurrent", 1)
+        else:
+            await redis_client.set(key, 1)
+    now = make_limiter({"a": APILimits(requests_per_hour=100)}, register=False)
+    assert await now.reset("a") == 7
+    assert await _keys(redis_client) == {
+        "limiter:apis",
+        "limiter:{a}:config",
+        "limiter:{a}:weights",
+        "limiter:{a/u1}:w:60000000",
+        "limiter:{b}:w:60000000",
+        "other:{a}:stats",
+    }
+    st = await old.stats("a")
+    assert [w["used"] for w in st["windows"].values()] == [0, 0, 0]
+    assert (st["total_requests"], st["tenant_weights"]["acme"]["weight"]) == (0, 2.0)
+    assert await now.reset("a") == 0  # nothing of 0.1.0 left
+
+
 async def test_limiters_register_their_limits_with_a_ttl(
     make_limiter: LimiterFactory, redis_client: Any
 ) -> None:

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import io
 import logging
 import os
 import shutil
@@ -31,12 +32,13 @@ from typing import Any, Literal
 import openai
 import pytest
 import redis.asyncio as aioredis
-from redis.exceptions import NoPermissionError, ResponseError
+from redis.exceptions import AuthenticationError, NoPermissionError, ResponseError
 
 from chatbot.fakes.openai_server import FakeOpenAIConfig
 from chatbot.fakes.zapier_server import FakeZapierConfig
 from chatbot.settings import Settings
 from limiter import AcquireTimeout, APILimits, Limiter, LimiterUnavailable
+from limiter.cli import run as cli_run
 from limiter.http import LimitedTransport, ProviderAuthError, openai_client, zapier_mcp
 from limiter.testing import RedisServer, TLSFiles, find_redis_server, free_port, tls_supported
 from tests._replica import running
@@ -232,8 +234,47 @@ async def test_wrong_or_missing_password_fails_fast_and_never_shows(
     texts = [chain_text(info.value), chain_text(stats_info.value), repr(lim), repr(lim.redis)]
     await lim.aclose()
     assert elapsed < 1.0
-    assert "AuthenticationError" in str(info.value)  # says what went wrong, without secrets
+    # Says what went wrong, without secrets; the cause is redis-py's own error.
+    assert isinstance(info.value.__cause__, AuthenticationError)
+    if password is None:  # not redis-py's words about HELLO and RESP versions
+        assert str(info.value) == (
+            "limiter unavailable during connect: Redis requires a password; the URL has none"
+        )
+        assert str(stats_info.value) == str(info.value)
+    else:
+        assert str(info.value) == (
+            "limiter unavailable during connect: AuthenticationError: invalid username-password "
+            "pair or user is disabled."
+        )
     assert_no_secret(*texts, str(stats), log_text(debug_logs))
+
+
+async def test_missing_password_is_said_in_those_words_over_resp2_and_by_the_cli(
+    secured: RedisServer,
+) -> None:
+    """Without HELLO (``protocol=2``) Redis refuses the first command (the Functions
+    library, too long for a client not authenticated) with a protocol error: the same
+    message, the error as its cause. The command line says it too."""
+    lim = Limiter.from_url(secured.url + "?protocol=2", LIMITS)
+    with pytest.raises(LimiterUnavailable) as info:
+        await lim.acquire("openai", timeout=5)
+    await lim.aclose()
+    assert str(info.value) == (
+        "limiter unavailable during connect: Redis requires a password; the URL has none"
+    )
+    assert isinstance(info.value.__cause__, ResponseError)
+    assert str(info.value.__cause__).startswith("Protocol error: unauthenticated")
+    for url in (secured.url, secured.url + "?protocol=2"):  # NOAUTH to HELLO, to SMEMBERS
+        out, err = io.StringIO(), io.StringIO()
+        assert await cli_run(["--url", url, "stats"], out=out, err=err) == 1
+        shown = url.replace("protocol=2", "protocol=***")  # query values are masked
+        assert err.getvalue() == (
+            f"limiter: Redis at {shown} is unavailable: limiter unavailable during connect: "
+            "Redis requires a password; the URL has none\n"
+        )
+    out, err = io.StringIO(), io.StringIO()
+    assert await cli_run(["--url", secured.url, "doctor"], out=out, err=err) == 1
+    assert "FAIL  ping       Redis requires a password; the URL has none\n" in out.getvalue()
 
 
 # -- ACL user ---------------------------------------------------------------------------
@@ -285,6 +326,29 @@ async def test_acl_user_does_everything_the_limiter_needs(
     assert keys
     assert all(k.startswith("limiter:{openai") or k == "limiter:apis" for k in keys)
     assert_no_secret(log_text(debug_logs))
+
+
+async def test_acl_user_resets_an_api_without_the_scan_for_old_keys(
+    secured: RedisServer, admin: aioredis.Redis, caplog: pytest.LogCaptureFixture
+) -> None:
+    """``reset`` as the limiter's ACL user: the state goes (``+del``); the look for keys of
+    the 0.1.0 layout needs SCAN, which the user may not (SCAN would list every key name
+    in the database): one warning says so, and the old key is left for an operator."""
+    await admin.zadd("limiter:{openai}:w:60000000", {"x.1|1": 1})
+    url = secured.client_url("fleet", FLEET_PASSWORD)
+    async with Limiter.from_url(url, LIMITS) as lim:
+        await (await lim.acquire("openai", timeout=1)).release()
+        assert await lim.reset("openai") == 0
+        st = await lim.stats("openai")
+    assert (st["total_requests"], st["windows"]["rate:60s"]["used"]) == (0, 0)
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1
+    assert warnings[0].startswith(
+        "API 'openai': keys of the 0.1.0 layout were not looked for: Redis refused SCAN"
+    )
+    assert await admin.exists("limiter:{openai}:w:60000000") == 1
+    async with Limiter.from_url(secured.admin_url, LIMITS) as operator:
+        assert await operator.reset("openai") == 1
 
 
 async def test_acl_user_is_refused_everything_else(

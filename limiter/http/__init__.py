@@ -8,7 +8,8 @@ provider's ``x-ratelimit-remaining-*`` headers pause the API until the reset whe
 no room is left.
 
 :func:`openai_client` and :func:`zapier_mcp` build the SDK clients on it. Needs the extras
-``fleetlimit[openai]`` / ``fleetlimit[mcp]``.
+``fleetlimit[openai]`` / ``fleetlimit[mcp]``: without either, importing this module raises an
+:class:`ImportError` that names them.
 
 This module only re-exports; the parts live in private modules, each importing only what it
 needs (``openai`` and ``mcp`` are imported when a factory is called, never here):
@@ -17,6 +18,17 @@ needs (``openai`` and ``mcp`` are imported when a factory is called, never here)
 - :mod:`._usage`: request bodies as JSON, token estimates, ``usage`` of JSON and SSE bodies;
 - :mod:`._providers`: :func:`openai_client`, :func:`zapier_mcp`.
 """
+
+try:
+    import httpx2  # noqa: F401  (the transport speaks it; the extras install it)
+except ModuleNotFoundError as exc:
+    if exc.name != "httpx2":
+        raise  # httpx2 is there but broken: its own error says more
+    raise ImportError(
+        "limiter.http needs the 'openai' or 'mcp' extra (httpx2 is not installed): "
+        "pip install 'fleetlimit[openai]' (or 'fleetlimit[mcp]')",
+        name="httpx2",
+    ) from exc
 
 from .._errors import ProviderAuthError
 from ._providers import openai_client, zapier_mcp

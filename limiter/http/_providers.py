@@ -28,6 +28,17 @@ if TYPE_CHECKING:  # pragma: no cover
 __all__ = ["openai_client", "zapier_mcp"]
 
 
+def _missing_extra(exc: ModuleNotFoundError, module: str, caller: str, extra: str) -> None:
+    """Raise an ImportError naming the extra that installs ``module``, when it is ``module``
+    (or one of its submodules) that is missing; return otherwise."""
+    if exc.name is not None and (exc.name == module or exc.name.startswith(module + ".")):
+        raise ImportError(
+            f"{caller} needs the '{extra}' extra ({module} is not installed): "
+            f"pip install 'fleetlimit[{extra}]'",
+            name=module,
+        ) from exc
+
+
 def openai_client(
     lim: Limiter, api: str = "openai", *, inner: Any = None, **kwargs: Any
 ) -> openai.AsyncOpenAI:
@@ -39,7 +50,11 @@ def openai_client(
     that really sends (default: httpx2's). Other keywords go to ``AsyncOpenAI``
     (``base_url``, ``api_key``, ``timeout``, ...).
     """
-    import openai
+    try:
+        import openai
+    except ModuleNotFoundError as exc:
+        _missing_extra(exc, "openai", "openai_client", "openai")
+        raise
 
     transport = LimitedTransport(lim, api, inner, tokens=openai_token_estimate)
     kwargs.setdefault("max_retries", 0)
@@ -65,8 +80,12 @@ async def zapier_mcp(
     they may have run (a read timeout), only on a 429 or a connection never made.
     A refused token raises :class:`ProviderAuthError` instead of the SDK's bare error.
     """
-    from mcp import ClientSession
-    from mcp.client.streamable_http import streamable_http_client
+    try:
+        from mcp import ClientSession
+        from mcp.client.streamable_http import streamable_http_client
+    except ModuleNotFoundError as exc:
+        _missing_extra(exc, "mcp", "zapier_mcp", "mcp")
+        raise
 
     transport = LimitedTransport(lim, api, limit=mcp_tools_call_only, idempotent=False)
     headers = {"Authorization": f"Bearer {token}"}
