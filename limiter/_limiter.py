@@ -388,15 +388,22 @@ class Limiter:
         return removed
 
     async def set_tenant_weight(
-        self, api: str, tenant: str | None, weight: float | None, ttl: float | None = None
+        self,
+        api: str,
+        tenant: str | None,
+        weight: float | None,
+        ttl: float | None = None,
+        *,
+        key: str | None = None,
     ) -> dict[str, float]:
         """Give ``tenant`` the weight ``weight`` in the fair queue of ``api``, for every
         replica at once (above ``APILimits.tenant_weights``), for ``ttl`` seconds or until
         changed. ``weight=None`` clears it (the configured weight applies again);
         ``tenant=None`` is the tenant of requests that name none. It counts from the next
-        admission the queue makes. Returns the weights set at run time, by tenant.
+        admission the queue makes. Returns the weights set at run time, by tenant. An API
+        limited per ``key`` has one queue per key: give the ``key`` whose queue it is.
         """
-        plan, _ = self._lookup(api)
+        plan, _ = self._lookup(api, key)
         name = "" if tenant is None else check_tenant(tenant)
         value = "" if weight is None else repr(check_weight(weight))
         ttl_ms = 0 if ttl is None else max(1, math.ceil(check_seconds("ttl", ttl, 0.001) * 1000))

@@ -24,6 +24,11 @@ MAX_PRIORITY: Final = 1000
 _SCOPE: ContextVar[tuple[str | None, int | None]] = ContextVar(
     "limiter_scope", default=(None, None)
 )
+#: The tokens of the scopes entered in this context, innermost last: one scope object may
+#: be entered by several tasks at once (each task has its own context).
+_ENTERED: ContextVar[tuple[Token[tuple[str | None, int | None]], ...]] = ContextVar(
+    "limiter_scope_entered", default=()
+)
 
 
 def check_priority(priority: object) -> int:
@@ -79,25 +84,24 @@ class scope:  # used like a function: ``with limiter.scope(tenant=...):``
     """``with limiter.scope(tenant="user-42", priority=10):`` the tenant and priority of
     every admission made within the block (``async with`` works too), by this task and
     the tasks it starts. Arguments given to ``acquire``/``slot``/``call`` win; a scope
-    inside another changes only what it names."""
+    inside another changes only what it names. One scope object may be entered again,
+    and by several tasks at once."""
 
-    __slots__ = ("_priority", "_tenant", "_token")
+    __slots__ = ("_priority", "_tenant")
 
     def __init__(self, *, tenant: str | None = None, priority: int | None = None) -> None:
         self._tenant = None if tenant is None else check_tenant(tenant)
         self._priority = None if priority is None else check_priority(priority)
-        self._token: Token[tuple[str | None, int | None]] | None = None
 
     def __enter__(self) -> None:
-        if self._token is not None:
-            raise RuntimeError("limiter.scope is not reentrant: make a new one")
         outer_tenant, outer_priority = _SCOPE.get()
-        self._token = _SCOPE.set(
+        token = _SCOPE.set(
             (
                 outer_tenant if self._tenant is None else self._tenant,
                 outer_priority if self._priority is None else self._priority,
             )
         )
+        _ENTERED.set((*_ENTERED.get(), token))
 
     def __exit__(
         self,
@@ -105,9 +109,10 @@ class scope:  # used like a function: ``with limiter.scope(tenant=...):``
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        if self._token is not None:
-            _SCOPE.reset(self._token)
-            self._token = None
+        entered = _ENTERED.get()
+        if entered:
+            _ENTERED.set(entered[:-1])
+            _SCOPE.reset(entered[-1])
 
     async def __aenter__(self) -> None:
         self.__enter__()

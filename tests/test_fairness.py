@@ -398,3 +398,48 @@ async def test_a_lost_class_list_is_repaired_by_the_next_renewal(
         await asyncio.sleep(0.01)
     slot = await asyncio.wait_for(waiter, 5)
     await slot.release()
+
+
+async def test_one_scope_object_serves_several_tasks_at_once(
+    make_limiter: LimiterFactory,
+) -> None:
+    """A scope made once (at module level, say) may be entered by concurrent tasks and
+    again inside itself; each exit restores what its own entry replaced."""
+    lim = make_limiter({"a": APILimits(max_concurrent=1)})
+    batch = limiter.scope(tenant="batch", priority=-1)
+    holder = await lim.acquire("a")
+    gate = asyncio.Event()
+
+    async def one() -> None:
+        async with batch:
+            task = asyncio.create_task(lim.acquire("a", timeout=30))
+            await gate.wait()
+        slot = await task
+        await slot.release()
+
+    tasks = [asyncio.create_task(one()) for _ in range(3)]
+    await wait_for_waiters(lim, "a", 3)
+    with batch, batch:
+        inner = asyncio.create_task(lim.acquire("a", timeout=30, priority=1))
+        await wait_for_waiters(lim, "a", 4)
+    outside = asyncio.create_task(lim.acquire("a", timeout=30))
+    await wait_for_waiters(lim, "a", 5)
+    stats = await lim.stats("a")
+    assert stats["waiting_by_priority"] == {-1: 3, 1: 1, 0: 1}
+    assert stats["tenants"]["batch"]["waiting"] == 4
+    gate.set()
+    await holder.release()
+    for t in (inner, outside):
+        slot = await t
+        await slot.release()
+    await asyncio.gather(*tasks)
+
+
+async def test_a_runtime_weight_for_a_keyed_api_names_its_key(
+    make_limiter: LimiterFactory,
+) -> None:
+    """An API limited per key has one queue per key: set_tenant_weight(key=...) reaches it."""
+    lim = make_limiter({"a": APILimits(max_concurrent=1)})
+    assert await lim.set_tenant_weight("a", "gold", 3.0, key="k1") == {"gold": 3.0}
+    assert (await lim.stats("a", key="k1"))["tenant_weights"]["gold"]["weight"] == 3.0
+    assert "gold" not in (await lim.stats("a"))["tenant_weights"]
