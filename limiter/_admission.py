@@ -91,13 +91,7 @@ class Admission:
                     charged = waiter is not None or len(res) > 2
                     slot = self._admitted(plan, slot_id, int(res[1]), cost, tokens, waiter, charged)
                     if events.active:
-                        events.emit(
-                            "admitted",
-                            api,
-                            waited=loop.time() - start,
-                            reason=first,
-                            priority=fair.priority,
-                        )
+                        self._emit_admitted(api, loop.time() - start, first, fair)
                     return slot
                 code = text(res[1])
                 reason = plan.reasons.get(code, code)
@@ -146,13 +140,7 @@ class Admission:
                 if at is not None:
                     slot = self._admitted(plan, slot_id, at, cost, tokens, waiter, True)
                     if events.active:
-                        events.emit(
-                            "admitted",
-                            api,
-                            waited=loop.time() - start,
-                            reason=first,
-                            priority=fair.priority,
-                        )
+                        self._emit_admitted(api, loop.time() - start, first, fair)
                     return slot
         except BaseException as exc:
             # Even the first call may have run in Redis before we gave up on its answer
@@ -166,6 +154,9 @@ class Admission:
             raise
         finally:
             self._waiting.remove_waiter(slot_id)
+
+    def _emit_admitted(self, api: str, waited: float, first: str | None, fair: Fair) -> None:
+        self._events.emit("admitted", api, waited=waited, reason=first, priority=fair.priority)
 
     async def _wait(self, waiter: Waiter, delay: float, deadline: float) -> int | None:
         """Wait for news of ``waiter`` for up to ``delay`` seconds.
