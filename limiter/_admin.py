@@ -323,7 +323,7 @@ def stats_view(plan: KeyPlan, limits: APILimits, reply: Sequence[Any]) -> dict[s
             int(text(by_priority[i])): int(by_priority[i + 1])
             for i in range(0, len(by_priority), 2)
         },
-        "tenants": tenants_view(limits, tenant_rows),
+        "tenants": tenants_view(tenant_rows),
         "tenant_weights": weights_view(limits, weight_rows),
     }
 
@@ -332,7 +332,7 @@ def stats_view(plan: KeyPlan, limits: APILimits, reply: Sequence[Any]) -> dict[s
 TENANTS_SHOWN = 20
 
 
-def tenants_view(limits: APILimits, rows: Sequence[Any]) -> dict[str, dict[str, Any]]:
+def tenants_view(rows: Sequence[Any]) -> dict[str, dict[str, Any]]:
     """The busiest tenants of the fair queue (most waiting, then most admitted from the
     queue), from stats.lua's flat tenant, waiting, admitted, service list."""
     tenants = []

@@ -194,7 +194,7 @@ class Admission:
     ) -> Slot:
         handed = waiter is not None
         state = SlotState(self, plan, slot_id, at, cost, tokens, handed, handed)
-        state.fair = "1" if charged else ""
+        state.charged = charged
         self._waiting.hold(state)
         return Slot(state)
 
@@ -219,7 +219,7 @@ class Admission:
                 state.tokens,
                 state.actual_tokens,
                 1 if state.handed else 0,
-                state.fair,
+                "1" if state.charged else "",
             )
         except LimiterUnavailable as exc:
             if self.on_outage is None or not self.on_outage(exc):

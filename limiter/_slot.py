@@ -78,9 +78,9 @@ class SlotState:
     gate: LocalGate | None = None
     actual_tokens: int = -1
     released: bool = False
-    #: ``"1"`` when the slot was admitted through the fair queue (its release corrects
-    #: the service charged to its tenant by the tokens used), else "".
-    fair: str = ""
+    #: Admitted through the fair queue: its release corrects the service charged to its
+    #: tenant by the tokens used.
+    charged: bool = False
     lost: bool = False
 
 

@@ -22,6 +22,7 @@ Bounds stated here, each with why it is the bound:
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -53,13 +54,7 @@ async def until(lim: Limiter, what: str, n: int, within: float = 20.0) -> None:
     while (await lim.stats(API))[what] < n:
         if time.monotonic() > deadline:
             raise AssertionError(f"{what} did not reach {n} within {within}s")
-        await _pause()
-
-
-async def _pause() -> None:
-    import asyncio
-
-    await asyncio.sleep(0.005)
+        await asyncio.sleep(0.005)
 
 
 async def results(fleet: Fleet, *names: str, within: float = 60.0) -> dict[str, list[Any]]:

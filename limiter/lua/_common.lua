@@ -63,7 +63,7 @@
 -- Made by contended() (at the end), on first use.
 local contended, ttl_ms, parse_ticket, lease_of, drop_ticket, prune_tickets
 local remove_weight, window_wait, tell, hint_head, drain, handed_at
-local join, keep_queued, fair_key, correct_charge
+local join, keep_queued, fair_key, correct_charge, weights_in_force
 
 -- The API's key prefix "<ns>:{api}:", for the fair queue's keys; per call.
 local PREFIX
@@ -624,15 +624,45 @@ contended = function()
     return nil
   end
 
+  -- A weight set at run time, "<weight> <until us>" (0: no end): its weight text
+  -- and end when it is still in force, else nil.
+  local function weight_entry(v)
+    local w, till = string.match(v or '', '^(%S+) (%d+)$')
+    till = tonumber(till)
+    if till and (till == 0 or till > NOW) then return w, till end
+    return nil
+  end
+
+  -- The weights set at run time still in force: a flat tenant, weight, ms left (-1:
+  -- no end) list, and how long the longest lasts (us; -1: one has no end). With
+  -- `drop`, those that ended are deleted.
+  weights_in_force = function(drop)
+    local k = fair_key('weights')
+    local raw = redis.call('HGETALL', k)
+    local out, longest = {}, 0
+    for i = 1, #raw, 2 do
+      local w, till = weight_entry(raw[i + 1])
+      if w then
+        out[#out + 1] = raw[i]
+        out[#out + 1] = w
+        if till == 0 then
+          longest = -1
+          out[#out + 1] = -1
+        else
+          if longest >= 0 then longest = math.max(longest, till - NOW) end
+          out[#out + 1] = math.ceil((till - NOW) / 1000)
+        end
+      elseif drop then
+        redis.call('HDEL', k, raw[i])
+      end
+    end
+    return out, longest
+  end
+
   -- The tenant's weight in force: one set at run time, else the ticket's.
   local function weight_now(tenant, configured)
-    local v = redis.call('HGET', fair_key('weights'), tenant)
-    if v then
-      local w, till = string.match(v, '^(%S+) (%d+)$')
-      till = tonumber(till)
-      if till and (till == 0 or till > NOW) then return tonumber(w) or configured end
-    end
-    return configured
+    local w = weight_entry(redis.call('HGET', fair_key('weights'), tenant))
+    return tonumber(w) or configured
   end
 
   -- Count an admitted ticket as service to its tenant (tokens when the API has a

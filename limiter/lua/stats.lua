@@ -99,17 +99,8 @@ OPS.stats = function()
     tenant_list[#tenant_list + 1] = t[2]
     tenant_list[#tenant_list + 1] = string.format('%.17g', t[3])
   end
-  local weights = {}
-  local raw_weights = redis.call('HGETALL', pfx() .. 'weights')
-  for i = 1, #raw_weights, 2 do
-    local w, till = string.match(raw_weights[i + 1], '^(%S+) (%d+)$')
-    till = tonumber(till)
-    if till and (till == 0 or till > NOW) then
-      weights[#weights + 1] = raw_weights[i]
-      weights[#weights + 1] = w
-      weights[#weights + 1] = (till == 0) and -1 or math.ceil((till - NOW) / 1000)
-    end
-  end
+  contended()
+  local weights = weights_in_force(false)
   return {in_flight, waiting, math.ceil(cooldown / 1000), totals, used, override, ttl,
           redis.call('EXISTS', K_CONFIG), prio_list, tenant_list, weights}
 end

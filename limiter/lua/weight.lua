@@ -23,26 +23,9 @@ OPS.weight = function()
     if TTL_MS > 0 then till = NOW + TTL_MS * 1000 end
     redis.call('HSET', k, TENANT, WEIGHT .. ' ' .. int(till))
   end
-  local raw = redis.call('HGETALL', k)
-  local out, longest, forever = {}, 0, false
-  for i = 1, #raw, 2 do
-    local w, till = string.match(raw[i + 1], '^(%S+) (%d+)$')
-    till = tonumber(till)
-    if till and (till == 0 or till > NOW) then
-      out[#out + 1] = raw[i]
-      out[#out + 1] = w
-      if till == 0 then
-        forever = true
-        out[#out + 1] = -1
-      else
-        longest = math.max(longest, till - NOW)
-        out[#out + 1] = math.ceil((till - NOW) / 1000)
-      end
-    else
-      redis.call('HDEL', k, raw[i])
-    end
-  end
-  if forever then
+  contended()
+  local out, longest = weights_in_force(true)
+  if longest == -1 then
     redis.call('PERSIST', k)
   elseif longest > 0 then
     redis.call('PEXPIRE', k, math.ceil(longest / 1000))
