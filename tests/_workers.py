@@ -130,7 +130,8 @@ def stack_of(task: asyncio.Task[Any]) -> str:
 
 
 async def role_load(cfg: Config, r: aioredis.Redis) -> Result:
-    """``tasks`` tasks acquire, hold ``hold`` seconds, release; record every admission.
+    """``tasks`` tasks acquire (as ``tenant`` at ``priority`` when given), hold ``hold``
+    seconds, release; record every admission.
 
     Each task stops after ``iterations`` admissions, at the go payload's ``deadline``
     (real-time seconds; the acquire timeout runs to it), or once the test pushes to
@@ -138,6 +139,7 @@ async def role_load(cfg: Config, r: aioredis.Redis) -> Result:
     """
     lim = make_limiter(cfg)
     api, hold = cfg["api"], cfg["hold"]
+    tenant, priority = cfg.get("tenant"), cfg.get("priority")  # the fair queue's
     iterations: int | None = cfg.get("iterations")
     records: list[list[int]] = []
     stop = asyncio.Event()
@@ -159,7 +161,7 @@ async def role_load(cfg: Config, r: aioredis.Redis) -> Result:
                         return
                 send = now_us()
                 try:
-                    slot = await lim.acquire(api, timeout=timeout)
+                    slot = await lim.acquire(api, timeout=timeout, tenant=tenant, priority=priority)
                 except AcquireTimeout:
                     if deadline is not None:
                         return  # the run is over
@@ -251,47 +253,6 @@ async def role_wait_once(cfg: Config, r: aioredis.Redis) -> Result:
     finally:
         await lim.aclose()
     return {"send": send, "recv": recv, "acquired_at": slot.acquired_at}
-
-
-async def role_tenant_load(cfg: Config, r: aioredis.Redis) -> Result:
-    """After go, ``tasks`` tasks of one ``tenant`` at ``priority`` each make ``iterations``
-    admissions (acquire, hold ``hold`` seconds, release), or keep going until the go
-    payload's ``deadline`` (real-time seconds). Records each admission as
-    ``[send_us, acquired_at, released_us]``; ``acquired_at`` is the slot's Redis time."""
-    lim = make_limiter(cfg)
-    api, hold = cfg["api"], cfg["hold"]
-    tenant, priority = cfg.get("tenant"), cfg.get("priority")
-    records: list[list[int]] = []
-    try:
-        go = await barrier(r, cfg)
-        deadline: float | None = go.get("deadline")
-
-        async def worker() -> None:
-            for _ in range(cfg.get("iterations", 1)):
-                timeout = cfg.get("acquire_timeout", 30.0)
-                if deadline is not None:
-                    timeout = deadline - time.time()
-                    if timeout <= 0:
-                        return
-                send = now_us()
-                try:
-                    slot = await lim.acquire(api, timeout=timeout, tenant=tenant, priority=priority)
-                except AcquireTimeout:
-                    if deadline is not None:
-                        return  # the run is over
-                    raise
-                await asyncio.sleep(hold)
-                released = now_us()
-                await slot.release()
-                records.append([send, slot.acquired_at, released])
-
-        outcomes = await asyncio.gather(
-            *(worker() for _ in range(cfg["tasks"])), return_exceptions=True
-        )
-    finally:
-        await lim.aclose()
-    errors = [describe(o) for o in outcomes if isinstance(o, BaseException)]
-    return {"admissions": records, "errors": errors}
 
 
 async def until_waiting(r: aioredis.Redis, cfg: Config, n: int, within: float = 10.0) -> None:
@@ -436,7 +397,6 @@ ROLES: dict[str, Callable[[Config, aioredis.Redis], Awaitable[Result]]] = {
     "hold": role_hold,
     "load": role_load,
     "probe": role_probe,
-    "tenant_load": role_tenant_load,
     "wait_once": role_wait_once,
 }
 

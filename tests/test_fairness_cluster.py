@@ -1,6 +1,6 @@
 """The fair queue across separate OS processes on one real redis-server.
 
-Each tenant's requests come from its own worker process (``tenant_load`` in
+Each tenant's requests come from its own worker process (``load`` in
 ``tests/_workers.py``); the referee is the holders' own records: each admission's Redis
 time (``acquired_at``) and the real time its request was sent. Synchronisation goes
 through Redis (the barrier, the queue's size), never through sleeps.
@@ -68,13 +68,31 @@ async def results(fleet: Fleet, *names: str, within: float = 60.0) -> dict[str, 
 
 def tagged(admissions: dict[str, list[Any]]) -> list[tuple[int, str, int]]:
     """Every admission as (Redis time, worker, send time), in Redis-time order."""
-    return sorted((a[1], name, a[0]) for name, rows in admissions.items() for a in rows)
+    return sorted((a[2], name, a[0]) for name, rows in admissions.items() for a in rows)
 
 
 async def test_a_tenant_behind_a_backlog_of_60_gets_its_share(fleet: Fleet) -> None:
     spec = {"max_concurrent": 2}
-    fleet.start("tenant_load", "heavy", limits=spec, tenant="heavy", tasks=60, hold=0.02)
-    fleet.start("tenant_load", "light", limits=spec, tenant="light", tasks=20, hold=0.02)
+    fleet.start(
+        "load",
+        "heavy",
+        limits=spec,
+        tenant="heavy",
+        tasks=60,
+        hold=0.02,
+        iterations=1,
+        acquire_timeout=30,
+    )
+    fleet.start(
+        "load",
+        "light",
+        limits=spec,
+        tenant="light",
+        tasks=20,
+        hold=0.02,
+        iterations=1,
+        acquire_timeout=30,
+    )
     await fleet.ready(2)
     async with Limiter.from_url(fleet.url, limits_of(API, spec)) as lim:
         held = [await lim.acquire(API, timeout=0) for _ in range(2)]
@@ -99,8 +117,26 @@ async def test_a_tenant_behind_a_backlog_of_60_gets_its_share(fleet: Fleet) -> N
 
 async def test_weights_three_to_one_give_three_to_one(fleet: Fleet, client: Any) -> None:
     spec = {"max_concurrent": 2, "tenant_weights": {"gold": 3.0}}
-    fleet.start("tenant_load", "gold", limits=spec, tenant="gold", tasks=60, hold=0.01)
-    fleet.start("tenant_load", "free", limits=spec, tenant="free", tasks=60, hold=0.01)
+    fleet.start(
+        "load",
+        "gold",
+        limits=spec,
+        tenant="gold",
+        tasks=60,
+        hold=0.01,
+        iterations=1,
+        acquire_timeout=30,
+    )
+    fleet.start(
+        "load",
+        "free",
+        limits=spec,
+        tenant="free",
+        tasks=60,
+        hold=0.01,
+        iterations=1,
+        acquire_timeout=30,
+    )
     await fleet.ready(2)
     async with Limiter.from_url(fleet.url, limits_of(API, spec)) as lim:
         held = [await lim.acquire(API, timeout=0) for _ in range(2)]
@@ -119,8 +155,28 @@ async def test_weights_three_to_one_give_three_to_one(fleet: Fleet, client: Any)
 
 async def test_a_high_priority_request_takes_the_next_free_slot(fleet: Fleet) -> None:
     spec = {"max_concurrent": 2}
-    fleet.start("tenant_load", "low", limits=spec, tenant="batch", priority=0, tasks=32, hold=0.05)
-    fleet.start("tenant_load", "high", limits=spec, tenant="user", priority=10, tasks=1, hold=0)
+    fleet.start(
+        "load",
+        "low",
+        limits=spec,
+        tenant="batch",
+        priority=0,
+        tasks=32,
+        hold=0.05,
+        iterations=1,
+        acquire_timeout=30,
+    )
+    fleet.start(
+        "load",
+        "high",
+        limits=spec,
+        tenant="user",
+        priority=10,
+        tasks=1,
+        hold=0,
+        iterations=1,
+        acquire_timeout=30,
+    )
     await fleet.ready(2)
     async with Limiter.from_url(fleet.url, limits_of(API, spec)) as lim:
         held = [await lim.acquire(API, timeout=0) for _ in range(2)]
@@ -131,10 +187,10 @@ async def test_a_high_priority_request_takes_the_next_free_slot(fleet: Fleet) ->
         await until(lim, "successful_requests", 6)  # the low backlog is being served
         await fleet.go("high")
         got = await results(fleet, "low", "high")
-    ((sent, at, _),) = got["high"]
-    between = [a for a in got["low"] if sent <= a[1] < at]
+    ((sent, _, at, _, _),) = got["high"]
+    between = [a for a in got["low"] if sent <= a[2] < at]
     assert len(between) <= 1, f"{len(between)} low-priority admissions passed it"
-    waiting_low = [a for a in got["low"] if a[1] > at]
+    waiting_low = [a for a in got["low"] if a[2] > at]
     assert len(waiting_low) >= 20, "the low-priority backlog was gone: the test proves nothing"
 
 
@@ -144,16 +200,25 @@ async def test_aging_bounds_a_low_priority_wait_under_a_flood(
 ) -> None:
     spec: dict[str, Any] = {"max_concurrent": 2, "priority_aging": aging}
     fleet.start(
-        "tenant_load",
+        "load",
         "flood",
         limits=spec,
         tenant="users",
         priority=10,
         tasks=8,
         hold=0.02,
-        iterations=10**6,
     )
-    fleet.start("tenant_load", "low", limits=spec, tenant="batch", priority=0, tasks=1, hold=0)
+    fleet.start(
+        "load",
+        "low",
+        limits=spec,
+        tenant="batch",
+        priority=0,
+        tasks=1,
+        hold=0,
+        iterations=1,
+        acquire_timeout=30,
+    )
     await fleet.ready(2)
     async with Limiter.from_url(fleet.url, limits_of(API, spec)) as lim:
         flood_ends = time.time() + 2.5
@@ -161,9 +226,9 @@ async def test_aging_bounds_a_low_priority_wait_under_a_flood(
         await until(lim, "successful_requests", 20)
         await fleet.go("low")
         got = await results(fleet, "flood", "low")
-    ((sent, at, _),) = got["low"]
+    ((sent, _, at, _, _),) = got["low"]
     waited = (at - sent) / 1e6
-    flood_after = [a for a in got["flood"] if a[1] > at]
+    flood_after = [a for a in got["flood"] if a[2] > at]
     if aging is not None:
         assert waited <= aging + 0.3, f"waited {waited:.3f}s with priority_aging={aging}"
         assert flood_after, "the flood had ended: the test proves nothing"
