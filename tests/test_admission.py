@@ -521,3 +521,29 @@ async def test_a_handed_slot_keeps_its_admission_time_for_every_reader(
     )  # the waiter asks again
     assert [int(v) for v in again] == [1, handed_at]
     await run("release", plan, "w.1", 1, handed_at, 0, -1, 1, "")
+
+
+async def test_a_renewal_that_reports_a_hand_off_gives_the_waiter_a_full_lease(
+    make_limiter: LimiterFactory, redis_client: Any
+) -> None:
+    """A slot handed to a ticket near its end (its renewals lost in a failover or a stall)
+    is leased only until the ticket's end; the renewal that tells the waiter it holds the
+    slot must lease it in full, else the lease runs out before the waiter's next renewal
+    and a second request is admitted while the first still runs: 2 in flight of 1."""
+    lim = make_limiter({"a": APILimits(max_concurrent=1, lease_ttl=60)})
+    plan, run = lim._plans["a"], lim._runner.run
+    ticket = "w.1|1|0|0|1.0|"
+    holder = await lim.acquire("a")
+    queued = await run("acquire", plan, "w.1", 1, 0, b"wait", 1, 0, "1.0", "")
+    assert int(queued[0]) == 0
+    sec, us = await redis_client.time()
+    # The ticket's last renewal was lost: it ends 300 ms from now.
+    await redis_client.zadd("limiter:{a}:qexp", {ticket: sec * 1_000_000 + us + 300_000})
+    await holder.release()  # hands the slot to w.1, leased until its ticket's end
+    lost, admitted, gone = await run("renew", plan, 0, tail=(ticket,))
+    assert (lost, gone, admitted[0]) == ([], [], b"w.1")  # the waiter now holds the slot
+    await asyncio.sleep(0.4)  # past the ticket's end, well before a lease's (60 s)
+    with pytest.raises(AcquireTimeout):
+        await lim.acquire("a", timeout=0)  # w.1 still holds the only slot
+    lost, _, _ = await run("renew", plan, 1, tail=("w.1",))
+    assert lost == []

@@ -17,7 +17,11 @@
 -- Returns {lost, admitted, gone}:
 --   lost      slot ids whose lease was gone (the holder raises LeaseLost)
 --   admitted  flat list slot id, admission time: tickets already admitted
---             (their wake-up was missed: the waiter takes its slot now)
+--             (their wake-up was missed: the waiter takes its slot now). The
+--             waiter is alive, so its hand-over lease (which ends with its ticket's
+--             life, short when renewals were lost) becomes a full one here, as when
+--             the waiter asks again: else it could run out before the next renewal
+--             while the waiter runs
 --   gone      tickets neither queued nor admitted (expired: queue again)
 
 OPS.renew = function()
@@ -27,12 +31,10 @@ OPS.renew = function()
   prune_tickets()
 
   local lost, admitted, gone = {}, {}, {}
-  local renewed = false
   for i = TAIL_AT, TAIL_AT + SLOTS - 1 do
     local slot = ARGS[i]
     if redis.call('ZSCORE', K_HOLDERS, slot) then
       redis.call('ZADD', K_HOLDERS, int(NOW + LEASE_US), slot)
-      renewed = true
     else
       lost[#lost + 1] = slot
     end
@@ -48,6 +50,7 @@ OPS.renew = function()
     else
       local slot = parse_ticket(ticket)
       if lease_of(slot) then
+        redis.call('ZADD', K_HOLDERS, int(NOW + LEASE_US), slot)
         admitted[#admitted + 1] = slot
         admitted[#admitted + 1] = int(handed_at(slot))
       else
