@@ -103,6 +103,7 @@ OPERATIONS: Final = {
         Operation("stats", extra_keys=("config",)),
         Operation("reset"),
         Operation("weight", ("tenant", "weight", "ttl_ms:n")),
+        Operation("learn", ("ttl_ms:n",)),
         Operation("heartbeat", ("process", "ttl_ms:n"), keys=("replicas",)),
     )
 }

@@ -16,6 +16,11 @@
 --                       o:until            the runtime override's end (us; 0: no end)
 --                       o:<limit>          an overridden limit ("max_concurrent",
 --                                          "w:<period us>", "tokens")
+--                       p:until            when the limits learned from the
+--                                          provider's headers lapse (us)
+--                       p:<window>         a learned limit ("w:<period us>",
+--                                          "tokens"), always below the configured
+--                                          one; in force it lowers the limit
 --                       x:<window>         sum of (weight - 1) over the window's entries
 --                       c:<window>         the cutoff that sum was taken at (us)
 --                       e                  when the keys' TTLs are next refreshed (us):
@@ -80,20 +85,31 @@ local function int(x) return string.format('%d', math.floor(x)) end
 local NOW, NOW_S, MAXC, W, LONGEST_R, LONGEST_T
 
 -- The windows, shortest first within each log, from the configuration. kind "r"
--- weighs a request by its cost, "t" by its tokens.
+-- weighs a request by its cost, "t" by its tokens. The tables are made once per
+-- configuration (a table costs more Redis time than resetting five fields) and
+-- every per-call field is reset here, at the start of each call.
 local function windows()
-  W, LONGEST_R, LONGEST_T = {}, nil, nil
-  for i, spec in ipairs(WINDOWS) do
-    local w = {id = spec.id, limit = spec.limit, period = spec.period,
-               kind = 't', log = K_TOKENS, extra = 0, cut = 0, used = 0}
-    if i <= REQUEST_WINDOWS then
-      w.kind, w.log = 'r', K_REQUESTS
+  local list = WINDOWS.w
+  if not list then
+    list = {}
+    for i, spec in ipairs(WINDOWS) do
+      list[i] = {id = spec.id, period = spec.period,
+                 kind = (i <= REQUEST_WINDOWS) and 'r' or 't'}
+    end
+    WINDOWS.w = list
+  end
+  LONGEST_R, LONGEST_T = nil, nil
+  for i, w in ipairs(list) do
+    w.limit, w.extra, w.cut, w.used = WINDOWS[i].limit, 0, 0, 0
+    if w.kind == 'r' then
+      w.log = K_REQUESTS
       LONGEST_R = w -- the configuration lists each log's windows shortest first
     else
+      w.log = K_TOKENS
       LONGEST_T = w
     end
-    W[i] = w
   end
+  W = list
 end
 
 local function weight_of(member)
@@ -111,16 +127,22 @@ local function set_state(field, value)
   PENDING[#PENDING + 1] = value
 end
 
--- Read the cooldown, the override, the extras and when TTLs are next due in one
--- HMGET; apply the override in force to MAXC and the windows' limits.
+-- Read the cooldown, the override, the learned limits, the extras and when TTLs
+-- are next due in one HMGET; apply the override in force to MAXC and the windows'
+-- limits, then a learned limit in force where it is lower.
 local function load_state()
   if LOADED then return end
   LOADED = true
-  local fields = {'cooldown', 'o:until', 'e', 'o:max_concurrent'}
-  for _, w in ipairs(W) do
-    fields[#fields + 1] = 'o:' .. w.id
-    fields[#fields + 1] = 'x:' .. w.id
-    fields[#fields + 1] = 'c:' .. w.id
+  local fields = WINDOWS.fields -- made once per configuration (see bind_config)
+  if not fields then
+    fields = {'cooldown', 'o:until', 'e', 'o:max_concurrent', 'p:until'}
+    for _, spec in ipairs(WINDOWS) do
+      fields[#fields + 1] = 'o:' .. spec.id
+      fields[#fields + 1] = 'x:' .. spec.id
+      fields[#fields + 1] = 'c:' .. spec.id
+      fields[#fields + 1] = 'p:' .. spec.id
+    end
+    WINDOWS.fields = fields
   end
   local v = redis.call('HMGET', K_STATE, unpack_list(fields))
   if v[1] then COOLDOWN = tonumber(v[1]) end
@@ -129,13 +151,15 @@ local function load_state()
   local ends = OVERRIDE_UNTIL
   local override = ends and (ends == 0 or ends > NOW)
   if override and v[4] then MAXC = tonumber(v[4]) end
+  local learned = v[5] and tonumber(v[5]) > NOW
   for i, w in ipairs(W) do
-    local at = 5 + 3 * (i - 1)
+    local at = 6 + 4 * (i - 1)
     if override and v[at] then w.limit = tonumber(v[at]) end
     if v[at + 1] then
       w.extra = tonumber(v[at + 1])
       w.cut = tonumber(v[at + 2])
     end
+    if learned and v[at + 3] then w.limit = math.min(w.limit, tonumber(v[at + 3])) end
   end
 end
 
@@ -206,7 +230,8 @@ end
 -- Add n to a total. A field that did not exist may mean a new hash: flush()
 -- then gives it its TTL.
 local function count(field, n)
-  if redis.call('HINCRBY', K_STATE, field, n) == n then load_state() end
+  -- ('1' as text: a number argument costs Redis a float-to-text conversion)
+  if redis.call('HINCRBY', K_STATE, field, n == 1 and '1' or n) == n then load_state() end
 end
 
 -- Leases ------------------------------------------------------------------
@@ -322,7 +347,7 @@ end
 -- One entry of weight n in the log whose longest window is `longest`; a log
 -- that was empty (a new key) gets its TTL now.
 local function log_entry(longest, slot, n, fresh)
-  redis.call('ZADD', longest.log, NOW_S, slot .. '|' .. int(n))
+  redis.call('ZADD', longest.log, NOW_S, slot .. (n == 1 and '|1' or '|' .. int(n)))
   add_weight(longest.kind, n)
   if fresh then redis.call('PEXPIRE', longest.log, ttl(longest.period)) end
 end

@@ -10,7 +10,9 @@
 --          waiting by priority (flat priority, count list), tenants (flat
 --          tenant, waiting, admitted, service list: every tenant waiting, from
 --          the first 10,000 tickets), weights set at run time (flat tenant,
---          weight, ms left (-1: no end) list)}.
+--          weight, ms left (-1: no end) list), limits learned from the
+--          provider (flat window id, limit list, names without "p:"; empty when
+--          they lapsed), their ms left (-2: none)}.
 --          Expired leases and tickets are not counted even when no script has
 --          pruned them yet.
 
@@ -23,6 +25,18 @@ OPS.stats = function()
   for i = 1, #raw, 2 do by[raw[i]] = raw[i + 1] end
   local u = tonumber(by['o:until'])
   local active = u and (u == 0 or u > NOW)
+  local pu = tonumber(by['p:until'])
+  local learned, learned_ms = {}, -2
+  if pu and pu > NOW then
+    learned_ms = math.ceil((pu - NOW) / 1000)
+    for _, spec in ipairs(WINDOWS) do
+      local limit = by['p:' .. spec.id]
+      if limit then
+        learned[#learned + 1] = spec.id
+        learned[#learned + 1] = limit
+      end
+    end
+  end
   for i = 1, #raw, 2 do
     local field = raw[i]
     local name = string.match(field, '^o:(.*)$')
@@ -102,5 +116,6 @@ OPS.stats = function()
   contended()
   local weights = weights_in_force(false)
   return {in_flight, waiting, math.ceil(cooldown / 1000), totals, used, override, ttl,
-          redis.call('EXISTS', K_CONFIG), prio_list, tenant_list, weights}
+          redis.call('EXISTS', K_CONFIG), prio_list, tenant_list, weights, learned,
+          learned_ms}
 end

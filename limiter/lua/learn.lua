@@ -1,0 +1,68 @@
+-- learn.lua: limits a provider reported in its own response headers, for every
+-- replica (Limiter.learn_limits; LimitedTransport calls it for an API with
+-- APILimits.learn_from_headers).
+--
+-- KEYS: the API's keys (_common.lua); only K_STATE is written: "p:<window id>",
+-- one learned limit per window, and "p:until", when all of them lapse unless a
+-- provider reports them again. ARGV: the call's own, then the API's configuration,
+-- then a tail (limiter/_contract.py binds them):
+--   TTL_MS             how long the limits reported now stand, milliseconds (> 0)
+--   ARGV[TAIL_AT ...]  window id, limit pairs: the provider's limit for that window
+--                      ("w:<period us>" or "tokens"; an integer >= 1). A limit below
+--                      the configured one is learned; one at or above it clears what
+--                      was learned for that window. An id the API lacks, or a limit
+--                      that is not an integer >= 1, is ignored.
+--
+-- A learned limit only ever lowers: an admission applies the least of the limit in
+-- force (configured or overridden) and the learned one. Every call that learns
+-- something renews p:until for every learned limit still standing.
+--
+-- Returns {learned (flat window id, limit list), ms left (-2: nothing learned)}.
+
+OPS.learn = function()
+  refresh_now() -- the state hash's TTL is set again at flush()
+  local set, drop = {}, {}
+  for i = TAIL_AT, #ARGS - 1, 2 do
+    local id, limit = ARGS[i], tonumber(ARGS[i + 1])
+    for _, spec in ipairs(WINDOWS) do
+      if spec.id == id and limit and limit >= 1 and limit == math.floor(limit) then
+        if limit < spec.limit then
+          set[#set + 1] = 'p:' .. id
+          set[#set + 1] = int(limit)
+        else
+          drop[#drop + 1] = 'p:' .. id
+        end
+      end
+    end
+  end
+  if #drop > 0 then redis.call('HDEL', K_STATE, unpack_list(drop)) end
+  -- (a limit that rose may let waiters in now: the queue moves below)
+  if #set > 0 then
+    set[#set + 1] = 'p:until'
+    set[#set + 1] = int(NOW + TTL_MS * 1000)
+    redis.call('HSET', K_STATE, unpack_list(set))
+  end
+
+  -- What stands now (a lapsed p:until stands for nothing; its fields are dropped).
+  local fields = {'p:until'}
+  for _, spec in ipairs(WINDOWS) do fields[#fields + 1] = 'p:' .. spec.id end
+  local v = redis.call('HMGET', K_STATE, unpack_list(fields))
+  local untl = tonumber(v[1])
+  local flat, gone = {}, {}
+  for i = 2, #fields do
+    if v[i] then
+      if untl and untl > NOW then
+        flat[#flat + 1] = string.sub(fields[i], 3)
+        flat[#flat + 1] = v[i]
+      else
+        gone[#gone + 1] = fields[i]
+      end
+    end
+  end
+  if #flat == 0 and v[1] then gone[#gone + 1] = 'p:until' end
+  if #gone > 0 then redis.call('HDEL', K_STATE, unpack_list(gone)) end
+  if #drop > 0 then move_queue() end
+  flush()
+  if #flat == 0 then return {flat, -2} end
+  return {flat, math.ceil((untl - NOW) / 1000)}
+end
