@@ -5,6 +5,15 @@ Everything runs as separate processes on 127.0.0.1 and free ports, started and s
 The demo scales the providers' windows down (a 5 s "minute") so that a run of a minute
 or two crosses many windows; the limiter gets exactly the same limits as the fakes.
 
+With ``without_seconds`` (``--without-seconds``, 8 s by default from the command line), as
+many more replicas start with the cluster, each with a limiter of its own (its own
+``LIMITER_NAMESPACE``: it keeps the limits by itself, as the original per-process
+``asyncio.Semaphore`` did, and knows nothing of the others). After the run, the same users
+send the same messages to those for that many seconds, to the same fakes (their records
+reset first), and the report shows what the providers saw then next to the shared
+limiter's 0 excess (:func:`run_without`). ``--keep`` leaves the cluster running after the
+report until Ctrl-C (:func:`keep_running`).
+
 ``--noisy-user`` runs the scenario twice, each on a cluster of its own: as is, then with a
 noisy user and a batch job (``POST /batch``, priority 0) pressing on the same limits, and
 compares the ordinary users' waits in the limiter (:func:`run_noisy`).
@@ -23,21 +32,33 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import httpx2
+from prometheus_client.parser import text_string_to_metric_families
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from limiter.testing import RedisServer, free_port
 
+from .fakes._common import max_in_window
 from .load import BATCH_JOB, NOISY_USER, LoadResult, run_load
 
-__all__ = ["ClusterConfig", "ClusterReport", "NoisyReport", "run_cluster", "run_noisy"]
+__all__ = [
+    "ClusterConfig",
+    "ClusterReport",
+    "NoisyReport",
+    "keep_running",
+    "run_cluster",
+    "run_noisy",
+    "run_on",
+    "run_without",
+]
 
 OPENAI_KEY = "sk-fake-openai-key"
 ZAPIER_TOKEN = "fake-zapier-token"
@@ -72,6 +93,9 @@ class ClusterConfig:
     noisy_in_flight: int = 4
     #: Items a batch job keeps in flight at POST /batch (priority 0) meanwhile (0: none).
     batch_workers: int = 0
+    #: Seconds of the same load, after the run, on as many replicas that each keep the
+    #: limits by themselves (no shared limiter); 0: no such phase, and no such replicas.
+    without_seconds: float = 0.0
 
     def limits_json(self) -> str:
         return json.dumps(
@@ -110,6 +134,22 @@ class ClusterReport:
     killed: str | None = None
     #: Last time (time.monotonic) OpenAI's window held a request back.
     saturated_until: float | None = None
+    #: The limiter's cluster-wide ``stats()`` per API at the end of the load (a replica's
+    #: ``/stats``); empty when no replica answered.
+    stats: dict[str, Any] = field(default_factory=dict)
+    #: Seconds the replicas' admissions waited in the limiter, per API, all replicas summed
+    #: (the sums of their ``limiter_wait_seconds`` histograms; a killed replica's are lost).
+    waited: dict[str, float] = field(default_factory=dict)
+    #: The same users on replicas without a shared limiter, for ``without_seconds``.
+    without: ClusterReport | None = None
+
+    @property
+    def openai_sent_in_window(self) -> int:
+        """The most requests that reached OpenAI within one of its rolling windows, the
+        ones it refused (429) included: by its own record's arrival times."""
+        times = [float(t) for t in self.openai.get("arrivals", [])]
+        times += [float(r["t"]) for r in self.openai.get("rejections", [])]
+        return max_in_window(times, self.config.openai_window)
 
     @property
     def excess(self) -> dict[str, int]:
@@ -134,7 +174,7 @@ class ClusterReport:
         the limit, set the pace): the window allows ``limit`` per ``period`` (the window
         margin's cost is part of what this measures).
         """
-        arrivals = sorted(self.openai.get("arrivals", []))
+        arrivals = sorted(float(t) for t in self.openai.get("arrivals", []))
         if len(arrivals) < 2 or self.saturated_until is None:
             return 0.0
         period = self.config.openai_window
@@ -204,6 +244,8 @@ class Cluster:
         self.config = config
         self.procs: list[_Proc] = []
         self.replicas: list[tuple[_Proc, str]] = []
+        #: Replicas that each keep the limits alone (``config.without_seconds``).
+        self.alone: list[tuple[_Proc, str]] = []
         self.redis: RedisServer | None = None
         self.openai_url = ""
         self.zapier_url = ""
@@ -258,10 +300,20 @@ class Cluster:
         self.zapier_url = f"http://127.0.0.1:{port}"
         for i in range(c.replicas):
             self.add_replica(f"replica-{i + 1}")
-        for proc, url in self.replicas:
+        if c.without_seconds > 0:
+            for i in range(c.replicas):
+                # A namespace of its own: its limiter sees no other replica's calls.
+                name = f"alone-{i + 1}"
+                self.alone.append(self._spawn_replica(name, namespace=name))
+        for proc, url in [*self.replicas, *self.alone]:
             _wait_healthy(proc, url)
 
     def add_replica(self, name: str) -> str:
+        proc, url = self._spawn_replica(name)
+        self.replicas.append((proc, url))
+        return url
+
+    def _spawn_replica(self, name: str, namespace: str | None = None) -> tuple[_Proc, str]:
         assert self.redis is not None
         port = free_port()
         env = {
@@ -274,16 +326,24 @@ class Cluster:
             "TICKET_TTL": str(self.config.ticket_ttl),
             "REPLICA_NAME": name,
         }
+        if namespace is not None:
+            env["LIMITER_NAMESPACE"] = namespace
         argv = [sys.executable, "-m", "chatbot", "serve", "--port", str(port)]
         proc = _Proc(name, self.logdir, argv, env)
         self.procs.append(proc)
-        url = f"http://127.0.0.1:{port}"
-        self.replicas.append((proc, url))
-        return url
+        return proc, f"http://127.0.0.1:{port}"
 
     @property
     def urls(self) -> list[str]:
         return [url for _, url in self.replicas]
+
+    @property
+    def pids(self) -> dict[str, int]:
+        """The processes this cluster started and has not stopped yet, by name."""
+        out = {p.name: p.popen.pid for p in self.procs if p.popen.poll() is None}
+        if self.redis is not None and self.redis.process is not None:
+            out["redis-server"] = self.redis.process.pid
+        return out
 
     def records(self) -> tuple[dict[str, Any], dict[str, Any]]:
         with httpx2.Client(timeout=10) as client:
@@ -291,14 +351,72 @@ class Cluster:
             z = client.get(f"{self.zapier_url}/admin/record").json()
         return o, z
 
+    def reset_records(self) -> None:
+        """Both fakes forget their record and their windows (``POST /admin/reset``)."""
+        with httpx2.Client(timeout=10) as client:
+            for url in (self.openai_url, self.zapier_url):
+                client.post(f"{url}/admin/reset").raise_for_status()
+
+    def limiter_view(self) -> tuple[dict[str, Any], dict[str, float]]:
+        """The limiter's cluster-wide stats per API (from the first replica that answers
+        ``/stats``) and the seconds its admissions waited per API, summed over the live
+        replicas' ``limiter_wait_seconds``."""
+        stats: dict[str, Any] = {}
+        waited: dict[str, float] = {}
+        with httpx2.Client(timeout=10) as client:
+            for proc, url in self.replicas:
+                if proc.popen.poll() is not None:
+                    continue
+                try:
+                    if not stats:
+                        stats = client.get(f"{url}/stats").json()["apis"]
+                    text = client.get(f"{url}/metrics").text
+                except httpx2.HTTPError:
+                    continue
+                for family in text_string_to_metric_families(text):
+                    for sample in family.samples:
+                        if sample.name == "limiter_wait_seconds_sum":
+                            api = sample.labels["api"]
+                            waited[api] = waited.get(api, 0.0) + sample.value
+        return stats, waited
+
+    def stop_alone(self) -> None:
+        """SIGKILL the replicas without a shared limiter, all at once: nothing they still
+        had under way reaches the providers after their phase."""
+        for proc, _ in self.alone:
+            if proc.popen.poll() is None:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(proc.popen.pid, signal.SIGKILL)
+        for proc, _ in self.alone:
+            proc.popen.wait()
+
     def stop(self) -> None:
-        for proc in reversed(self.procs):
-            proc.stop()
-        self.procs.clear()
-        if self.redis is not None:
-            self.redis.stop()
-            self.redis = None
-        shutil.rmtree(self.logdir, ignore_errors=True)
+        with _uninterrupted():
+            for proc in reversed(self.procs):
+                proc.stop()
+            self.procs.clear()
+            if self.redis is not None:
+                self.redis.stop()
+                self.redis = None
+            shutil.rmtree(self.logdir, ignore_errors=True)
+
+
+_STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+
+
+@contextlib.contextmanager
+def _uninterrupted() -> Iterator[None]:
+    """Ctrl-C (and SIGTERM, SIGHUP) ignored meanwhile, in the main thread: a second one
+    while the cluster stops must not cut the stopping short and leave processes behind."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = {sig: signal.signal(sig, signal.SIG_IGN) for sig in _STOP_SIGNALS}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 def _wait_healthy(proc: _Proc, url: str, timeout: float = 60.0) -> None:
@@ -401,17 +519,90 @@ async def _drive(
 def run_cluster(
     config: ClusterConfig, *, console: Console | None = None, kill_one: bool = False
 ) -> ClusterReport:
-    """Start everything, drive the load, stop everything, and return the report."""
-    console = console or Console()
+    """Start everything, drive the load (then, with ``config.without_seconds``, the same
+    load without a shared limiter), stop everything, and return the report."""
     with Cluster(config) as cluster:
-        console.print(
-            f"[bold]cluster up:[/] redis {cluster.redis.url if cluster.redis else '?'}, "
-            f"fake OpenAI {cluster.openai_url}, fake Zapier {cluster.zapier_url}, "
-            f"{config.replicas} replicas"
+        return run_on(cluster, console=console, kill_one=kill_one)
+
+
+def run_on(
+    cluster: Cluster, *, console: Console | None = None, kill_one: bool = False
+) -> ClusterReport:
+    """Drive the load on a started ``cluster`` and return the report (the cluster runs on).
+
+    With ``without_seconds``, then runs :func:`run_without` (which stops the replicas
+    without a shared limiter and leaves both fakes' records reset)."""
+    console = console or Console()
+    config = cluster.config
+    alone = f" (+{len(cluster.alone)} without a shared limiter)" if cluster.alone else ""
+    console.print(
+        f"[bold]cluster up:[/] redis {cluster.redis.url if cluster.redis else '?'}, "
+        f"fake OpenAI {cluster.openai_url}, fake Zapier {cluster.zapier_url}, "
+        f"{config.replicas} replicas{alone}"
+    )
+    if cluster.alone:
+        console.rule(f"1/2: {config.replicas} replicas sharing the limiter")
+    load, killed, saturated_until = asyncio.run(_drive(cluster, console, kill_one))
+    openai_record, zapier_record = cluster.records()
+    stats, waited = cluster.limiter_view()
+    report = ClusterReport(
+        config, load, openai_record, zapier_record, killed, saturated_until, stats, waited
+    )
+    if cluster.alone:
+        report.without = run_without(cluster, console)
+    return report
+
+
+def run_without(cluster: Cluster, console: Console) -> ClusterReport:
+    """The same users and messages for ``without_seconds``, on the replicas that each keep
+    the limits alone (``Cluster.alone``), against the same fakes, their records reset
+    first; then those replicas are SIGKILLed (nothing of theirs reaches the providers after
+    the phase), the fakes' records read and reset again."""
+    config = cluster.config
+    seconds = config.without_seconds
+    console.rule(f"2/2: the same users for {seconds:g}s, each replica limiting itself")
+    cluster.reset_records()
+    urls = [url for _, url in cluster.alone]
+    try:
+        load = asyncio.run(_drive_without(urls, config, console))
+    finally:
+        cluster.stop_alone()
+    openai_record, zapier_record = cluster.records()
+    cluster.reset_records()
+    return ClusterReport(config, load, openai_record, zapier_record)
+
+
+async def _drive_without(urls: list[str], config: ClusterConfig, console: Console) -> LoadResult:
+    seconds = config.without_seconds
+    progress = Progress(
+        TextColumn("[bold]without"),
+        BarColumn(),
+        TextColumn("{task.fields[status]}"),
+        TimeElapsedColumn(),
+        console=console,
+        transient=False,
+    )
+    with progress:
+        task = progress.add_task("without", total=seconds, status="")
+
+        def on_progress(result: LoadResult) -> None:
+            errors = sum(result.errors.values())
+            progress.update(
+                task,
+                completed=min(seconds, time.monotonic() - result.started),
+                status=f"answered {result.answered}, errors {errors}",
+            )
+
+        result = await run_load(
+            urls,
+            config.users,
+            config.messages,
+            tool_every=config.tool_every,
+            progress=on_progress,
+            duration=seconds,
         )
-        load, killed, saturated_until = asyncio.run(_drive(cluster, console, kill_one))
-        openai_record, zapier_record = cluster.records()
-    return ClusterReport(config, load, openai_record, zapier_record, killed, saturated_until)
+        progress.update(task, completed=seconds)
+    return result
 
 
 @dataclass
@@ -517,7 +708,7 @@ def print_noisy_report(report: NoisyReport, console: Console) -> None:
 
 def _summary(report: ClusterReport) -> dict[str, Any]:
     load = report.load
-    return {
+    out: dict[str, Any] = {
         "excess": report.excess,
         "openai_utilisation": report.openai_utilisation,
         "answered": load.answered,
@@ -527,7 +718,25 @@ def _summary(report: ClusterReport) -> dict[str, Any]:
         "p99": load.percentile(0.99),
         "wait_p50": load.wait_percentile(0.5),
         "wait_p99": load.wait_percentile(0.99),
+        "openai_requests": report.openai["admitted"],
+        "tool_messages": sum(x.tool_messages for x in _loads(load)),
+        "zapier_actions": report.zapier["executed"],
+        "limiter_waited": report.waited,
+        "openai_sent_in_window": report.openai_sent_in_window,
     }
+    without = report.without
+    if without is not None:
+        out["without"] = {
+            "seconds": report.config.without_seconds,
+            "answered": without.load.answered,
+            "errors": without.load.errors,
+            "cut_off": without.load.cut_off,
+            "openai_sent_in_window": without.openai_sent_in_window,
+            "openai_429s": without.openai["rejected"],
+            "zapier_429s": without.zapier["rejected_429_by_reason"],
+            "excess": without.excess,
+        }
+    return out
 
 
 def _noisy_summary(report: NoisyReport) -> dict[str, Any]:
@@ -545,6 +754,153 @@ def _noisy_summary(report: NoisyReport) -> dict[str, Any]:
             }
     out["p99_ratio"] = report.p99_ratio
     return out
+
+
+def _loads(load: LoadResult) -> list[LoadResult]:
+    """The ordinary users' result and, when there were any, the noisy user's and the batch
+    job's: everything that made OpenAI requests."""
+    return [x for x in (load, load.noisy, load.batch) if x is not None]
+
+
+def _requests_line(report: ClusterReport) -> str:
+    """Why OpenAI saw more requests than messages, from the fakes' records and the answers."""
+    loads = _loads(report.load)
+    answered = sum(x.answered for x in loads)
+    tools = sum(x.tool_messages for x in loads)
+    requests = int(report.openai["admitted"])
+    what = "messages" if len(loads) == 1 else "messages and batch items"
+    line = (
+        f"[bold]{requests} OpenAI requests for {answered} {what}:[/] {tools} used a Zapier "
+        f"tool (Zapier ran {report.zapier['executed']} actions), and each of those needs a "
+        "second completion (the model asks for the tool, the replica runs it, the model "
+        f"answers with its result): {answered} + {tools} = {answered + tools}."
+    )
+    other = requests - answered - tools
+    if other > 0:
+        line += (
+            f" The other {other} were made for messages the replica that made them did not "
+            "answer (an error, or a replica killed mid-run)."
+        )
+    elif other < 0:
+        line += f" ({-other} fewer than that reached OpenAI: the records disagree.)"
+    return line
+
+
+def _print_time(report: ClusterReport, console: Console) -> None:
+    """Time to answer next to the part of it spent waiting in the limiter, and why."""
+    c, load = report.config, report.load
+    slow = load.slowest(0.99)
+    if not slow:
+        return
+    slow_t = sum(t for t, _ in slow) / len(slow)
+    slow_w = sum(w for _, w in slow) / len(slow)
+    table = Table(title="Time per message, and the part of it waiting in the limiter")
+    table.add_column("per message", no_wrap=True)
+    for col in ("p50", "p99", f"slowest 1% ({len(slow)}), mean"):
+        table.add_column(col, justify="right")
+    table.add_row(
+        "sent to answered",
+        f"{load.percentile(0.5):.2f}s",
+        f"{load.percentile(0.99):.2f}s",
+        f"{slow_t:.2f}s",
+    )
+    table.add_row(
+        "waiting in the limiter",
+        f"{load.wait_percentile(0.5):.2f}s",
+        f"{load.wait_percentile(0.99):.2f}s",
+        f"{slow_w:.2f}s",
+    )
+    console.print(table)
+    window = f"rate:{c.openai_window:g}s"
+    o = report.stats.get("openai", {})
+    z = report.stats.get("zapier", {})
+    held = o.get("refusals", {})
+    if report.waited:
+        waited = ", ".join(f"{api} {s:.1f}s" for api, s in sorted(report.waited.items()))
+        console.print(
+            f"Waiting in the limiter, all replicas summed (limiter_wait_seconds): {waited}. "
+            f"Of the {o.get('total_requests', 0)} OpenAI requests, {held.get(window, 0)} "
+            f"first waited for room in the {c.openai_per_window} per {c.openai_window:g}s "
+            f"window, {held.get('concurrency', 0)} for one of the {c.openai_concurrent} slots."
+        )
+    share = slow_w / slow_t if slow_t > 0 else 0.0
+    calls = (
+        f"an OpenAI call takes {o.get('average_response_time', 0.0):.2f}s on average, a "
+        f"Zapier action {z.get('average_response_time', 0.0):.2f}s"
+    )
+    if share >= 0.5 and held.get(window, 0) > 0:
+        why = "a long p99 is requests queued for the rolling window, not slow calls"
+    elif share >= 0.5:
+        why = "a long p99 is requests queued for a free slot, not slow calls"
+    elif report.killed:
+        why = (
+            "the slowest messages spent most of their time outside the limiter's queue (in "
+            "the calls, or lost with the replica killed mid-run)"
+        )
+    else:
+        why = "the slowest messages spent most of their time in the calls, not in the queue"
+    console.print(
+        f"[bold]The p99:[/] the slowest 1% of messages took {slow_t:.2f}s, {slow_w:.2f}s "
+        f"({share:.0%}) of it waiting in the limiter; {calls}: {why}."
+    )
+
+
+def _print_without(report: ClusterReport, without: ClusterReport, console: Console) -> None:
+    """The shared limiter's run next to the same users on replicas that each keep the
+    limits alone, as the fakes recorded both."""
+    c = report.config
+    ow = f"{c.openai_window:g}s"
+    table = Table(title="With and without a shared limiter (the providers' records)")
+    table.add_column("", no_wrap=True)
+    table.add_column("limit", justify="right")
+    table.add_column(f"shared, {report.load.elapsed:.0f}s", justify="right")
+    table.add_column(f"per replica, {c.without_seconds:g}s", justify="right")
+
+    def cell(value: int, limit: int = 0) -> str:
+        return f"[red]{value}[/]" if value > limit else f"[green]{value}[/]"
+
+    runs = (report, without)
+    rows: list[tuple[str, str, list[str]]] = [
+        ("messages answered", "", [str(r.load.answered) for r in runs]),
+        ("messages failed", "", [str(sum(r.load.errors.values())) for r in runs]),
+        (
+            f"OpenAI requests sent in a {ow} window",
+            str(c.openai_per_window),
+            [cell(r.openai_sent_in_window, c.openai_per_window) for r in runs],
+        ),
+        (
+            "OpenAI 429s, in flight full",
+            "0",
+            [cell(int(r.openai["rejected"]["concurrency"])) for r in runs],
+        ),
+        (
+            "OpenAI 429s, window full",
+            "0",
+            [cell(int(r.openai["rejected"]["requests"])) for r in runs],
+        ),
+        ("Zapier 429s", "0", [cell(int(r.zapier["rejected_429"])) for r in runs]),
+    ]
+    for name, limit, values in rows:
+        table.add_row(name, limit, *values)
+    console.print(table)
+    sent, o429 = without.openai_sent_in_window, int(without.openai["rejected_total"])
+    errors = without.load.errors
+    failed = f"{sum(errors.values())} messages failed"
+    if errors:
+        failed += f" ({', '.join(f'{k}: {v}' for k, v in sorted(errors.items()))})"
+    if without.load.cut_off:
+        failed += f", {without.load.cut_off} unanswered at the end"
+    console.print(
+        f"[bold]Without a shared limiter[/] (each replica with a limiter of its own, like the "
+        f"original per-process asyncio.Semaphore: {c.openai_concurrent} in flight and "
+        f"{c.openai_per_window} per {ow} each), the {c.replicas} replicas together sent "
+        f"OpenAI {sent} requests in one {ow} window (limit {c.openai_per_window}, the "
+        "refused ones included) and got "
+        f"{o429} 429s in {c.without_seconds:g}s (Zapier: {without.zapier['rejected_429']}); "
+        f"{failed}. With the shared limiter: "
+        f"{report.openai_sent_in_window} requests, "
+        f"{report.openai['rejected_total'] + report.zapier['rejected_429']} 429s."
+    )
 
 
 def print_report(report: ClusterReport, console: Console) -> None:
@@ -573,6 +929,8 @@ def print_report(report: ClusterReport, console: Console) -> None:
         f"{load.percentile(0.99):.2f}s",
     )
     console.print(table)
+    console.print(_requests_line(report))
+    _print_time(report, console)
     o, z = report.openai, report.zapier
     referee = Table(title="Providers' own records (the referee)")
     for col in ("limit", "allowed", "max seen", "excess"):
@@ -602,9 +960,64 @@ def print_report(report: ClusterReport, console: Console) -> None:
             f"{report.killed} was SIGKILLed mid-run; its slots came back by lease; "
             f"{load.resent} messages were sent again to another replica."
         )
+    if report.without is not None:
+        _print_without(report, report.without, console)
     total_excess = sum(report.excess.values())
     verdict = "[green]0 excess at the providers" if total_excess == 0 else "[red]LIMITS EXCEEDED"
     console.print(f"[bold]{verdict}[/]")
+
+
+def _watch_command(redis_url: str) -> str:
+    """The ``limiter stats --watch`` command line for this cluster's Redis: the
+    ``limiter`` script beside this Python when the shell's ``limiter`` is another one."""
+    script = os.path.join(os.path.dirname(sys.executable), "limiter")
+    if not os.path.exists(script):
+        return f"{sys.executable} -m limiter --url {redis_url} stats --watch"
+    found = shutil.which("limiter")
+    if found is None or os.path.realpath(found) != os.path.realpath(script):
+        relative = os.path.relpath(script)
+        limiter = relative if not relative.startswith("..") else script
+    else:
+        limiter = "limiter"
+    return f"{limiter} --url {redis_url} stats --watch"
+
+
+def keep_running(cluster: Cluster, console: Console) -> None:
+    """Say how to watch, use and stop the still running ``cluster``, then wait for Ctrl-C
+    (or SIGTERM or SIGHUP, which :func:`main` turns into the same). Returns then: the
+    caller's ``with Cluster(...)`` stops everything."""
+    assert cluster.redis is not None
+    pids = cluster.pids
+    url = cluster.urls[0]
+    console.print()
+    console.rule("--keep: the cluster runs on")
+    console.print(f"watch it:        {_watch_command(cluster.redis.url)}", soft_wrap=True)
+    console.print(
+        f"send a message:  curl -s {url}/messages -H 'content-type: application/json' "
+        """-d '{"user_id": "you", "text": "Please send an email to ana@example.com"}'""",
+        soft_wrap=True,
+    )
+    console.print(
+        f"replicas:        {' '.join(cluster.urls)}; the fakes' records: "
+        f"{cluster.openai_url}/admin/record, {cluster.zapier_url}/admin/record",
+        soft_wrap=True,
+    )
+    running = ", ".join(f"{name} {pid}" for name, pid in sorted(pids.items()))
+    console.print(f"processes:       {running}", soft_wrap=True)
+    console.print(
+        f"stop it:         Ctrl-C, or kill {os.getpid()}: Redis, both fakes and the "
+        "replicas stop with it",
+        soft_wrap=True,
+    )
+    try:
+        while True:
+            signal.pause()
+    except KeyboardInterrupt:
+        console.print(f"stopping {len(pids)} processes ...")
+
+
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt(signal.Signals(signum).name)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -615,6 +1028,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--users", type=int, default=30)
     parser.add_argument("--messages", type=int, default=8)
     parser.add_argument("--kill-one", action="store_true", help="SIGKILL a replica mid-run")
+    parser.add_argument(
+        "--without-seconds",
+        type=float,
+        default=8.0,
+        help="after the run, the same users for this long on as many replicas that each "
+        "keep the limits alone (no shared limiter), to compare what the providers saw; "
+        "0: skip (default: 8)",
+    )
+    parser.add_argument(
+        "--keep",
+        action="store_true",
+        help="leave Redis, the fakes and the replicas running after the report, until Ctrl-C",
+    )
     parser.add_argument(
         "--noisy-user",
         action="store_true",
@@ -634,20 +1060,43 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.noisy_user and args.kill_one:
         parser.error("--noisy-user and --kill-one do not go together")
+    if args.noisy_user and args.keep:
+        parser.error("--noisy-user runs two clusters: --keep does not go with it")
+    if not (math.isfinite(args.without_seconds) and args.without_seconds >= 0):
+        parser.error("--without-seconds must be a number of seconds >= 0")
     config = ClusterConfig(replicas=args.replicas, users=args.users, messages=args.messages)
     console = Console()
-    if args.noisy_user:
-        noisy = run_noisy(
-            config, console=console, noisy=args.noisy_factor, batch_workers=args.batch_workers
-        )
-        print_noisy_report(noisy, console)
-        if args.json:
-            with open(args.json, "w") as fh:
-                json.dump(_noisy_summary(noisy), fh, indent=2)
-        return 0 if sum(noisy.excess.values()) == 0 else 1
-    report = run_cluster(config, console=console, kill_one=args.kill_one)
-    print_report(report, console)
-    if args.json:
-        with open(args.json, "w") as fh:
-            json.dump(_summary(report), fh, indent=2)
-    return 0 if sum(report.excess.values()) == 0 else 1
+    # SIGTERM and SIGHUP (a closed terminal) stop everything as Ctrl-C does: the children
+    # run in sessions of their own, so nothing else would stop them. A signal this process
+    # was started ignoring (nohup, a background job) stays ignored.
+    previous = {
+        sig: signal.signal(sig, _interrupt)
+        for sig in (signal.SIGTERM, signal.SIGHUP)
+        if signal.getsignal(sig) is not signal.SIG_IGN
+    }
+    try:
+        if args.noisy_user:
+            noisy = run_noisy(
+                config, console=console, noisy=args.noisy_factor, batch_workers=args.batch_workers
+            )
+            print_noisy_report(noisy, console)
+            if args.json:
+                with open(args.json, "w") as fh:
+                    json.dump(_noisy_summary(noisy), fh, indent=2)
+            return 0 if sum(noisy.excess.values()) == 0 else 1
+        config = replace(config, without_seconds=args.without_seconds)
+        with Cluster(config) as cluster:
+            report = run_on(cluster, console=console, kill_one=args.kill_one)
+            print_report(report, console)
+            if args.json:
+                with open(args.json, "w") as fh:
+                    json.dump(_summary(report), fh, indent=2)
+            if args.keep:
+                keep_running(cluster, console)
+        return 0 if sum(report.excess.values()) == 0 else 1
+    except KeyboardInterrupt:
+        console.print("[yellow]interrupted: everything it started is stopped")
+        return 130
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)

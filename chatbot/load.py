@@ -50,6 +50,11 @@ class LoadResult:
     #: ``limiter_wait``: every OpenAI and Zapier admission of the message, summed).
     waits: list[float] = field(default_factory=list)
     tool_calls: int = 0
+    #: Answered messages whose answer ran at least one Zapier tool (each of those takes a
+    #: second OpenAI completion: the model asks for the tool, then answers with its result).
+    tool_messages: int = 0
+    #: With ``duration``: messages still unanswered when the load stopped (not errors).
+    cut_off: int = 0
     #: Messages sent again to another replica after one failed to answer (crashed).
     resent: int = 0
     started: float = 0.0
@@ -74,6 +79,12 @@ class LoadResult:
         """A quantile of the messages' waits in the limiter, seconds."""
         return percentile(self.waits, q)
 
+    def slowest(self, q: float) -> list[tuple[float, float]]:
+        """``(time to answer, wait in the limiter)`` of the messages answered in at least
+        the ``q`` quantile of the time to answer (``q=0.99``: the slowest 1%, at least one)."""
+        cut = self.percentile(q)
+        return [(t, w) for t, w in zip(self.latencies, self.waits, strict=True) if t >= cut]
+
 
 async def run_load(
     targets: Sequence[str],
@@ -87,6 +98,7 @@ async def run_load(
     noisy: int = 0,
     noisy_in_flight: int = 4,
     batch_workers: int = 0,
+    duration: float | None = None,
 ) -> LoadResult:
     """``users`` users each send ``messages`` messages, one after the other, to replicas
     taken in turn; every ``tool_every``-th message asks for a Zapier action.
@@ -97,6 +109,9 @@ async def run_load(
     ``POST /batch``. Both stop sending when the ordinary users have their last answer
     (what is in flight then is still awaited) and report in ``noisy`` and ``batch``; the
     result's own figures are the ordinary users'.
+
+    With ``duration``, the users stop after that many seconds: what they have not sent is
+    not sent, and the messages then unanswered are abandoned (counted in ``cut_off``).
     """
     rng = random.Random(seed)
     result = LoadResult(started=time.monotonic())
@@ -127,6 +142,9 @@ async def run_load(
                     dead[target] = time.monotonic() + 5.0
                     out.resent += 1
                     last = type(exc).__name__
+                except asyncio.CancelledError:
+                    out.cut_off += 1  # the load stopped (``duration``) before the answer
+                    raise
             if response is None:
                 out.errors[last] = out.errors.get(last, 0) + 1
                 return None
@@ -138,7 +156,9 @@ async def run_load(
             out.answered += 1
             out.latencies.append(time.monotonic() - began)
             out.waits.append(float(answer.get("limiter_wait", 0.0)))
-            out.tool_calls += len(answer.get("tool_calls", []))
+            calls = len(answer.get("tool_calls", []))
+            out.tool_calls += calls
+            out.tool_messages += 1 if calls else 0
             return answer
 
         def text_of(name: str, u: int, m: int) -> str:
@@ -192,7 +212,17 @@ async def run_load(
 
         async def others() -> None:
             try:
-                await asyncio.gather(*(user(u) for u in range(users)))
+                tasks = [asyncio.create_task(user(u)) for u in range(users)]
+                if duration is None:
+                    await asyncio.gather(*tasks)
+                else:
+                    _, late = await asyncio.wait(tasks, timeout=duration)
+                    for task in late:
+                        task.cancel()
+                    await asyncio.gather(*late, return_exceptions=True)
+                    for task in tasks:
+                        if not task.cancelled():
+                            task.result()  # a user's own error, if any
             finally:
                 result.finished = time.monotonic()
                 others_done.set()

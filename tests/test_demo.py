@@ -1,0 +1,259 @@
+"""``make demo`` explains itself: ``python -m chatbot cluster``, small, read back.
+
+The report says why OpenAI saw more requests than messages (tool calls take a second
+completion), how much of the time to answer was waiting in the limiter, and what the
+providers saw when the same users ran for a few seconds on replicas that each keep the
+limits alone (no shared limiter); ``--keep`` leaves the cluster running until Ctrl-C, and
+then nothing it started is left.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shlex
+import signal
+import socket
+import subprocess
+import sys
+import time
+from io import StringIO
+from pathlib import Path
+
+import httpx2
+import pytest
+import redis
+from rich.console import Console
+
+from chatbot.cluster import ClusterConfig, print_report, run_cluster
+
+pytestmark = [pytest.mark.redis, pytest.mark.multiprocess, pytest.mark.slow]
+
+ROOT = Path(__file__).resolve().parent.parent
+
+#: 12 users x 3 messages, every 3rd asking for a Zapier action: each user has exactly one
+#: such message ((user + message) % 3 == 2), so 12 tool messages and 36 + 12 = 48 OpenAI
+#: requests, at 16 per 2 s and 4 in flight: the window holds the load back for seconds.
+CONFIG = ClusterConfig(
+    replicas=3,
+    users=12,
+    messages=3,
+    tool_every=3,
+    openai_concurrent=4,
+    openai_per_window=16,
+    openai_window=2.0,
+    openai_latency=0.2,
+    zapier_concurrent=2,
+    zapier_per_minute=8,
+    zapier_minute=1.5,
+    zapier_per_hour=24,
+    zapier_hour=6.0,
+    zapier_latency=0.2,
+    # 0.3 s as in tests/test_chatbot_e2e.py (FastConfig): a replica's event loop can stall
+    # ~0.1 s in a garbage collection between admission and arrival.
+    window_margin=0.3,
+    without_seconds=3.0,
+)
+
+
+def _line(text: str, start: str) -> str:
+    """The report's line that begins (past any table border) with ``start``."""
+    for line in text.splitlines():
+        if line.lstrip("│┃ ").startswith(start):
+            return line
+    raise AssertionError(f"no line starting {start!r} in:\n{text}")
+
+
+def test_report_explains_requests_waits_and_what_the_providers_saw_without_the_limiter() -> None:
+    """The small demo: every message answered, 0 excess at the providers; the report's
+    numbers add up from the fakes' records (OpenAI requests = messages + messages that used
+    a tool, exactly); its time table and p99 line are the messages' own figures; and the
+    3 s without a shared limiter got 429s from OpenAI and sent it more requests in one
+    window than its limit, while the shared limiter's run got none and stayed within it."""
+    out = StringIO()
+    console = Console(file=out, width=400)
+    started = time.monotonic()
+    report = run_cluster(CONFIG, console=console)
+    print_report(report, console)
+    took = time.monotonic() - started
+    text = out.getvalue()
+    c, load = CONFIG, report.load
+
+    # The shared limiter's run: everyone answered, the providers' limits kept.
+    total, tools = c.users * c.messages, 12
+    assert (load.sent, load.answered, load.errors) == (total, total, {})
+    assert set(report.excess.values()) == {0}, report.excess
+    assert report.openai_sent_in_window == report.openai["max_requests_in_window"]
+    assert report.openai_sent_in_window <= c.openai_per_window
+
+    # Why OpenAI saw more requests than messages, counted by the fakes themselves.
+    assert (load.tool_messages, load.tool_calls, report.zapier["executed"]) == (tools,) * 3
+    assert report.openai["admitted"] == total + tools == 48
+    assert (
+        "48 OpenAI requests for 36 messages: 12 used a Zapier tool (Zapier ran 12 actions), "
+        "and each of those needs a second completion" in text
+    ), text
+    assert "36 + 12 = 48." in text
+
+    # The time per message next to the part of it waiting in the limiter.
+    assert all(w <= t for t, w in zip(load.latencies, load.waits, strict=True))
+    slow = load.slowest(0.99)
+    assert len(slow) == 1  # nearest rank: the slowest of 36
+    (slow_t, slow_w) = slow[0]
+    answered_row = _line(text, "sent to answered")
+    for q in (0.5, 0.99):
+        assert f"{load.percentile(q):.2f}s" in answered_row, answered_row
+        assert f"{load.wait_percentile(q):.2f}s" in _line(text, "waiting in the limiter")
+    assert answered_row.rstrip(" │").endswith(f"{slow_t:.2f}s"), answered_row
+    # The replicas' limiter_wait_seconds (every admission's wait, summed) is the sum of
+    # the answers' limiter_wait (their messages' admissions' waits), each rounded to 1 ms:
+    # every admission belongs to a message (the MCP session's set-up takes no slot).
+    assert set(report.waited) == {"openai", "zapier"}
+    assert abs(sum(report.waited.values()) - sum(load.waits)) <= 0.0005 * total + 1e-6
+    # 48 requests at 16 per 2 s: the slowest message waited for the window, mostly.
+    assert report.stats["openai"]["refusals"].get("rate:2s", 0) > 0, report.stats
+    assert slow_w / slow_t >= 0.5, (slow_t, slow_w)
+    p99 = _line(text, "The p99:")
+    assert f"took {slow_t:.2f}s, {slow_w:.2f}s ({slow_w / slow_t:.0%}) of it waiting" in p99
+    conclusion = "a long p99 is requests queued for the rolling window, not slow calls."
+    assert p99.endswith(conclusion), p99
+
+    # Without a shared limiter, the same users for 3 s: OpenAI's limit exceeded.
+    without = report.without
+    assert without is not None
+    wl = without.load
+    assert wl.sent == wl.answered + sum(wl.errors.values()) + wl.cut_off
+    # OpenAI admits at most 32 requests in 3 s (16 in any 2 s), not the 48 that the 36
+    # messages need: the users cannot finish, so the load ran for its 3 s and was cut
+    # there (cancelling what was in flight takes milliseconds).
+    assert c.without_seconds <= wl.elapsed < c.without_seconds + 1.0, wl.elapsed
+    o429 = without.openai["rejected_total"]
+    assert o429 > 0, without.openai["rejected"]
+    assert without.openai_sent_in_window > c.openai_per_window
+    assert without.openai["max_in_flight"] <= c.openai_concurrent  # the fake enforces it
+    for name, key in (("in flight full", "concurrency"), ("window full", "requests")):
+        row = _line(text, f"OpenAI 429s, {name}").split("│")
+        limit, shared, alone = (cell.strip() for cell in row[2:5])
+        assert (limit, shared, alone) == ("0", "0", str(without.openai["rejected"][key])), row
+    sent = without.openai_sent_in_window
+    assert sent <= without.openai["admitted"] + o429  # every arrival, at most
+    row = _line(text, "OpenAI requests sent in a 2s window").split("│")
+    limit, shared, alone = (cell.strip() for cell in row[2:5])
+    assert (limit, shared, alone) == ("16", str(report.openai_sent_in_window), str(sent)), row
+    assert (
+        f"sent OpenAI {sent} requests in one 2s window (limit 16, the refused ones included) "
+        f"and got {o429} 429s in 3s" in text
+    ), text
+    assert f"; {sum(wl.errors.values())} messages failed" in text
+    assert "With the shared limiter: " in text
+    assert f"{report.openai_sent_in_window} requests, 0 429s." in text
+    assert text.rstrip().endswith("0 excess at the providers")
+    print(
+        f"{took:.1f}s; p99 {slow_t:.2f}s, waiting {slow_w:.2f}s; without: "
+        f"{without.openai_sent_in_window} in a window, {o429} 429s, "
+        f"answered {wl.answered}, failed {sum(wl.errors.values())}, cut {wl.cut_off}"
+    )
+
+
+# --------------------------------------------------------------------------- --keep
+
+
+def _children(pid: int) -> set[int]:
+    """The live child processes of ``pid`` (Linux: /proc/<pid>/task/<tid>/children)."""
+    found: set[int] = set()
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        found.update(int(p) for p in (task / "children").read_text().split())
+    return found
+
+
+def _alive(pid: int) -> bool:
+    """Whether ``pid`` is a process that has not exited (a zombie has)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except FileNotFoundError:
+        return False
+    return stat.rsplit(")", 1)[1].split()[0] != "Z"
+
+
+def _wait_for(path: Path, pattern: str, proc: subprocess.Popen[bytes], timeout: float) -> str:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        text = path.read_text()
+        if re.search(pattern, text, re.MULTILINE):
+            return text
+        assert proc.poll() is None, f"exited {proc.returncode}:\n{text}"
+        time.sleep(0.05)
+    raise AssertionError(f"no {pattern!r} in {timeout}s:\n{path.read_text()}")
+
+
+@pytest.mark.skipif(
+    not Path("/proc/self/task").is_dir(), reason="reads the cluster's children from /proc (Linux)"
+)
+def test_keep_leaves_the_cluster_running_until_ctrl_c_then_nothing_is_left(
+    tmp_path: Path,
+) -> None:
+    """``--keep``: after the report, Redis, both fakes and the replicas run on (exactly the
+    processes it prints, its only children: the replicas without a shared limiter are
+    gone), Redis answers, the printed ``limiter ... stats --watch`` command works against
+    it and a replica answers a message; on SIGINT (Ctrl-C) it exits 0 and every one of
+    those processes is gone, Redis's port closed."""
+    log = tmp_path / "cluster.log"
+    argv = [
+        sys.executable, "-m", "chatbot", "cluster", "--replicas", "2", "--users", "4",
+        "--messages", "2", "--without-seconds", "1", "--keep",
+    ]  # fmt: skip
+    with log.open("wb") as fh:
+        proc = subprocess.Popen(argv, stdout=fh, stderr=subprocess.STDOUT, cwd=ROOT)
+    pids: dict[str, int] = {}
+    try:
+        text = _wait_for(log, r"^stop it: ", proc, timeout=60)
+        assert "0 excess at the providers" in text
+        watch = re.search(r"^watch it: +(.+ stats --watch)$", text, re.MULTILINE)
+        assert watch is not None, text
+        port = int(re.findall(r"--url redis://127\.0\.0\.1:(\d+)/0 stats --watch", text)[0])
+        listed = re.search(r"^processes: +(.+)$", text, re.MULTILINE)
+        assert listed is not None, text
+        pids = {name: int(pid) for name, pid in re.findall(r"(\S+) (\d+)", listed.group(1))}
+        assert set(pids) == {"redis-server", "fake-openai", "fake-zapier", "replica-1", "replica-2"}
+        assert _children(proc.pid) == set(pids.values())
+        with redis.Redis(port=port, socket_timeout=5) as client:
+            assert client.ping() is True
+        shown = subprocess.run(
+            [*shlex.split(watch.group(1)), "--count", "1"],
+            capture_output=True,
+            text=True,
+            check=False,
+            cwd=ROOT,
+            timeout=30,
+        )
+        assert shown.returncode == 0, shown.stderr
+        assert f"redis://127.0.0.1:{port}/0" in shown.stdout
+        assert re.search(r"^openai +\d+/8 ", shown.stdout, re.MULTILINE), shown.stdout
+        replica = re.search(r"^replicas: +(http://127\.0\.0\.1:\d+) ", text, re.MULTILINE)
+        assert replica is not None, text
+        body = {"user_id": "keep-test", "text": "hello"}
+        answer = httpx2.post(f"{replica.group(1)}/messages", json=body, timeout=30)
+        assert answer.status_code == 200, answer.text
+        assert answer.json()["reply"] == "You said: hello"
+
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(timeout=30) == 0, log.read_text()
+        # Each one was stopped and reaped by the cluster before it exited: none is left
+        # even as a zombie (nothing to wait for).
+        assert {name for name, pid in pids.items() if _alive(pid)} == set()
+        with pytest.raises(ConnectionRefusedError):
+            socket.create_connection(("127.0.0.1", port), timeout=5).close()
+    finally:
+        if proc.poll() is None:
+            proc.terminate()
+            proc.wait(timeout=30)
+        for pid in pids.values():  # only if the test failed before they were stopped
+            if _alive(pid) and re.search(rb"chatbot|redis-server", _cmdline(pid)):
+                os.kill(pid, signal.SIGKILL)
+
+
+def _cmdline(pid: int) -> bytes:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes()
+    except FileNotFoundError:
+        return b""
