@@ -43,6 +43,9 @@ What is measured (N, p50 and p99 per operation in µs, ops/s, for each):
    (``benchmarks.waiters``). The waiting processes give their Limiter a client on a
    ``BlockingConnectionPool``: redis-py's default pool allows 100 connections and fails
    the 101st concurrent call.
+11. A response-cache hit through ``openai_client`` (the fake OpenAI on 127.0.0.1 filled it
+    once) next to a ``PING``, in one loop; verified: one Redis round trip per hit, and no
+    request reaches the fake after the first (``benchmarks.cache``).
 
 All Redis clients use the socket timeouts of ``Limiter.from_url`` (2 s / 1 s), so the
 floors pay the same client overhead as the limiter.
@@ -56,6 +59,7 @@ hand-offs (item 7)                        1,000        100
 saturation run (item 8)                   4.5 s        1.5 s
 waiters small / large (item 9)            10 / 1,000   10 / 1,000
 probes per queue length (item 9)          1,000        100
+cache iterations / hits verified (11)     1,000 / 200  200 / 100
 ========================================  ===========  =========
 
 A full run takes about 45-60 s on a 2-core machine; ``--quick`` about 10 s. The
@@ -80,6 +84,7 @@ import redis.asyncio as aioredis
 from limiter.testing import RedisServer
 
 from ._util import Report, machine_info
+from .cache import run_cache
 from .fairness import run_fairness
 from .handoff import run_handoff
 from .report import render
@@ -90,7 +95,7 @@ from .waiters import run_waiters
 __all__ = ["Config", "main"]
 
 RESULTS = Path(__file__).resolve().parent / "results"
-SECTIONS = ("single", "handoff", "saturation", "waiters", "fairness")
+SECTIONS = ("single", "handoff", "saturation", "waiters", "fairness", "cache")
 
 
 @dataclass(frozen=True, slots=True)
@@ -115,11 +120,21 @@ class Config:
     #: Item 10: tickets waiting in each fair queue, timed iterations.
     fair_waiting: int = 1_000
     fair_steps: int = 1_000
+    #: Item 11: timed iterations (each: a PING, a lookup, two cache hits), hits verified.
+    cache: int = 1_000
+    cache_verify: int = 200
 
     @classmethod
     def quick(cls) -> Config:
         return cls(
-            single=400, verify=200, handoffs=100, sat_seconds=1.5, probes=100, fair_steps=100
+            single=400,
+            verify=200,
+            handoffs=100,
+            sat_seconds=1.5,
+            probes=100,
+            fair_steps=100,
+            cache=200,
+            cache_verify=100,
         )
 
 
@@ -144,6 +159,7 @@ async def _run(server: RedisServer, cfg: Config, sections: set[str], report: Rep
                 report,
             ),
             "fairness": lambda: run_fairness(url, cfg.fair_waiting, cfg.fair_steps, report),
+            "cache": lambda: run_cache(url, cfg.cache, cfg.cache_verify, report),
         }
         for name in SECTIONS:
             if name not in sections:

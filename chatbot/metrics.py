@@ -59,6 +59,13 @@ class Metrics:
         self.provider_429 = Counter(
             "limiter_provider_429", "Provider pauses (429 or quota)", ["api"], registry=registry
         )
+        self.cache_requests = Counter(
+            "limiter_cache_requests",
+            "Lookups of the response cache (limiter.http.ResponseCache): hit (answered from "
+            "Redis, no slot, no provider call) or miss",
+            ["api", "result"],
+            registry=registry,
+        )
         self.limit = Gauge(
             "limiter_limit", "Configured limits", ["api", "limit"], registry=registry
         )
@@ -121,6 +128,8 @@ class Metrics:
                 self.fail_open,
             ):
                 family.labels(api)
+            for result in ("hit", "miss"):
+                self.cache_requests.labels(api, result)
             if limits.max_concurrent is not None:
                 self.limit.labels(api, "max_concurrent").set(limits.max_concurrent)
             for rate in limits.windows:
@@ -146,6 +155,8 @@ class Metrics:
             self.retries.labels(api).inc()
         elif event == "provider_pause":
             self.provider_429.labels(api).inc()
+        elif event == "cache":
+            self.cache_requests.labels(api, "hit" if fields["hit"] else "miss").inc()
         elif event == "fail_open":
             self.fail_open.labels(api).set(1)
         elif event == "recovered":

@@ -40,8 +40,11 @@ if TYPE_CHECKING:
     from ._runner import ScriptRunner
 
 __all__ = [
+    "cache_counts",
+    "cache_key",
     "check_ttl",
     "config_json",
+    "learned_fields",
     "limits_from_config",
     "override_fields",
     "override_view",
@@ -223,6 +226,25 @@ async def set_override(
     return view
 
 
+def learned_fields(
+    plan: KeyPlan, requests_per_minute: int | None, tokens_per_minute: int | None
+) -> tuple[str, ...]:
+    """``learn.lua``'s tail: window id, limit pairs for the reported limits the API has
+    a window for (its one-minute request window, its token budget); others are dropped."""
+    ids = {w.id for w in plan.windows}
+    pairs: list[str] = []
+    for field, id_, value in (
+        ("requests_per_minute", "w:60000000", requests_per_minute),
+        ("tokens_per_minute", "tokens", tokens_per_minute),
+    ):
+        if value is None:
+            continue
+        positive_int(field, value)
+        if id_ in ids:
+            pairs += [id_, str(value)]
+    return tuple(pairs)
+
+
 def override_view(plan: KeyPlan, flat: Sequence[Any], ttl_ms: int) -> dict[str, Any]:
     """The override as ``{"max_concurrent": 2, "rate:60s": 100, ..., "expires_in": s|None}``.
 
@@ -254,6 +276,25 @@ def apis_key(namespace: str) -> str:
 
 def config_key(namespace: str, api: str) -> str:
     return f"{namespace}:{{{check_api_name(api)}}}:config"
+
+
+def cache_key(namespace: str, api: str, name: str) -> str:
+    """A key of the response cache of ``api`` (``limiter.http.ResponseCache``):
+    ``<ns>:cache:{<api>}:<name>``, ``name`` being an entry's SHA-256 hex or ``stats`` (the
+    hash of ``hits`` and ``misses``). The API's hash tag keeps them in one cluster slot."""
+    return f"{namespace}:cache:{{{api}}}:{name}"
+
+
+async def cache_counts(runner: ScriptRunner, namespace: str, api: str) -> dict[str, int]:
+    """The response cache's hits and misses of ``api``, every replica's (one ``HMGET``)."""
+    try:
+        async with runner.connection_cap:
+            hits, misses = await runner.redis.hmget(
+                cache_key(namespace, api, "stats"), "hits", "misses"
+            )
+    except REDIS_ERRORS as exc:
+        raise LimiterUnavailable(api, "stats", redact(exc)) from exc
+    return {"hits": int(hits or 0), "misses": int(misses or 0)}
 
 
 async def registered(
@@ -288,8 +329,11 @@ async def registered(
 def stats_view(plan: KeyPlan, limits: APILimits, reply: Sequence[Any]) -> dict[str, Any]:
     """``Limiter.stats()``'s dict for one API from stats.lua's reply."""
     in_flight, waiting, cooldown_ms, flat, used, override, override_ms, _registered = reply[:8]
-    by_priority, tenant_rows, weight_rows = reply[8:11]
+    by_priority, tenant_rows, weight_rows, learned_flat, learned_ms = reply[8:13]
     overrides = override_view(plan, override, int(override_ms))
+    learned = override_view(plan, learned_flat, int(learned_ms))
+    if learned:
+        learned["source"] = "provider"
     counters = {text(flat[i]): int(flat[i + 1]) for i in range(0, len(flat), 2)}
     ok = counters.get("successful_requests", 0)
     failed = counters.get("failed_requests", 0)
@@ -301,7 +345,10 @@ def stats_view(plan: KeyPlan, limits: APILimits, reply: Sequence[Any]) -> dict[s
             name = plan.reasons.get(code, code)
             refusals[name] = refusals.get(name, 0) + n
     windows = {
-        w.name: {"used": int(u), "limit": overrides.get(w.name, w.limit)}
+        w.name: {
+            "used": int(u),
+            "limit": min(overrides.get(w.name, w.limit), learned.get(w.name, math.inf)),
+        }
         for w, u in zip(plan.windows, used, strict=True)
     }
     return {
@@ -319,6 +366,7 @@ def stats_view(plan: KeyPlan, limits: APILimits, reply: Sequence[Any]) -> dict[s
         "cooldown_remaining": int(cooldown_ms) / 1000,
         "windows": windows,
         "overrides": overrides,
+        "learned": learned,
         "waiting_by_priority": {
             int(text(by_priority[i])): int(by_priority[i + 1])
             for i in range(0, len(by_priority), 2)

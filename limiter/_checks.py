@@ -16,6 +16,7 @@ if TYPE_CHECKING:
     from ._contract import KeyPlan
 
 __all__ = [
+    "check_choice",
     "check_cooldown",
     "check_key",
     "check_namespace",
@@ -32,6 +33,13 @@ def utf8(value: str) -> bool:
     except UnicodeEncodeError:
         return False
     return True
+
+
+def check_choice(name: str, value: object, choices: tuple[str, ...]) -> None:
+    """``value`` is one of ``choices`` (``on_redis_error``), else ConfigError."""
+    if value not in choices:
+        allowed = " or ".join(repr(c) for c in choices)
+        raise ConfigError(f"{name}={show(value)}: must be {allowed}", field=name, value=value)
 
 
 def check_namespace(namespace: object) -> str:

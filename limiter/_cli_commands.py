@@ -227,6 +227,7 @@ async def _limits_show(session: Session, args: argparse.Namespace) -> int:
                 ),
             },
             "override": st["overrides"],
+            "learned": st["learned"],
             "in_force": {
                 "max_concurrent": st["max_concurrent"],
                 **{name: w["limit"] for name, w in st["windows"].items()},
@@ -235,16 +236,27 @@ async def _limits_show(session: Session, args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(data, sort_keys=True), file=session.out)
         return 0
-    rows = [["API", "LIMIT", "CONFIGURED", "OVERRIDE", "IN FORCE"]]
+    rows = [["API", "LIMIT", "CONFIGURED", "OVERRIDE", "LEARNED", "IN FORCE"]]
+
+    def noted(view: dict[str, Any], name: str) -> str:
+        value, expires = view.get(name), view.get("expires_in")
+        if value is None:
+            return "-"
+        return str(value) + (f" (for {expires:.0f}s)" if expires is not None else "")
+
     for api, d in data.items():
-        expires = d["override"].get("expires_in")
         for name, value in d["in_force"].items():
-            over = d["override"].get(name)
-            note = "-"
-            if over is not None:
-                note = str(over) + (f" (for {expires:.0f}s)" if expires is not None else "")
             conf = d["configured"].get(name)
-            rows.append([api, name, "-" if conf is None else str(conf), note, str(value or "-")])
+            rows.append(
+                [
+                    api,
+                    name,
+                    "-" if conf is None else str(conf),
+                    noted(d["override"], name),
+                    noted(d["learned"], name),
+                    str(value or "-"),
+                ]
+            )
     print(
         _table(rows) if len(rows) > 1 else "(no API registered in this namespace yet)",
         file=session.out,

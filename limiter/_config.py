@@ -174,6 +174,12 @@ class APILimits:
     #: Seconds after which a waiter counts as the highest priority (bounded starvation);
     #: ``None``: strict priority.
     priority_aging: float | None = None
+    #: Lower the one-minute request window and the token budget, for every replica, to
+    #: what the provider's rate-limit headers report when that is less than configured
+    #: (``limiter.http.LimitedTransport`` reads them; see ``Limiter.learn_limits``).
+    #: Off by default: one API name sending to models with different provider limits
+    #: would learn one model's limit for all of them.
+    learn_from_headers: bool = False
     #: The windows in force, requests_per_minute/hour included (derived).
     windows: tuple[Rate, ...] = field(init=False, repr=False, compare=False)
 
@@ -183,6 +189,13 @@ class APILimits:
         positive_int("APILimits.requests_per_hour", self.requests_per_hour, optional=True)
         positive_int("APILimits.tokens_per_minute", self.tokens_per_minute, optional=True)
         positive_int("APILimits.retry_attempts", self.retry_attempts)
+        if not isinstance(self.learn_from_headers, bool):
+            raise ConfigError(
+                f"APILimits.learn_from_headers={show(self.learn_from_headers)}: must be True "
+                "or False",
+                field="APILimits.learn_from_headers",
+                value=self.learn_from_headers,
+            )
         _positive_float("APILimits.backoff_min", self.backoff_min)
         _positive_float("APILimits.backoff_max", self.backoff_max)
         _positive_float("APILimits.lease_ttl", self.lease_ttl)

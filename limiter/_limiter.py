@@ -9,6 +9,7 @@ belongs to a part it builds and closes (see the README's "Architecture"):
 - ``_failopen.FailOpen`` (``on_redis_error="fail_open"`` only): breaker, heartbeat,
   local shares;
 - ``_registry.Registry``: the configurations operators read;
+- ``_operators.Operators``: cooldowns, stats, overrides, learned limits, reset, weights;
 - ``_events.Events``: the listeners.
 """
 
@@ -17,28 +18,27 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import math
 import uuid
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from types import TracebackType
 from typing import Any, Literal, Self, TypeVar
 
-from . import _admin
 from ._admission import Admission
 from ._call import call_with_retries
 from ._checks import (
-    check_cooldown,
+    check_choice,
     check_namespace,
     check_request,
     check_seconds,
     check_timeout,
 )
-from ._config import APILimits, Rate, check_tenant, check_weight, show, validate_limits
+from ._config import APILimits, Rate, validate_limits
 from ._connect import client_from_url
-from ._contract import KeyPlan, Planner, text
-from ._errors import ConfigError, LimiterUnavailable
+from ._contract import KeyPlan, Planner
+from ._errors import LimiterUnavailable
 from ._events import Events, Listener
 from ._failopen import FailOpen, beat
+from ._operators import Operators
 from ._registry import Registry
 from ._runner import ScriptRunner
 from ._scope import fair_for
@@ -72,12 +72,7 @@ class Limiter:
     ) -> None:
         self._limits = validate_limits(limits)
         self.namespace = check_namespace(namespace)
-        if on_redis_error not in ("fail_closed", "fail_open"):
-            raise ConfigError(
-                f"on_redis_error={show(on_redis_error)}: must be 'fail_closed' or 'fail_open'",
-                field="on_redis_error",
-                value=on_redis_error,
-            )
+        check_choice("on_redis_error", on_redis_error, ("fail_closed", "fail_open"))
         self.on_redis_error = on_redis_error
         self._ticket_ttl = check_seconds("ticket_ttl", ticket_ttl, 0.1)
         self._stats_ttl = check_seconds("stats_ttl", stats_ttl, 0.1)
@@ -112,6 +107,7 @@ class Limiter:
                 process_id=process_id,
                 apis=self._limits,
             )
+        self._operators = Operators(self._runner, self._registry, namespace, self._fail_open)
 
     def _paused(self) -> bool:
         return self._fail_open is not None and self._fail_open.open
@@ -137,13 +133,9 @@ class Limiter:
         Short socket timeouts make a Redis that is down or hung fail fast
         (:class:`LimiterUnavailable` within a second) instead of hanging a caller.
         """
-        client = client_from_url(
-            url,
-            socket_timeout=socket_timeout,
-            socket_connect_timeout=socket_connect_timeout,
-            max_connections=max_connections,
-            pool_timeout=pool_timeout,
-        )
+        waits = {"socket_timeout": socket_timeout, "pool_timeout": pool_timeout}
+        waits["socket_connect_timeout"] = socket_connect_timeout
+        client = client_from_url(url, max_connections=max_connections, **waits)
         lim = cls(client, limits, **kwargs)
         lim._owns_client = True
         return lim
@@ -289,23 +281,7 @@ class Limiter:
 
         A cooldown only grows: a shorter one never cuts a longer one short.
         """
-        plan, _ = self._lookup(api)
-        number = check_cooldown(seconds)
-        ms = max(1, math.ceil(number * 1000))
-        fail_open = self._fail_open
-        if fail_open is not None:
-            # Remembered here too: while Redis is unreachable the local shares honour it.
-            fail_open.pause(plan, number)
-            if fail_open.open:
-                return number
-        try:
-            await self._ready()
-            left = await self._runner.run("cooldown", plan, ms)
-        except LimiterUnavailable as exc:
-            if fail_open is None or not fail_open.absorb(exc):
-                raise
-            return number
-        return int(left) / 1000
+        return await self._operators.cooldown(self._lookup(api)[0], seconds)
 
     # -- operators ----------------------------------------------------------------------
 
@@ -314,13 +290,7 @@ class Limiter:
         if api is None:
             return {name: await self.stats(name) for name in self._plans}
         plan, limits = self._lookup(api, key)
-        await self._ready()
-        reply = await self._runner.run("stats", plan)
-        if key is None and not int(reply[7]):
-            # The registry entry is gone (a flush): write it again.
-            self._registry.lost()
-            self._registry.maybe_write()
-        return _admin.stats_view(plan, limits, reply)
+        return await self._operators.stats(plan, limits, keyed=key is not None)
 
     async def set_limits(
         self,
@@ -347,45 +317,43 @@ class Limiter:
         admitted at once (but not when a ``ttl`` ends: they notice that at their next
         check, within ``ticket_ttl / 3``). Returns the override in force.
         """
-        plan, _ = self._lookup(api)
-        fields = _admin.override_fields(
-            plan,
-            max_concurrent=max_concurrent,
-            requests_per_minute=requests_per_minute,
-            requests_per_hour=requests_per_hour,
-            rates=rates,
-            tokens_per_minute=tokens_per_minute,
-        )
-        ttl_ms = _admin.check_ttl(ttl)
-        await self._ready()
-        return await _admin.set_override(self._runner, plan, fields, ttl, ttl_ms)
+        plan, per = self._lookup(api)[0], (requests_per_minute, requests_per_hour)
+        new = (max_concurrent, *per, rates, tokens_per_minute)
+        return await self._operators.set_limits(plan, ttl, *new)
+
+    async def learn_limits(
+        self,
+        api: str,
+        *,
+        requests_per_minute: int | None = None,
+        tokens_per_minute: int | None = None,
+        ttl: float = 600.0,
+        key: str | None = None,
+    ) -> dict[str, Any]:
+        """Apply limits the provider reported (its headers) for every replica: one below
+        the configured limit lowers the limit in force (with an override: the least of
+        both) for ``ttl`` seconds, renewed by each such report; one at or above it clears
+        what was learned. ``requests_per_minute`` applies to the API's one-minute request
+        window, ``tokens_per_minute`` to its token budget, if it has them. Called by
+        ``LimitedTransport`` for ``learn_from_headers=True``. Returns ``stats()["learned"]``.
+        """
+        plan, _ = self._lookup(api, key)
+        return await self._operators.learn_limits(plan, requests_per_minute, tokens_per_minute, ttl)
 
     async def clear_limits(self, api: str) -> None:
         """Drop the runtime override of ``api``: its configured limits apply again."""
-        plan, _ = self._lookup(api)
-        await self._ready()
-        await self._runner.run("override", plan, 0, label="clear_limits")
-        log.info("API %r: limits override cleared", api)
-        await self._runner.run("move", plan, label="clear_limits")
+        await self._operators.clear_limits(self._lookup(api)[0])
 
     async def reset(self, api: str) -> int:
         """Forget the state of ``api`` in Redis: leases, waiters, windows, cooldown, totals.
 
-        For operators (``limiter reset API``), not for normal running: holders of slots
-        get :class:`LeaseLost` on release, waiters queue again, and the windows start
-        empty, so the provider may see up to twice a window's limit across the reset.
-        The runtime override and the registry entry are kept. Windows of any earlier
-        configuration go too: this layout keeps every request window in one log, and the
-        API's keys left in the 0.1.0 layout (``w:<period>``, ``cooldown``, ``stats``,
-        ``extra``, ``override``) are found with ``SCAN`` and deleted. Returns how many of
-        those old keys it deleted.
+        For operators (``limiter reset API``): holders get :class:`LeaseLost` on release,
+        waiters queue again, the windows start empty (the provider may see up to twice a
+        window's limit across it). The override and the registry entry stay. Keys left in
+        the 0.1.0 layout (``w:<period>``, ``cooldown``, ``stats``, ``extra``,
+        ``override``) are found with ``SCAN`` and deleted; returns how many.
         """
-        plan, _ = self._lookup(api)
-        await self._ready()
-        await self._runner.run("reset", plan)
-        removed = await _admin.remove_old_layout(self._runner, plan)
-        log.info("API %r: state reset in namespace %r", api, self.namespace)
-        return removed
+        return await self._operators.reset(self._lookup(api)[0])
 
     async def set_tenant_weight(
         self,
@@ -404,15 +372,7 @@ class Limiter:
         limited per ``key`` has one queue per key: give the ``key`` whose queue it is.
         """
         plan, _ = self._lookup(api, key)
-        name = "" if tenant is None else check_tenant(tenant)
-        value = "" if weight is None else repr(check_weight(weight))
-        ttl_ms = 0 if ttl is None else max(1, math.ceil(check_seconds("ttl", ttl, 0.001) * 1000))
-        await self._ready()
-        reply = await self._runner.run(
-            "weight", plan, name, value, ttl_ms, label="set_tenant_weight"
-        )
-        log.info("API %r: tenant %r weight %s", api, name, "cleared" if weight is None else value)
-        return {text(reply[i]): float(reply[i + 1]) for i in range(0, len(reply), 3)}
+        return await self._operators.set_tenant_weight(plan, tenant, weight, ttl)
 
     def add_listener(self, listener: Listener) -> None:
         """Call ``listener(event, api, fields)`` on each event, for metrics and tracing.
@@ -420,7 +380,9 @@ class Limiter:
         Events: ``"admitted"`` (``waited`` seconds, ``reason`` that held it back first or
         None), ``"refused"`` (``reason``, once per request), ``"timeout"`` (``reason``),
         ``"released"`` (``success``, ``lost``), ``"retry"`` (``kind``, ``wait``),
-        ``"provider_pause"`` (``kind``: rate_limited or quota, ``seconds``). Listeners run
+        ``"provider_pause"`` (``kind``: rate_limited or quota, ``seconds``), ``"cache"``
+        (``hit``: a lookup of ``limiter.http.ResponseCache``, True when it answered the
+        request, False when the request went to the provider). Listeners run
         inline and must be quick; an exception in one is logged and ignored.
         """
         self._events.add(listener)
@@ -439,27 +401,20 @@ class Limiter:
 
     @property
     def replicas(self) -> int | None:
-        """Live limiters sharing this namespace, as the last heartbeat read (fail_open).
-
-        ``None`` until a heartbeat has reached Redis (and always under fail_closed,
-        which keeps no heartbeat).
-        """
+        """Live limiters sharing this namespace, as the last heartbeat read (fail_open);
+        ``None`` before one reached Redis, and always under fail_closed (no heartbeat)."""
         return None if self._fail_open is None else self._fail_open.replicas
 
     async def heartbeat(self) -> int:
-        """Tell Redis this limiter is alive and read how many are; returns that count.
-
-        Runs by itself every few seconds under ``fail_open``; public for tests and tools.
-        """
+        """Tell Redis this limiter is alive and return how many are (runs by itself every
+        few seconds under ``fail_open``; public for tests and tools)."""
         if self._fail_open is None:
             return await beat(self._runner, self.namespace, self._process_id)
         return await self._fail_open.heartbeat()
 
     async def renew(self) -> None:
-        """Renew every lease and ticket this process holds, one round trip for all APIs.
-
-        Runs by itself in the background; public for tests and tools.
-        """
+        """Renew every lease and ticket this process holds, one round trip for all APIs
+        (runs by itself in the background; public for tests and tools)."""
         await self._waiting.renew()
 
     async def aclose(self) -> None:
@@ -481,14 +436,11 @@ class Limiter:
 
     @property
     def _background(self) -> set[asyncio.Future[Any]]:
-        """Work still running in the background: registry writes, releases finishing after
-        a cancel (tests wait for it)."""
+        """Background work: registry writes, releases finishing after a cancel (for tests)."""
         return self._registry.tasks | self._admission.tasks
 
     async def _ready(self) -> None:
-        if not self._runner.is_ready:
-            await self._runner.ready()
-        self._registry.maybe_write()
+        await self._operators.ready()
 
     def _lookup(self, api: str, key: str | None = None) -> tuple[KeyPlan, APILimits]:
         plan = self._planner.plan(api, key)

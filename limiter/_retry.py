@@ -5,7 +5,8 @@ names and attributes, so one policy serves the ``openai`` SDK's errors, ``httpx2
 ``httpx`` status and transport errors, built-in timeouts and connection errors, and raw
 HTTP responses (status, headers, JSON body) seen by the HTTP transport.
 
-Retried: 429 ``rate_limit_exceeded``, 408, 409, 5xx, timeouts, connection errors.
+Retried: 429 ``rate_limit_exceeded``, 408, 409, 5xx (Anthropic's 529 ``overloaded_error``
+as the kind ``"overloaded"``), timeouts, connection errors.
 Never retried: 400, 401, 403, 404, 422, 429 ``insufficient_quota`` /
 ``credit_balance_exhausted`` (quota gone), 429 "request too large" (it can never pass).
 ``x-should-retry: true/false`` from the provider overrides. A call with side effects
@@ -68,7 +69,8 @@ class Verdict:
     #: Try again (within the attempts and the time left)?
     retry: bool
     #: A short label: ``"rate_limited"``, ``"quota"``, ``"too_large"``, ``"server_error"``,
-    #: ``"timeout"``, ``"connection"``, ``"client_error"``, ``"conflict"``, ``"unknown"``.
+    #: ``"overloaded"`` (529), ``"timeout"``, ``"connection"``, ``"client_error"``,
+    #: ``"conflict"``, ``"unknown"``.
     kind: str
     #: Seconds the provider asked us to wait (``retry-after-ms`` / ``retry-after``), if any.
     retry_after: float | None = None
@@ -210,6 +212,8 @@ def classify_response(
 
 
 def _status_kind(status: int) -> str:
+    if status == 529:  # Anthropic: the API is overloaded (not our rate); retried, no pause
+        return "overloaded"
     if status >= 500:
         return "server_error"
     if status == 408:

@@ -96,6 +96,18 @@ async def test_limits_set_show_clear_steer_a_running_application(
     code, out, _ = await cli("limits", "show", "openai", url=redis_server.url)
     row = next(line for line in out.splitlines() if "max_concurrent" in line)
     assert row.split()[:5] == ["openai", "max_concurrent", "3", "1", "(for"]
+    # A provider reporting 4 a minute (learn_from_headers): the least of both holds.
+    await app.learn_limits("openai", requests_per_minute=4, ttl=300)
+    code, out, _ = await cli("limits", "show", "--json", url=redis_server.url)
+    shown = json.loads(out)["openai"]
+    assert shown["in_force"]["rate:60s"] == 4
+    assert (shown["learned"]["rate:60s"], shown["learned"]["source"]) == (4, "provider")
+    code, out, _ = await cli("limits", "show", "openai", url=redis_server.url)
+    row = next(line for line in out.splitlines() if "rate:60s" in line)
+    cells = row.split()  # API, LIMIT, CONFIGURED, OVERRIDE (2 words), LEARNED (2), IN FORCE
+    assert cells[:5] + cells[6:8] + cells[-1:] == [
+        "openai", "rate:60s", "10", "5", "(for", "4", "(for", "4",
+    ]  # fmt: skip
     code, out, _ = await cli("limits", "clear", "openai", url=redis_server.url)
     assert code == 0
     assert "configured limits in force" in out

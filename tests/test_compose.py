@@ -41,6 +41,7 @@ _COUNTERS = {
     "limiter_timeouts_total": {"api", "reason"},
     "limiter_retries_total": {"api"},
     "limiter_provider_429_total": {"api"},
+    "limiter_cache_requests_total": {"api", "result"},
     "chatbot_messages_total": {"status"},
 }
 _GAUGES = {

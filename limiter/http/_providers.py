@@ -1,21 +1,25 @@
 """The providers' SDK clients built on :class:`~limiter.http.LimitedTransport`.
 
-Owns :func:`openai_client` (an ``openai.AsyncOpenAI``) and :func:`zapier_mcp` (an ``mcp``
-client session); each client owns its transport, closed with it. Called by users and the
-chatbot through :mod:`limiter.http`. The only module that imports ``openai`` and ``mcp``,
-inside the factories (extras ``fleetlimit[openai]`` / ``fleetlimit[mcp]``).
+Owns :func:`openai_client` (an ``openai.AsyncOpenAI``), :func:`zapier_mcp` (an ``mcp``
+client session) and :func:`mcp_http_client_factory` (the HTTP clients of the OpenAI Agents
+SDK's ``MCPServerStreamableHttp``); each client owns its transport, closed with it. Called
+by users and the chatbot through :mod:`limiter.http`. The only module that imports
+``openai`` and ``mcp``, inside the factories (extras ``fleetlimit[openai]`` /
+``fleetlimit[mcp]``).
 """
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from typing import TYPE_CHECKING, Any
 
 import httpx2
 
 from .._call import display_name
-from .._errors import LimiterError, ProviderAuthError
+from .._config import show
+from .._errors import ConfigError, LimiterError, ProviderAuthError
+from ._cache import ResponseCache
 from ._transport import LimitedTransport
 from ._usage import mcp_tools_call_only, openai_token_estimate
 
@@ -25,7 +29,7 @@ if TYPE_CHECKING:  # pragma: no cover
 
     from .._limiter import Limiter
 
-__all__ = ["openai_client", "zapier_mcp"]
+__all__ = ["mcp_http_client_factory", "openai_client", "zapier_mcp"]
 
 
 def _missing_extra(exc: ModuleNotFoundError, module: str, caller: str, extra: str) -> None:
@@ -40,15 +44,21 @@ def _missing_extra(exc: ModuleNotFoundError, module: str, caller: str, extra: st
 
 
 def openai_client(
-    lim: Limiter, api: str = "openai", *, inner: Any = None, **kwargs: Any
+    lim: Limiter,
+    api: str = "openai",
+    *,
+    inner: Any = None,
+    cache: ResponseCache | None = None,
+    **kwargs: Any,
 ) -> openai.AsyncOpenAI:
     """An ``openai.AsyncOpenAI`` whose every request passes the limiter.
 
     The SDK's own retries are off (``max_retries=0``): the transport retries, so every
     attempt is admitted. Tokens are reserved from the request (output cap or input
     estimate) and corrected from the response's ``usage``. ``inner`` is the transport
-    that really sends (default: httpx2's). Other keywords go to ``AsyncOpenAI``
-    (``base_url``, ``api_key``, ``timeout``, ...).
+    that really sends (default: httpx2's). ``cache`` (a :class:`ResponseCache`, off by
+    default) answers exact repeats of deterministic requests from Redis, without a slot.
+    Other keywords go to ``AsyncOpenAI`` (``base_url``, ``api_key``, ``timeout``, ...).
     """
     try:
         import openai
@@ -56,7 +66,13 @@ def openai_client(
         _missing_extra(exc, "openai", "openai_client", "openai")
         raise
 
-    transport = LimitedTransport(lim, api, inner, tokens=openai_token_estimate)
+    if cache is not None and not isinstance(cache, ResponseCache):
+        raise ConfigError(
+            f"cache={show(cache)}: must be a limiter.http.ResponseCache or None",
+            field="cache",
+            value=cache,
+        )
+    transport = LimitedTransport(lim, api, inner, tokens=openai_token_estimate, cache=cache)
     kwargs.setdefault("max_retries", 0)
     if kwargs["max_retries"] != 0:
         raise LimiterError("openai_client: max_retries must stay 0 (the limiter retries)")
@@ -111,3 +127,47 @@ async def zapier_mcp(
             status = transport.last_auth_failure
             raise ProviderAuthError(api, status, display=display_name(api)) from None
         raise
+
+
+def mcp_http_client_factory(
+    lim: Limiter,
+    api: str = "zapier",
+    *,
+    timeout: float = 30.0,
+    read_timeout: float = 300.0,
+) -> Callable[..., httpx2.AsyncClient]:
+    """The ``httpx_client_factory`` of the OpenAI Agents SDK's ``MCPServerStreamableHttp``.
+
+    The SDK (like ``mcp``'s own ``McpHttpClientFactory``) calls it as
+    ``factory(headers=..., timeout=..., auth=...)``, once per MCP session, and it returns
+    a new ``httpx2.AsyncClient`` (what ``mcp`` 2.x requires) with those headers, timeout
+    and auth, on its own :class:`LimitedTransport`: only ``tools/call`` takes a slot of
+    ``api`` (the handshake, ``initialize`` or ``server/discover``, passes unlimited, like
+    ``tools/list``, notifications and the session's GET and DELETE), and tool calls are not
+    retried after they may have run. ``timeout`` / ``read_timeout`` apply when the caller
+    passes no timeout (``mcp``'s defaults). The client follows no redirect (the ``mcp``
+    transport follows those within the server's origin itself). An unknown ``api`` raises
+    :class:`~limiter.ConfigError` here, not at the first tool call.
+
+    The SDK's ``client_session_timeout_seconds`` (5 s by default) also counts a tool
+    call's wait for a slot: set it to the API's ``acquire_timeout`` plus the slowest
+    action (README, "With the OpenAI Agents SDK").
+    """
+    lim.api_limits(api)  # unknown API: ConfigError now
+    default_timeout = httpx2.Timeout(timeout, read=read_timeout)
+
+    def factory(
+        headers: dict[str, str] | None = None,
+        timeout: httpx2.Timeout | None = None,
+        auth: httpx2.Auth | None = None,
+    ) -> httpx2.AsyncClient:
+        transport = LimitedTransport(lim, api, limit=mcp_tools_call_only, idempotent=False)
+        return httpx2.AsyncClient(
+            transport=transport,
+            headers=headers,
+            timeout=default_timeout if timeout is None else timeout,
+            auth=auth,
+            follow_redirects=False,
+        )
+
+    return factory

@@ -2,18 +2,22 @@
 
 Owns :class:`LimitedTransport` and what only it uses: the slot-holding response stream,
 the retryable-response signal carried through tenacity, and learning from the provider's
-``x-ratelimit-*`` headers. Each transport owns the inner transports it creates (closed by
-its ``aclose``); the slots belong to the :class:`~limiter.Limiter` it is handed.
+``x-ratelimit-*`` / ``anthropic-ratelimit-*`` headers (parsed by :mod:`._headers`). Each
+transport owns the inner transports it creates (closed by its ``aclose``); the slots belong
+to the :class:`~limiter.Limiter` it is handed.
 
-Called by :mod:`limiter.http._providers` (the SDK factories) and by users through
-:mod:`limiter.http`. Works with ``httpx2`` (what ``openai`` 3.x and ``mcp`` 2.x speak
-through) and plain ``httpx``; imports neither ``openai`` nor ``mcp``.
+Called by :mod:`limiter.http._providers` and :mod:`limiter.http._anthropic` (the SDK
+factories) and by users through :mod:`limiter.http`. Works with ``httpx2`` (what ``openai``
+3.x, ``anthropic`` 2.x and ``mcp`` 2.x speak through) and plain ``httpx``; imports none of
+the SDKs.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import sys
+import time
 from collections.abc import AsyncIterator, Callable
 from types import ModuleType, TracebackType
 from typing import TYPE_CHECKING, Any
@@ -21,15 +25,22 @@ from typing import TYPE_CHECKING, Any
 import httpx2
 
 from .._call import Budget, display_name, pause_if_asked, retrying
-from .._retry import Verdict, classify_exception, classify_response, parse_duration
+from .._errors import LimiterError
+from .._retry import Verdict, classify_exception, classify_response
+from ._headers import RateLimitHeaders, parse_rate_limit_headers
 from ._usage import UsageReader
 
 if TYPE_CHECKING:  # pragma: no cover
     from .._limiter import Limiter, Slot
+    from ._cache import ResponseCache
 
 __all__ = ["LimitedTransport", "RequestPredicate", "TokenEstimator"]
 
 log = logging.getLogger("limiter")
+
+#: Seconds a limit learned from the provider's headers stands unless reported again
+#: (``APILimits(learn_from_headers=True)``); each transport reports at most every half.
+LEARN_TTL = 600.0
 
 #: Decides whether a request counts (``limit=``) or may be retried (``idempotent=``).
 RequestPredicate = Callable[[Any], bool]
@@ -111,7 +122,9 @@ class LimitedTransport(httpx2.AsyncBaseTransport):
     ``idempotent`` says whether a request may be retried after it may have run (default:
     yes; Zapier actions: no, retried only on a 429 or a connection never made).
     ``timeout`` bounds each request's waits and backoff (default: the API's
-    ``acquire_timeout``).
+    ``acquire_timeout``). ``cache`` answers repeated deterministic OpenAI requests
+    without a slot (:class:`~limiter.http.ResponseCache`; what ``openai_client(cache=)``
+    passes).
     """
 
     def __init__(
@@ -125,6 +138,7 @@ class LimitedTransport(httpx2.AsyncBaseTransport):
         idempotent: bool | RequestPredicate = True,
         timeout: float | None = None,
         learn_from_headers: bool = True,
+        cache: ResponseCache | None = None,
     ) -> None:
         lim.api_limits(api)  # unknown API: ConfigError now, not at the first request
         self.limiter = lim
@@ -136,6 +150,12 @@ class LimitedTransport(httpx2.AsyncBaseTransport):
         self._idempotent = idempotent
         self._timeout = timeout
         self._learn = learn_from_headers
+        #: The limits this transport last reported to learn_limits (requests, tokens per
+        #: minute) and when (monotonic seconds): sent again only when they change or half
+        #: of LEARN_TTL has passed, not at every response.
+        self._reported: tuple[int | None, int | None] | None = None
+        self._reported_at = -math.inf
+        self._cache = cache
         #: The last authentication failure seen (status), for clients that lose it.
         self.last_auth_failure: int | None = None
 
@@ -169,6 +189,12 @@ class LimitedTransport(httpx2.AsyncBaseTransport):
             if response.status_code in (401, 403):
                 self._auth_refused(response.status_code)
             return response
+        lookup = None
+        if self._cache is not None:
+            module = self._module(request)
+            lookup = await self._cache.lookup(self.limiter, self.api, request, module)
+            if lookup is not None and lookup.response is not None:
+                return lookup.response  # a hit: no slot, no provider call
         limits = self.limiter.limits[self.api]
         idempotent = self._idempotent(request) if callable(self._idempotent) else self._idempotent
         tokens = self._tokens(request) if self._tokens is not None else 0
@@ -180,10 +206,11 @@ class LimitedTransport(httpx2.AsyncBaseTransport):
             retry = retrying(self.limiter, self.api, budget, idempotent=idempotent, label=label)
             async for attempt in retry:
                 with attempt:
-                    return await self._attempt(inner, request, budget, tokens, idempotent)
+                    response = await self._attempt(inner, request, budget, tokens, idempotent)
         except _RetryableResponse as last:
             return last.response  # no attempt left: the client sees the provider's answer
-        raise AssertionError("unreachable: tenacity returns or re-raises")  # pragma: no cover
+        # tenacity ended the loop after the attempt that answered (or re-raised).
+        return response if lookup is None else await lookup.keep(response)
 
     async def _attempt(
         self, inner: Any, request: Any, budget: Budget, tokens: int, idempotent: bool
@@ -232,6 +259,8 @@ class LimitedTransport(httpx2.AsyncBaseTransport):
         except mod.DecodingError:  # a content-encoding that lies: classify the raw bytes
             decoded = raw
         verdict = classify_response(status, response.headers, decoded, idempotent=idempotent)
+        if status == 429 and self._learn:  # a 429 reports the limits too
+            await self._learn_limits(parse_rate_limit_headers(response.headers))
         if status in (401, 403):
             self._auth_refused(status)
         await pause_if_asked(self.limiter, self.api, verdict)
@@ -252,43 +281,69 @@ class LimitedTransport(httpx2.AsyncBaseTransport):
     async def _learn_headers(self, headers: Any) -> None:
         """The provider has less room than we think: pause every replica until its reset.
 
-        ``x-ratelimit-remaining-*: 0`` while our own windows of that kind still have room
-        means the provider counts more than we do (another client on the same key, a
-        smaller limit): the API is paused for every replica until about one request's
-        room is back (``reset / limit``). When our windows are full too, both agree and
-        our own windows already know when room comes back.
+        A ``remaining`` of 0 (OpenAI's ``x-ratelimit-remaining-*``, Anthropic's
+        ``anthropic-ratelimit-*-remaining``, read by :mod:`._headers`) while our own
+        windows of that kind still have room means the provider counts more than we do
+        (another client on the same key, a smaller limit): the API is paused for every
+        replica until about one request's room is back (``reset / limit``). When our
+        windows are full too, both agree and our own windows already know when room
+        comes back. Anthropic's input and output tokens are of the kind "tokens".
         """
         if not self._learn:
             return
-        for kind in ("requests", "tokens"):
-            remaining = headers.get(f"x-ratelimit-remaining-{kind}")
-            if remaining is None or remaining.strip() != "0":
+        parsed = parse_rate_limit_headers(headers)
+        await self._learn_limits(parsed)
+        windows: dict[str, Any] | None = None
+        for kind, said in parsed.kinds():
+            if said.remaining != 0 or not said.reset:
                 continue
-            reset = parse_duration(headers.get(f"x-ratelimit-reset-{kind}"))
-            if not reset:
-                continue
-            windows = (await self.limiter.stats(self.api))["windows"]
-            ours = [
-                use for name, use in windows.items() if (name == "tokens") == (kind == "tokens")
-            ]
+            if windows is None:
+                windows = (await self.limiter.stats(self.api))["windows"]
+            tokens = kind != "requests"
+            ours = [use for name, use in windows.items() if (name == "tokens") == tokens]
             if any(use["used"] >= use["limit"] for use in ours):
                 continue
             # ``reset`` is the time until the provider's budget is whole again; one
             # request's room comes back after about reset / limit (a bucket refilling
             # evenly, or a sliding window's oldest entry leaving), so pause that long.
-            try:
-                limit = int(headers.get(f"x-ratelimit-limit-{kind}") or "1")
-            except ValueError:
-                limit = 1
-            reset = reset / max(1, limit)
+            reset = said.reset / max(1, said.limit or 1)
             if reset > 0:
                 log.warning(
                     "%s says no %s are left: pausing it for every replica for %.2fs",
                     display_name(self.api),
-                    kind,
+                    kind.replace("_", " "),
                     reset,
                 )
                 await self.limiter.cooldown(self.api, reset)
+
+    async def _learn_limits(self, parsed: RateLimitHeaders) -> None:
+        """The limits the provider reports, as the API's learned limits for every replica
+        (only for ``APILimits(learn_from_headers=True)``): requests per minute, and tokens
+        per minute (Anthropic: its most restrictive token limit, else the least of its
+        input and output limits, since one budget counts both). Never fails the call."""
+        if not self.limiter.limits[self.api].learn_from_headers:
+            return
+        tokens = parsed.tokens.limit
+        if tokens is None:
+            split = [k.limit for k in (parsed.input_tokens, parsed.output_tokens) if k.limit]
+            tokens = min(split) if split else None
+        reported = (parsed.requests.limit, tokens)
+        if reported == (None, None):
+            return
+        now = time.monotonic()
+        if reported == self._reported and now - self._reported_at < LEARN_TTL / 2:
+            return
+        try:
+            learned = await self.limiter.learn_limits(
+                self.api, requests_per_minute=reported[0], tokens_per_minute=reported[1],
+                ttl=LEARN_TTL,
+            )  # fmt: skip
+        except (LimiterError, ValueError) as exc:  # the call goes on with what it has
+            log.warning("could not apply %s's reported limits: %s", self.api, exc)
+            return
+        if learned and reported != self._reported:
+            log.info("%s reports lower limits: %s", display_name(self.api), learned)
+        self._reported, self._reported_at = reported, now
 
     async def aclose(self) -> None:
         inners = [self._inner] if self._inner is not None else list(self._inners.values())

@@ -1,9 +1,10 @@
 """Reading LLM requests and responses: request bodies as JSON, token estimates, ``usage``.
 
 Owns no state beyond one :class:`UsageReader` per response. Called by
-:mod:`limiter.http._transport` (:class:`UsageReader` while a response body passes) and
+:mod:`limiter.http._transport` (:class:`UsageReader` while a response body passes),
 :mod:`limiter.http._providers` (:func:`openai_token_estimate`, :func:`mcp_tools_call_only`
-as the transport's predicates); the public names are re-exported by :mod:`limiter.http`.
+as the transport's predicates) and :mod:`limiter.http._anthropic`
+(:func:`anthropic_token_estimate`); the public names are re-exported by :mod:`limiter.http`.
 Imports no HTTP library: a request is anything with ``.method`` and ``.content``.
 """
 
@@ -15,6 +16,7 @@ from typing import Any
 __all__ = [
     "USAGE_BUFFER",
     "UsageReader",
+    "anthropic_token_estimate",
     "json_body",
     "mcp_tools_call_only",
     "openai_token_estimate",
@@ -67,6 +69,27 @@ def openai_token_estimate(request: Any) -> int:
     return max(cap, estimate)
 
 
+def anthropic_token_estimate(request: Any) -> int:
+    """Tokens to reserve for an Anthropic Messages request: ``max_tokens`` plus the input.
+
+    Anthropic charges the input when a request arrives and counts ``max_tokens`` against
+    the output budget until the answer is done, so both are reserved: ``max_tokens`` plus
+    an estimate of the input (a token per 4 bytes of the system prompt, the messages and
+    the tool definitions, as :func:`openai_token_estimate` counts). Requests without a
+    JSON body reserve nothing.
+    """
+    body = json_body(request)
+    if not isinstance(body, dict):
+        return 0
+    cap = body.get("max_tokens")
+    if not isinstance(cap, int) or isinstance(cap, bool) or cap < 0:
+        cap = 0
+    parts = [body.get(k) for k in ("system", "messages", "tools")]
+    text = json.dumps([p for p in parts if p is not None], separators=(",", ":"))
+    estimate = len(text.encode()) // 4 + 1 if text != "[]" else 0
+    return cap + estimate
+
+
 def usage_tokens(payload: Any) -> int | None:
     """``usage.total_tokens`` from a chat/responses/embeddings body or stream event."""
     if not isinstance(payload, dict):
@@ -79,19 +102,34 @@ def usage_tokens(payload: Any) -> int | None:
     return None
 
 
-class UsageReader:
-    """Reads ``usage.total_tokens`` out of a JSON body or an SSE stream as it passes.
+def _count(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
 
-    Keeps at most :data:`USAGE_BUFFER` bytes (a larger JSON body is given up on); an SSE
-    stream is read line by line, so only the pending line is kept.
+
+#: Anthropic's usage fields that its input and output budgets count (cache reads do not).
+_ANTHROPIC_FIELDS = ("input_tokens", "cache_creation_input_tokens", "output_tokens")
+
+
+class UsageReader:
+    """Reads the tokens used out of a JSON body or an SSE stream as it passes.
+
+    OpenAI: ``usage.total_tokens`` (chat, responses, embeddings; the last one seen).
+    Anthropic (a ``usage`` without ``total_tokens``): ``input_tokens`` +
+    ``cache_creation_input_tokens`` + ``output_tokens``; a stream carries the input in
+    ``message_start`` and the output so far in each ``message_delta`` (cumulative), so the
+    count is known from the first ``message_delta`` on; a stream cut before it leaves the
+    count unknown (the reservation stands). Keeps at most :data:`USAGE_BUFFER` bytes (a
+    larger JSON body is given up on); an SSE stream is read line by line, so only the
+    pending line is kept.
     """
 
-    __slots__ = ("_buffer", "_sse", "tokens")
+    __slots__ = ("_buffer", "_parts", "_sse", "tokens")
 
     def __init__(self, content_type: str) -> None:
         self._sse = "text/event-stream" in content_type
         self._buffer = bytearray()
-        #: The last ``usage.total_tokens`` seen, or ``None``.
+        self._parts: dict[str, int] = {}
+        #: The tokens used as last seen, or ``None``.
         self.tokens: int | None = None
 
     def feed(self, chunk: bytes) -> None:
@@ -116,8 +154,31 @@ class UsageReader:
 
     def _read(self, data: bytes) -> None:
         try:
-            found = usage_tokens(json.loads(data))
+            payload = json.loads(data)
         except (ValueError, RecursionError):  # not JSON (UnicodeDecodeError too), or too deep
             return
+        found = usage_tokens(payload)
+        if found is None:
+            found = self._anthropic(payload)
         if found is not None:
             self.tokens = found
+
+    def _anthropic(self, payload: Any) -> int | None:
+        """Anthropic's count once known: a ``message`` body, or a stream's ``message_delta``."""
+        if not isinstance(payload, dict):
+            return None
+        kind = payload.get("type")
+        holder = payload.get("message") if kind == "message_start" else payload
+        if kind not in ("message", "message_start", "message_delta") or not isinstance(
+            holder, dict
+        ):
+            return None
+        usage = holder.get("usage")
+        if not isinstance(usage, dict):
+            return None
+        for field in _ANTHROPIC_FIELDS:
+            if _count(usage.get(field)):
+                self._parts[field] = usage[field]
+        if kind == "message_start" or not {"input_tokens", "output_tokens"} <= self._parts.keys():
+            return None
+        return sum(self._parts.values())
