@@ -30,8 +30,9 @@ from mcp.shared.exceptions import MCPError
 
 from chatbot.fakes.openai_server import FakeOpenAIConfig
 from chatbot.fakes.zapier_server import FakeZapierConfig
-from limiter import APILimits, ConfigError, Limiter
-from limiter.http import mcp_http_client_factory, openai_client
+from limiter import AcquireTimeout, APILimits, ConfigError, Limiter, LimiterUnavailable
+from limiter.http import mcp_http_client_factory, openai_client, zapier_mcp
+from limiter.http._transport import JSONRPC_REFUSED, _jsonrpc_refusal
 from limiter.testing import RedisServer
 from tests._fleet import ROOT
 from tests._sdk import Fakes, SDKFleet, offline, serve_fakes
@@ -241,18 +242,70 @@ async def test_acquire_timeout_first_means_the_call_never_runs(
     real_redis: aioredis.Redis, fakes: Fakes
 ) -> None:
     """Session timeout above the API's ``acquire_timeout`` (0.5 s): a call that gets no slot
-    fails the run (mcp closes its session) and never runs at Zapier, even once room frees."""
+    is answered with a JSON-RPC error (the model is told the tool failed), never runs at
+    Zapier even once room frees, and the session stays open: the next run on it sends its
+    call."""
     async with Limiter(real_redis, limits(acquire_timeout=0.5)) as lim:
         factory = mcp_http_client_factory(lim, "zapier")
         holder = await lim.acquire("zapier", timeout=0)
         async with zapier_server(fakes, factory, client_session_timeout_seconds=5) as server:
-            with pytest.raises(MCPError, match="Connection closed"):
-                await run_agent(lim, fakes, server, "send an email to ana@example.com")
-        stats = await lim.stats("zapier")
-        assert (stats["waiting"], stats["refusals"]) == (0, {"concurrency": 1})
-        await holder.release()
-        assert (await lim.stats("zapier"))["total_requests"] == 1  # the holder alone
-    assert fakes.zapier_record()["executed"] == 0
+            result = await run_agent(lim, fakes, server, "send an email to ana@example.com")
+            outputs = [str(i.output) for i in result.new_items if isinstance(i, ToolCallOutputItem)]
+            assert len(outputs) == 1, outputs
+            assert TOOL_FAILED in outputs[0], outputs  # the SDK hides the error's words
+            stats = await lim.stats("zapier")
+            assert (stats["waiting"], stats["refusals"]) == (0, {"concurrency": 1})
+            await holder.release()
+            assert (await lim.stats("zapier"))["total_requests"] == 1  # the holder alone
+            assert fakes.zapier_record()["executed"] == 0
+            result = await run_agent(lim, fakes, server, "send an email to bob@example.com")
+            assert "bob@example.com" in result.final_output  # the same session, alive
+    assert fakes.zapier_record()["executed"] == 1
+
+
+async def test_zapier_mcp_refused_call_fails_alone_and_the_session_lives(
+    real_redis: aioredis.Redis, fakes: Fakes
+) -> None:
+    """``zapier_mcp``: a tool call the limiter refuses (no slot within ``acquire_timeout``)
+    raises MCPError with the limiter's words and data, never runs, and the same session
+    sends the next call once room is back (an exception would have closed it)."""
+    async with Limiter(real_redis, limits(acquire_timeout=0.3)) as lim:
+        holder = await lim.acquire("zapier", timeout=0)
+        async with zapier_mcp(lim, fakes.zapier_url, TOKEN) as session:
+            with pytest.raises(MCPError) as refused:
+                await session.call_tool("send_email", EMAIL)
+            error = refused.value.error
+            assert error.code == JSONRPC_REFUSED
+            assert error.message.startswith("limiter: no admission for API 'zapier' after")
+            assert error.data["limiter_error"] == "AcquireTimeout"
+            assert (error.data["api"], error.data["reason"]) == ("zapier", "concurrency")
+            assert error.data["waited"] >= 0.3
+            assert fakes.zapier_record()["executed"] == 0
+            await holder.release()
+            assert not (await session.call_tool("send_email", EMAIL)).is_error
+        assert TOKEN not in repr(error)
+    assert fakes.zapier_record()["executed"] == 1
+
+
+def test_only_jsonrpc_requests_are_answered_for_the_limiter() -> None:
+    """A refusal becomes a JSON-RPC error only for a JSON-RPC request (an id and a method):
+    a notification or any other body gets the exception itself."""
+    refusal = AcquireTimeout("zapier", "concurrency", 0.5)
+    for body in (b"", b"not json", b"[1]", b'{"jsonrpc": "2.0", "method": "notifications/x"}'):
+        request = httpx2.Request("POST", "http://127.0.0.1:9/mcp", content=body)
+        assert _jsonrpc_refusal(httpx2, request, refusal) is None, body
+    call = {"jsonrpc": "2.0", "id": 7, "method": "tools/call", "params": {}}
+    request = httpx2.Request("POST", "http://127.0.0.1:9/mcp", json=call)
+    answer = _jsonrpc_refusal(httpx2, request, refusal)
+    assert answer.status_code == 429
+    assert answer.headers["content-type"] == "application/json"
+    assert json.loads(answer.content)["id"] == 7
+    down = _jsonrpc_refusal(httpx2, request, LimiterUnavailable("zapier", "acquire", "down"))
+    assert down.status_code == 503
+    assert json.loads(down.content)["error"]["data"] == {
+        "limiter_error": "LimiterUnavailable",
+        "api": "zapier",
+    }
 
 
 async def test_initialize_handshake_timeout_leaves_the_call_queued(

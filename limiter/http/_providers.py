@@ -103,7 +103,9 @@ async def zapier_mcp(
         _missing_extra(exc, "mcp", "zapier_mcp", "mcp")
         raise
 
-    transport = LimitedTransport(lim, api, limit=mcp_tools_call_only, idempotent=False)
+    transport = LimitedTransport(
+        lim, api, limit=mcp_tools_call_only, idempotent=False, refusals_as_jsonrpc=True
+    )
     headers = {"Authorization": f"Bearer {token}"}
     client = httpx2.AsyncClient(
         transport=transport,
@@ -161,7 +163,9 @@ def mcp_http_client_factory(
         timeout: httpx2.Timeout | None = None,
         auth: httpx2.Auth | None = None,
     ) -> httpx2.AsyncClient:
-        transport = LimitedTransport(lim, api, limit=mcp_tools_call_only, idempotent=False)
+        transport = LimitedTransport(
+            lim, api, limit=mcp_tools_call_only, idempotent=False, refusals_as_jsonrpc=True
+        )
         return httpx2.AsyncClient(
             transport=transport,
             headers=headers,

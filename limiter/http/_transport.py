@@ -14,6 +14,7 @@ the SDKs.
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import sys
@@ -25,10 +26,10 @@ from typing import TYPE_CHECKING, Any
 import httpx2
 
 from .._call import Budget, display_name, pause_if_asked, retrying
-from .._errors import LimiterError
+from .._errors import AcquireTimeout, LimiterError, LimiterUnavailable
 from .._retry import Verdict, classify_exception, classify_response
 from ._headers import RateLimitHeaders, parse_rate_limit_headers
-from ._usage import UsageReader
+from ._usage import UsageReader, json_body
 
 if TYPE_CHECKING:  # pragma: no cover
     from .._limiter import Limiter, Slot
@@ -100,6 +101,27 @@ def _stream_class(mod: ModuleType) -> type[_SlotStream]:
     return cls
 
 
+#: The JSON-RPC error code of a request the limiter refused (the range -32000 to -32099 is
+#: the implementation's own); ``data.limiter_error`` names the exception.
+JSONRPC_REFUSED = -32000
+
+
+def _jsonrpc_refusal(mod: ModuleType, request: Any, exc: LimiterError) -> Any:
+    """An HTTP answer carrying a JSON-RPC error for the refused ``request`` (429 when the
+    wait ran out, 503 when Redis failed), or ``None`` when it is no JSON-RPC request."""
+    body = json_body(request)
+    if not isinstance(body, dict) or "id" not in body or "method" not in body:
+        return None
+    data: dict[str, Any] = {"limiter_error": type(exc).__name__, "api": getattr(exc, "api", None)}
+    if isinstance(exc, AcquireTimeout):
+        data.update(reason=exc.reason, waited=round(exc.waited, 3))
+    error = {"code": JSONRPC_REFUSED, "message": f"limiter: {exc}", "data": data}
+    payload = {"jsonrpc": "2.0", "id": body["id"], "error": error}
+    status = 429 if isinstance(exc, AcquireTimeout) else 503
+    headers = {"content-type": "application/json"}
+    return mod.Response(status, headers=headers, content=json.dumps(payload).encode())
+
+
 class _RetryableResponse(Exception):
     """A provider answer worth retrying, carried through tenacity as an exception."""
 
@@ -124,7 +146,11 @@ class LimitedTransport(httpx2.AsyncBaseTransport):
     ``timeout`` bounds each request's waits and backoff (default: the API's
     ``acquire_timeout``). ``cache`` answers repeated deterministic OpenAI requests
     without a slot (:class:`~limiter.http.ResponseCache`; what ``openai_client(cache=)``
-    passes).
+    passes). ``refusals_as_jsonrpc`` (the MCP factories set it) answers a JSON-RPC request
+    the limiter refused (:class:`AcquireTimeout`, :class:`LimiterUnavailable`) with an HTTP
+    error carrying a JSON-RPC error for its id instead of raising: ``mcp`` fails that one
+    call with the limiter's words and keeps the session, where an exception from the
+    transport would close it.
     """
 
     def __init__(
@@ -139,6 +165,7 @@ class LimitedTransport(httpx2.AsyncBaseTransport):
         timeout: float | None = None,
         learn_from_headers: bool = True,
         cache: ResponseCache | None = None,
+        refusals_as_jsonrpc: bool = False,
     ) -> None:
         lim.api_limits(api)  # unknown API: ConfigError now, not at the first request
         self.limiter = lim
@@ -156,6 +183,7 @@ class LimitedTransport(httpx2.AsyncBaseTransport):
         self._reported: tuple[int | None, int | None] | None = None
         self._reported_at = -math.inf
         self._cache = cache
+        self._jsonrpc = refusals_as_jsonrpc
         #: The last authentication failure seen (status), for clients that lose it.
         self.last_auth_failure: int | None = None
 
@@ -209,6 +237,13 @@ class LimitedTransport(httpx2.AsyncBaseTransport):
                     response = await self._attempt(inner, request, budget, tokens, idempotent)
         except _RetryableResponse as last:
             return last.response  # no attempt left: the client sees the provider's answer
+        except (AcquireTimeout, LimiterUnavailable) as exc:
+            refusal = (
+                _jsonrpc_refusal(self._module(request), request, exc) if self._jsonrpc else None
+            )
+            if refusal is None:
+                raise
+            return refusal
         # tenacity ended the loop after the attempt that answered (or re-raised).
         return response if lookup is None else await lookup.keep(response)
 
