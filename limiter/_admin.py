@@ -6,10 +6,12 @@ the ``limiter`` command line can show and change limits without the application'
 and so that a replica configured differently from the others is noticed (a warning:
 the scripts take the limits from the caller, so that replica would admit by its own).
 
-Overrides: ``<ns>:{api}:override`` holds runtime limits (fields ``max_concurrent``,
-``w:<period us>`` and ``tokens``) that every admission script applies in place of the
-configured ones while the hash exists. They change a limit the API has; they cannot add
-a window (its key would not be among the script's keys).
+Overrides: the ``o:*`` fields of the API's state hash ``<ns>:{api}:state`` hold runtime
+limits (``o:max_concurrent``, ``o:w:<period us>``, ``o:tokens``, their end ``o:until``)
+that every admission script applies in place of the configured ones while in force.
+Learned limits (``p:*``, ``p:until``: the provider's headers) only ever lower them. Both
+change a limit the API has; neither can add a window (the scripts plan the windows from
+the configuration).
 """
 
 from __future__ import annotations

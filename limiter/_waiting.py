@@ -71,6 +71,8 @@ class Waiting:
         self.waiters: dict[str, Waiter] = {}
         self._work = asyncio.Event()
         self._renew_every = math.inf
+        #: A renewal failed and no renewal has worked since (its warning is said once).
+        self._renew_failing = False
         self._renewer: asyncio.Task[None] | None = None
         self._listener: asyncio.Task[None] | None = None
         self._pubsub: Any = None
@@ -169,12 +171,17 @@ class Waiting:
                 continue  # Redis is unreachable: the heartbeat probes it, not the renewer
             try:
                 await self.renew()
+                if self._renew_failing:
+                    self._renew_failing = False
+                    log.info("lease renewal works again")
                 if self.waiters and (self._listener is None or self._listener.done()):
                     # The wake-up listener died with its connection (a restart, a
                     # failover): waiters already queued need it back, not only new ones.
                     await self.ensure_listener()
             except LimiterUnavailable as exc:
-                log.warning("lease renewal failed: %s", exc)
+                if not self._renew_failing:  # once per outage, not every lease_ttl / 3
+                    self._renew_failing = True
+                    log.warning("lease renewal failed (said once until it works again): %s", exc)
 
     async def renew(self) -> None:
         """Renew every lease and ticket of this process, one round trip for all APIs."""

@@ -227,6 +227,8 @@ async def run(argv: Sequence[str], out: TextIO | None = None, err: TextIO | None
     url = getattr(args, "url", None) or os.environ.get("REDIS_URL") or DEFAULT_URL
     namespace = getattr(args, "namespace", "limiter")
     command = COMMANDS[(args.command, getattr(args, "action", None))]
+    if args.command == "stats" and args.count is not None and args.watch is None:
+        parser.error("stats: --count N needs --watch (one table is shown without it)")
     if args.command == "limits" and args.action == "set":
         given = (args.max_concurrent, args.per_minute, args.per_hour, args.tokens_per_minute)
         if all(v is None for v in given) and not args.rate:

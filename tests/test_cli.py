@@ -162,6 +162,7 @@ async def test_refusals_exit_1_and_say_why(
         (["stats", "--watch", "nan"], "must be a number of seconds > 0"),
         (["frobnicate"], "invalid choice"),
         (["limits", "set", "openai"], "give at least one of --max-concurrent"),
+        (["stats", "--count", "2"], "--count N needs --watch"),
         (
             ["limits", "set", "openai", "--max-concurrent", "1", "--ttl", "1e12"],
             "argument --ttl: '1e12': must be a number of seconds from 0.001 to 31622400",

@@ -146,3 +146,51 @@ async def test_one_withdraw_warning_per_outage(caplog: pytest.LogCaptureFixture)
         await _fail(lim, 40)
         assert len(_withdraw_warnings(caplog)) == 2
         await lim.aclose()
+
+
+async def test_one_renewal_warning_per_outage(
+    caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A slot held through an outage: its renewals (every lease_ttl / 3) fail, and one
+    warning says so, not one per renewal; the first renewal that works again says so once
+    (INFO), and the next outage gets its own warning."""
+    caplog.set_level(logging.INFO, logger="limiter")
+    with RedisServer() as server:
+        lim = Limiter.from_url(server.url, {"a": APILimits(max_concurrent=1, lease_ttl=0.3)})
+        tries: list[bool] = []
+        renew = lim._waiting.renew
+
+        async def counted() -> None:
+            try:
+                await renew()
+            except LimiterUnavailable:
+                tries.append(False)
+                raise
+            tries.append(True)
+
+        monkeypatch.setattr(lim._waiting, "renew", counted)
+
+        def said(words: str) -> list[str]:
+            return [r.getMessage() for r in caplog.records if words in r.getMessage()]
+
+        async def until_tries(n: int, ok: bool) -> None:
+            loop = asyncio.get_running_loop()
+            deadline = loop.time() + 10
+            while tries[-n:] != [ok] * n or len(tries) < n:
+                assert loop.time() < deadline, f"no {n} renewals with ok={ok}: {tries}"
+                await asyncio.sleep(0.02)  # renewals run by themselves: watch them
+
+        held = await lim.acquire("a", timeout=1)
+        server.kill()
+        await until_tries(4, False)
+        assert len(said("lease renewal failed")) == 1
+        server.restart()
+        await until_tries(2, True)  # the slot itself is lost (Redis forgot it), but the
+        assert len(said("lease renewal works again")) == 1  # renewal call works
+        server.kill()
+        await until_tries(3, False)
+        assert len(said("lease renewal failed")) == 2
+        server.restart()
+        with pytest.raises(LeaseLost):
+            await held.release()
+        await lim.aclose()
