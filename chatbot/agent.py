@@ -1,4 +1,14 @@
-"""The agent: OpenAI chat completions with Zapier's MCP tools, both through the limiter."""
+"""The agent: OpenAI chat completions with Zapier's MCP tools, both through the limiter.
+
+With ``CACHE_TTL`` set (:attr:`Settings.cache_ttl`), its OpenAI client has a response cache
+(``limiter.http.ResponseCache``) and every chat completion is sent with ``temperature=0``:
+the cache answers only deterministic requests, since at the provider's default temperature
+(1) the same request may get another answer each time, and serving the first one again
+would change what users see. At 0, an exact repeat (same system prompt, history, text and
+tools: in practice a conversation's first message, such as a common question) is answered
+from Redis by whichever replica gets it. An answer that asks for a tool is never cached,
+so every Zapier action runs every time. Without ``CACHE_TTL`` nothing is sent differently.
+"""
 
 from __future__ import annotations
 
@@ -14,7 +24,7 @@ import httpx2
 from mcp import ClientSession
 
 from limiter import Limiter, scope
-from limiter.http import openai_client, zapier_mcp
+from limiter.http import ResponseCache, openai_client, zapier_mcp
 
 from .settings import Settings
 
@@ -119,9 +129,16 @@ class Agent:
     def __init__(self, lim: Limiter, settings: Settings) -> None:
         self.settings = settings
         self.limiter = lim
+        cache = None if settings.cache_ttl is None else ResponseCache(ttl=settings.cache_ttl)
         self.openai = openai_client(
-            lim, base_url=settings.openai_base_url, api_key=settings.openai_api_key
+            lim,
+            base_url=settings.openai_base_url,
+            api_key=settings.openai_api_key,
+            cache=cache,
         )
+        #: What every chat completion adds: with a cache, ``temperature=0``, which makes it
+        #: deterministic and so cacheable (see the module's docstring); else nothing.
+        self.sampling: dict[str, Any] = {} if cache is None else {"temperature": 0}
         self._zapier = _ZapierSession(lim, settings)
 
     async def reply(
@@ -156,7 +173,11 @@ class Agent:
         messages: list[Any] = [{"role": "system", "content": SYSTEM}, *history]
         messages.append({"role": "user", "content": content})
         first = await self.openai.chat.completions.create(
-            model=self.settings.openai_model, messages=messages, tools=tools, max_tokens=300
+            model=self.settings.openai_model,
+            messages=messages,
+            tools=tools,
+            max_tokens=300,
+            **self.sampling,
         )
         choice = first.choices[0].message
         calls: list[dict[str, Any]] = []
@@ -177,7 +198,7 @@ class Agent:
             calls.append({"tool": call.function.name, "arguments": args, "ok": not result.is_error})
             messages.append({"role": "tool", "tool_call_id": call.id, "content": output})
         second = await self.openai.chat.completions.create(
-            model=self.settings.openai_model, messages=messages, max_tokens=300
+            model=self.settings.openai_model, messages=messages, max_tokens=300, **self.sampling
         )
         return AgentReply(second.choices[0].message.content or "", calls)
 

@@ -17,6 +17,16 @@ report until Ctrl-C (:func:`keep_running`).
 ``--noisy-user`` runs the scenario twice, each on a cluster of its own: as is, then with a
 noisy user and a batch job (``POST /batch``, priority 0) pressing on the same limits, and
 compares the ordinary users' waits in the limiter (:func:`run_noisy`).
+
+``--cache`` starts the replicas with ``CACHE_TTL`` (300 s): each asks OpenAI at
+temperature 0 through a response cache in the shared Redis (``limiter.http.ResponseCache``),
+and every third user opens with one of a few common questions (``chatbot.load.FAQ_TEXTS``),
+identical requests across users and replicas. The report then gives the cache's hits,
+misses and hit rate from the cluster's own counters (``stats("openai")["cache"]``, a
+replica's ``/stats``), and counts the OpenAI requests as messages + tool messages - hits
+(:func:`_requests_line`, :func:`_cache_line`). Without it, the replicas have no cache
+(``CACHE_TTL`` empty, whatever this process's environment holds) and the report says
+nothing of one.
 """
 
 from __future__ import annotations
@@ -44,10 +54,12 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from limiter import ConfigError
+from limiter.http import ResponseCache
 from limiter.testing import RedisServer, free_port
 
 from .fakes._common import max_in_window
-from .load import BATCH_JOB, NOISY_USER, LoadResult, run_load
+from .load import BATCH_JOB, FAQ_TEXTS, NOISY_USER, LoadResult, run_load
 
 __all__ = [
     "ClusterConfig",
@@ -96,6 +108,11 @@ class ClusterConfig:
     #: Seconds of the same load, after the run, on as many replicas that each keep the
     #: limits by themselves (no shared limiter); 0: no such phase, and no such replicas.
     without_seconds: float = 0.0
+    #: The replicas' ``CACHE_TTL``, seconds: a response cache for OpenAI, and completions at
+    #: temperature 0; 0: no cache.
+    cache_ttl: float = 0.0
+    #: Every ``faq_every``-th user opens with one of ``FAQ_TEXTS`` (``run_load``); 0: none.
+    faq_every: int = 0
 
     def limits_json(self) -> str:
         return json.dumps(
@@ -142,6 +159,17 @@ class ClusterReport:
     waited: dict[str, float] = field(default_factory=dict)
     #: The same users on replicas without a shared limiter, for ``without_seconds``.
     without: ClusterReport | None = None
+
+    @property
+    def cache(self) -> dict[str, int] | None:
+        """The response cache's ``hits`` and ``misses``, every replica's (the cluster's
+        counters, ``stats("openai")["cache"]``); None without a cache or without stats."""
+        if self.config.cache_ttl <= 0:
+            return None
+        counts = self.stats.get("openai", {}).get("cache")
+        if not isinstance(counts, dict):
+            return None
+        return {"hits": int(counts["hits"]), "misses": int(counts["misses"])}
 
     @property
     def openai_sent_in_window(self) -> int:
@@ -325,6 +353,9 @@ class Cluster:
             "LIMITS_JSON": self.config.limits_json(),
             "TICKET_TTL": str(self.config.ticket_ttl),
             "REPLICA_NAME": name,
+            # Set either way: a CACHE_TTL in this process's environment must not give the
+            # replicas a cache the report knows nothing of (empty: no cache).
+            "CACHE_TTL": str(self.config.cache_ttl) if self.config.cache_ttl > 0 else "",
         }
         if namespace is not None:
             env["LIMITER_NAMESPACE"] = namespace
@@ -508,6 +539,7 @@ async def _drive(
                 noisy=c.noisy,
                 noisy_in_flight=c.noisy_in_flight,
                 batch_workers=c.batch_workers,
+                faq_every=c.faq_every,
             )
         finally:
             poller.cancel()
@@ -600,6 +632,7 @@ async def _drive_without(urls: list[str], config: ClusterConfig, console: Consol
             tool_every=config.tool_every,
             progress=on_progress,
             duration=seconds,
+            faq_every=config.faq_every,
         )
         progress.update(task, completed=seconds)
     return result
@@ -724,6 +757,16 @@ def _summary(report: ClusterReport) -> dict[str, Any]:
         "limiter_waited": report.waited,
         "openai_sent_in_window": report.openai_sent_in_window,
     }
+    cache = report.cache
+    if cache is not None:
+        lookups = cache["hits"] + cache["misses"]
+        out["cache"] = {
+            **cache,
+            "hit_rate": cache["hits"] / lookups if lookups else 0.0,
+            "ttl": report.config.cache_ttl,
+            "faq": sum(x.faq for x in _loads(load)),
+            "faq_repeats": sum(x.faq_repeats for x in _loads(load)),
+        }
     without = report.without
     if without is not None:
         out["without"] = {
@@ -769,13 +812,23 @@ def _requests_line(report: ClusterReport) -> str:
     tools = sum(x.tool_messages for x in loads)
     requests = int(report.openai["admitted"])
     what = "messages" if len(loads) == 1 else "messages and batch items"
+    cache = report.cache
+    hits = 0 if cache is None else cache["hits"]
     line = (
         f"[bold]{requests} OpenAI requests for {answered} {what}:[/] {tools} used a Zapier "
         f"tool (Zapier ran {report.zapier['executed']} actions), and each of those needs a "
         "second completion (the model asks for the tool, the replica runs it, the model "
-        f"answers with its result): {answered} + {tools} = {answered + tools}."
+        "answers with its result)"
     )
-    other = requests - answered - tools
+    if cache is None:
+        line += f": {answered} + {tools} = {answered + tools}."
+    else:
+        were = "completion was" if hits == 1 else "completions were"
+        line += (
+            f"; {hits} {were} answered from the response cache instead of OpenAI: "
+            f"{answered} + {tools} - {hits} = {answered + tools - hits}."
+        )
+    other = requests - (answered + tools - hits)
     if other > 0:
         line += (
             f" The other {other} were made for messages the replica that made them did not "
@@ -783,6 +836,49 @@ def _requests_line(report: ClusterReport) -> str:
         )
     elif other < 0:
         line += f" ({-other} fewer than that reached OpenAI: the records disagree.)"
+    return line
+
+
+def _count(n: int, what: str) -> str:
+    """``1 hit``, ``2 hits``, ``0 misses``."""
+    return f"{n} {what}" if n == 1 else f"{n} {what}{'es' if what.endswith('s') else 's'}"
+
+
+def _cache_line(report: ClusterReport) -> str | None:
+    """The response cache's hits, misses and hit rate from the cluster's own counters, and
+    where its hits came from; None when the replicas had no cache."""
+    c = report.config
+    if c.cache_ttl <= 0:
+        return None
+    cache = report.cache
+    if cache is None:
+        return "[bold]Response cache:[/] on, but no replica answered /stats: no counts."
+    hits, misses = cache["hits"], cache["misses"]
+    lookups = hits + misses
+    rate = f"{hits}/{lookups} = {hits / lookups:.1%}" if lookups else "0/0 (no lookup)"
+    loads = _loads(report.load)
+    faq, repeats = sum(x.faq for x in loads), sum(x.faq_repeats for x in loads)
+    # The completions the replicas asked for: those OpenAI admitted, and the hits.
+    completions = int(report.openai["admitted"]) + hits
+    if lookups == completions:
+        looked_up = f"Every one of the {completions} completions was looked up"
+    else:
+        looked_up = f"{lookups} of the {completions} completions were looked up"
+    line = (
+        f"[bold]Response cache[/] (CACHE_TTL={c.cache_ttl:g}s, the cluster's counters, "
+        f'stats("openai")["cache"]): {_count(hits, "hit")}, {_count(misses, "miss")}, hit '
+        f"rate {rate}; {_count(hits, 'OpenAI request')} saved. {looked_up} (temperature 0, "
+        "tools offered but not forced); an answer that asks for a tool is never stored, so "
+        "no hit runs a tool."
+    )
+    if faq:
+        line += (
+            f" {faq} users opened with one of {len(FAQ_TEXTS)} common questions, {repeats} "
+            "of them after another user's identical first message had its answer; only a "
+            "first message can repeat exactly (later ones carry the user's history), and "
+            "identical requests sent at the same moment all miss (an answer is stored when "
+            "it comes back)."
+        )
     return line
 
 
@@ -930,6 +1026,9 @@ def print_report(report: ClusterReport, console: Console) -> None:
     )
     console.print(table)
     console.print(_requests_line(report))
+    cache_line = _cache_line(report)
+    if cache_line is not None:
+        console.print(cache_line)
     _print_time(report, console)
     o, z = report.openai, report.zapier
     referee = Table(title="Providers' own records (the referee)")
@@ -1056,6 +1155,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         default=None,
         help="batch items in flight (default: twice OpenAI's concurrency)",
     )
+    parser.add_argument(
+        "--cache",
+        nargs="?",
+        type=float,
+        const=300.0,
+        default=None,
+        metavar="SECONDS",
+        help="replicas with a response cache for OpenAI (CACHE_TTL, 300 s unless given; "
+        "completions at temperature 0), and every 3rd user opening with a common question; "
+        "the report gives the cache's hit rate",
+    )
     parser.add_argument("--json", help="also write the report as JSON to this file")
     args = parser.parse_args(argv)
     if args.noisy_user and args.kill_one:
@@ -1064,7 +1174,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error("--noisy-user runs two clusters: --keep does not go with it")
     if not (math.isfinite(args.without_seconds) and args.without_seconds >= 0):
         parser.error("--without-seconds must be a number of seconds >= 0")
+    if args.cache is not None:
+        try:
+            ResponseCache(ttl=args.cache)  # the replicas' CACHE_TTL: the same bounds
+        except ConfigError:
+            parser.error("--cache must be a number of seconds from 0.001 to 366 days")
     config = ClusterConfig(replicas=args.replicas, users=args.users, messages=args.messages)
+    if args.cache is not None:
+        config = replace(config, cache_ttl=args.cache, faq_every=3)
     console = Console()
     # SIGTERM and SIGHUP (a closed terminal) stop everything as Ctrl-C does: the children
     # run in sessions of their own, so nothing else would stop them. A signal this process

@@ -3,6 +3,10 @@
 Optionally, while they do, a noisy user who sends many times their messages and a batch
 job (``POST /batch``, the limiter's lowest priority of the chatbot) press on the same
 limits: ``python -m chatbot cluster --noisy-user`` compares what the others see.
+
+Optionally too (``faq_every``), some users open with a question many ask alike
+(:data:`FAQ_TEXTS`): identical requests across users and replicas, what the replicas'
+response cache answers (``python -m chatbot cluster --cache``).
 """
 
 from __future__ import annotations
@@ -17,12 +21,20 @@ from typing import Any
 
 import httpx2
 
-__all__ = ["BATCH_JOB", "NOISY_USER", "LoadResult", "percentile", "run_load"]
+__all__ = ["BATCH_JOB", "FAQ_TEXTS", "NOISY_USER", "LoadResult", "percentile", "run_load"]
 
 TOOL_TEXTS = (
     "Please send an email to ana@example.com saying the order shipped",
     "Add a spreadsheet row with today's sales to the Sales sheet",
     "Create a calendar event for the team meeting tomorrow",
+)
+#: Questions many users open a conversation with, word for word, and that need no tool
+#: (no Zapier tool's name or keyword in them). A conversation's first message is the only
+#: one two users can send identically: later ones carry the user's history.
+FAQ_TEXTS = (
+    "What are your opening hours?",
+    "Do you ship to Canada?",
+    "How do I reset my password?",
 )
 #: The noisy user's id (ordinary users are user-000, user-001, ...).
 NOISY_USER = "noisy-user"
@@ -61,6 +73,11 @@ class LoadResult:
     finished: float = 0.0
     #: Per user, the order in which its replies came back (message numbers).
     order: dict[str, list[int]] = field(default_factory=dict)
+    #: With ``faq_every``: the users' first messages that were one of :data:`FAQ_TEXTS`,
+    #: and those of them sent after another user's identical first message had its answer
+    #: (which a response cache then holds: each such repeat is a hit).
+    faq: int = 0
+    faq_repeats: int = 0
     #: Messages the noisy user or the batch job meant to send (0: as many as it could).
     planned: int = 0
     #: With ``noisy``: what the noisy user saw; with ``batch_workers``: the batch job.
@@ -99,6 +116,7 @@ async def run_load(
     noisy_in_flight: int = 4,
     batch_workers: int = 0,
     duration: float | None = None,
+    faq_every: int = 0,
 ) -> LoadResult:
     """``users`` users each send ``messages`` messages, one after the other, to replicas
     taken in turn; every ``tool_every``-th message asks for a Zapier action.
@@ -112,6 +130,14 @@ async def run_load(
 
     With ``duration``, the users stop after that many seconds: what they have not sent is
     not sent, and the messages then unanswered are abandoned (counted in ``cut_off``).
+
+    With ``faq_every``, every ``faq_every``-th user (user 0, then user ``faq_every``, ...)
+    opens with one of :data:`FAQ_TEXTS` instead (user ``u`` with number
+    ``u // faq_every`` of them, in turn), a message that needs no tool (even where the
+    first message would have asked for a Zapier action). The first user to
+    ask a question sends it at once; the others who open with it arrive later, once that
+    first one has its answer (identical requests sent at the same moment would all miss a
+    cache: an answer is stored when it comes back). Counted in ``faq`` and ``faq_repeats``.
     """
     rng = random.Random(seed)
     result = LoadResult(started=time.monotonic())
@@ -166,13 +192,49 @@ async def run_load(
                 return f"{TOOL_TEXTS[(u + m) % len(TOOL_TEXTS)]} (message {m})"
             return f"Hello, this is {name}, message {m}: what are your opening hours?"
 
+        def faq_of(u: int) -> int | None:
+            """The number of the question user ``u`` opens with, or None."""
+            if faq_every <= 0 or u % faq_every:
+                return None
+            return (u // faq_every) % len(FAQ_TEXTS)
+
+        # Per question: the first user to ask it, and when (and whether) it was answered.
+        first_asker: dict[int, int] = {}
+        for u in range(users):
+            q = faq_of(u)
+            if q is not None:
+                first_asker.setdefault(q, u)
+        first_answered = {q: asyncio.Event() for q in first_asker}
+        first_ok: dict[int, bool] = {}
+
+        async def opening(u: int, body: dict[str, Any]) -> dict[str, Any] | None:
+            """Send user ``u``'s first message; a question many ask, after the first to ask
+            it has its answer."""
+            q = faq_of(u)
+            if q is None:
+                return await send(result, "/messages", body)
+            body["text"] = FAQ_TEXTS[q]
+            result.faq += 1
+            if first_asker[q] != u:
+                await first_answered[q].wait()
+                result.faq_repeats += 1 if first_ok[q] else 0
+                return await send(result, "/messages", body)
+            first_ok[q] = False
+            try:
+                answer = await send(result, "/messages", body)
+                first_ok[q] = answer is not None
+                return answer
+            finally:
+                first_answered[q].set()
+
         async def user(u: int) -> None:
             name = f"user-{u:03d}"
             result.order[name] = []
             await asyncio.sleep(rng.random() * 0.2)
             for m in range(messages):
                 body = {"user_id": name, "text": text_of(name, u, m), "images": []}
-                if await send(result, "/messages", body) is not None:
+                answer = await (opening(u, body) if m == 0 else send(result, "/messages", body))
+                if answer is not None:
                     result.order[name].append(m)
                 if progress is not None:
                     progress(result)

@@ -10,6 +10,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from limiter import DEFAULT_LIMITS, APILimits, ConfigError, Rate
+from limiter.http import ResponseCache
 
 __all__ = ["Settings", "limits_from_json"]
 
@@ -57,6 +58,34 @@ def _seconds(env: Mapping[str, str], name: str, default: float) -> float:
     if not math.isfinite(value) or value <= 0:
         raise ConfigError(f"{name}={raw!r}: must be a number of seconds > 0", field=name, value=raw)
     return value
+
+
+def _cache_ttl(env: Mapping[str, str], name: str) -> float | None:
+    """The response cache's lifetime from the environment: unset or empty (blanks only) is
+    no cache; else what ``ResponseCache(ttl=...)`` takes (0.001 s to 366 days), else a
+    ConfigError naming the variable and the value."""
+    raw = env.get(name)
+    if raw is None or not raw.strip():
+        return None
+    try:
+        value = float(raw)
+    except ValueError:
+        value = math.nan
+    return _checked_cache_ttl(name, value, raw, "unset or empty")
+
+
+def _checked_cache_ttl(name: str, value: object, shown: object, off: str) -> float:
+    """``value`` when ``ResponseCache`` takes it as its ``ttl``, else a ConfigError naming
+    ``name`` and ``shown`` (the text it came from) and saying how to have no cache."""
+    try:
+        return ResponseCache(ttl=value).ttl  # type: ignore[arg-type]  # checked there
+    except ConfigError:
+        raise ConfigError(
+            f"{name}={shown!r}: must be a number of seconds from 0.001 to 366 days "
+            f"({off}: no response cache)",
+            field=name,
+            value=shown,
+        ) from None
 
 
 def _priority(env: Mapping[str, str], name: str, default: int) -> int:
@@ -133,6 +162,9 @@ class Settings:
     interactive_priority: int = 10
     #: The priority of batch work (``POST /batch``): served when no message waits.
     batch_priority: int = 0
+    #: Seconds an OpenAI answer stays in the response cache (``CACHE_TTL``); ``None``: no
+    #: cache. With a cache, the agent asks at temperature 0 (see ``chatbot.agent``).
+    cache_ttl: float | None = None
     replica: str = field(default_factory=lambda: os.environ.get("HOSTNAME", str(os.getpid())))
 
     def __post_init__(self) -> None:
@@ -144,6 +176,8 @@ class Settings:
                     field=name,
                     value=value,
                 )
+        if self.cache_ttl is not None:
+            _checked_cache_ttl("cache_ttl", self.cache_ttl, self.cache_ttl, "None")
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
@@ -167,5 +201,6 @@ class Settings:
             ticket_ttl=_seconds(env, "TICKET_TTL", base.ticket_ttl),
             interactive_priority=_priority(env, "INTERACTIVE_PRIORITY", base.interactive_priority),
             batch_priority=_priority(env, "BATCH_PRIORITY", base.batch_priority),
+            cache_ttl=_cache_ttl(env, "CACHE_TTL"),
             replica=env.get("REPLICA_NAME", base.replica),
         )

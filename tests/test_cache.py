@@ -22,7 +22,7 @@ import httpx2
 import openai
 import pytest
 import redis.asyncio as aioredis
-from fastapi import FastAPI
+from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 
 import limiter.http._cache as cache_module
@@ -30,7 +30,7 @@ from chatbot.fakes.openai_server import FakeOpenAIConfig
 from chatbot.metrics import Metrics
 from limiter import APILimits, ConfigError, Limiter
 from limiter.http import ResponseCache, openai_client, zapier_mcp
-from limiter.http._cache import cache_material
+from limiter.http._cache import cache_material, storable_answer
 from limiter.testing import RedisServer
 from tests._servers import Running, serve_app, serve_fake_openai
 from tests.conftest import LimiterFactory
@@ -54,6 +54,13 @@ EMAIL_TOOL: Any = {
         "parameters": {"type": "object", "properties": {"to": {"type": "string"}}},
     },
 }
+#: The same tool as the Responses API spells it, and the choices that force a call to it.
+RESPONSES_EMAIL_TOOL: Any = {"type": "function", **EMAIL_TOOL["function"]}
+SEND_EMAIL_CHOICE: Any = {"type": "function", "function": {"name": "send_email"}}
+RESPONSES_SEND_EMAIL_CHOICE: Any = {"type": "function", "name": "send_email"}
+#: A message the fake answers with a call to ``send_email`` when offered it (its name's
+#: keyword ``email``); ``MESSAGES`` it answers with text, tools offered or not.
+EMAIL_MESSAGES = [{"role": "user", "content": "please email ana@example.com"}]
 
 
 class Recorder(httpx2.AsyncBaseTransport):
@@ -258,9 +265,25 @@ NEVER_LOOKED_UP: dict[str, Callable[[Client], Awaitable[Any]]] = {
     "temperature above 0": lambda c: chat(c, temperature=0.7),
     "no temperature": chat,
     "stream": _stream,
-    "tools": lambda c: chat(c, temperature=0, tools=[EMAIL_TOOL]),
-    "tool_choice": lambda c: chat(c, temperature=0, tools=[EMAIL_TOOL], tool_choice="none"),
-    "functions": lambda c: chat(c, temperature=0, functions=[EMAIL_TOOL["function"]]),
+    "tool_choice required": lambda c: chat(
+        c, temperature=0, tools=[EMAIL_TOOL], tool_choice="required"
+    ),
+    "tool_choice any": lambda c: chat(c, temperature=0, tools=[EMAIL_TOOL], tool_choice="any"),
+    "tool_choice a named function": lambda c: chat(
+        c, temperature=0, tools=[EMAIL_TOOL], tool_choice=SEND_EMAIL_CHOICE
+    ),
+    "function_call a named function": lambda c: chat(
+        c,
+        temperature=0,
+        functions=[EMAIL_TOOL["function"]],
+        function_call={"name": "send_email"},
+    ),
+    "responses tool_choice a named function": lambda c: _respond(
+        c, store=False, tools=[RESPONSES_EMAIL_TOOL], tool_choice=RESPONSES_SEND_EMAIL_CHOICE
+    ),
+    "responses tool_choice required": lambda c: _respond(
+        c, store=False, tools=[RESPONSES_EMAIL_TOOL], tool_choice="required"
+    ),
     "chat store": lambda c: chat(c, temperature=0, store=True),
     "query string": lambda c: chat(c, temperature=0, extra_query={"api-version": "1"}),
     "opted out": lambda c: chat(c, temperature=0, extra_headers={"x-fleetlimit-cache": "0"}),
@@ -282,6 +305,196 @@ async def test_requests_the_cache_never_answers(
     assert (await client.lim.stats("openai"))["cache"] == {"hits": 0, "misses": 0}
     assert await entries(redis_client) == []
     assert all("x-fleetlimit-cache" not in r.headers for r in client.recorder.sent)
+
+
+# -- tools: offered, answered, forced -------------------------------------------------
+
+
+async def _respond_raw(client: Client, text: str, **kwargs: Any) -> Any:
+    return await client.sdk.responses.with_raw_response.create(
+        model=MODEL, input=text, temperature=0, store=False, **kwargs
+    )
+
+
+#: Requests that offer the model tools (not forcing a call) and that the fake answers with
+#: text: looked up, stored, and their repeat is a hit.
+TOOLS_OFFERED: dict[str, Callable[[Client], Awaitable[Any]]] = {
+    "tools": lambda c: chat(c, temperature=0, tools=[EMAIL_TOOL]),
+    "tools, tool_choice auto": lambda c: chat(
+        c, temperature=0, tools=[EMAIL_TOOL], tool_choice="auto"
+    ),
+    "tools, tool_choice none, a message asking for the tool": lambda c: chat(
+        c, temperature=0, tools=[EMAIL_TOOL], tool_choice="none", messages=EMAIL_MESSAGES
+    ),
+    "functions": lambda c: chat(c, temperature=0, functions=[EMAIL_TOOL["function"]]),
+    "functions, function_call auto": lambda c: chat(
+        c, temperature=0, functions=[EMAIL_TOOL["function"]], function_call="auto"
+    ),
+    "responses tools": lambda c: _respond_raw(c, "hello cache", tools=[RESPONSES_EMAIL_TOOL]),
+}
+
+
+@pytest.mark.parametrize("case", TOOLS_OFFERED)
+async def test_tools_offered_and_a_text_answer_is_cached(
+    case: str, make_client: ClientFactory, fake: Running, redis_client: Any
+) -> None:
+    """Tools offered, not forced, and a text answer: the repeat is a hit with the first
+    answer's exact bytes (no tool call in it), without reaching the provider."""
+    client = make_client(ResponseCache())
+    first = await TOOLS_OFFERED[case](client)
+    second = await TOOLS_OFFERED[case](client)
+
+    assert second.content == first.content
+    assert second.headers["x-fleetlimit-cache"] == "hit"
+    assert "x-fleetlimit-cache" not in first.headers
+    payload = json.loads(second.content)
+    if "choices" in payload:
+        [choice] = payload["choices"]
+        assert choice["message"]["content"].startswith("You said: ")
+        assert "tool_calls" not in choice["message"]
+        assert "function_call" not in choice["message"]
+    else:
+        assert [item["type"] for item in payload["output"]] == ["message"]
+    assert reached(fake) == 1
+    assert len(client.recorder.sent) == 1
+    assert (await client.lim.stats("openai"))["cache"] == {"hits": 1, "misses": 1}
+    assert len(await entries(redis_client)) == 1
+
+
+async def _email_chat(client: Client, **kwargs: Any) -> str:
+    answer = (await chat(client, temperature=0, messages=EMAIL_MESSAGES, **kwargs)).parse()
+    return str(answer.choices[0].message.tool_calls[0].function.name)
+
+
+async def _email_respond(client: Client) -> str:
+    text = EMAIL_MESSAGES[0]["content"]
+    answer = (await _respond_raw(client, text, tools=[RESPONSES_EMAIL_TOOL])).parse()
+    [item] = answer.output
+    assert item.type == "function_call"
+    return str(item.name)
+
+
+#: Requests that offer tools and that the fake answers with a call to one.
+TOOL_CALL_ANSWERS: dict[str, Callable[[Client], Awaitable[str]]] = {
+    "chat tools": lambda c: _email_chat(c, tools=[EMAIL_TOOL]),
+    "chat tools, tool_choice auto": lambda c: _email_chat(
+        c, tools=[EMAIL_TOOL], tool_choice="auto"
+    ),
+    "responses tools": _email_respond,
+}
+
+
+@pytest.mark.parametrize("case", TOOL_CALL_ANSWERS)
+async def test_tools_offered_and_a_tool_call_answer_is_never_stored(
+    case: str, make_client: ClientFactory, fake: Running, redis_client: Any
+) -> None:
+    """Tools offered and an answer that calls one (``tool_calls``, a ``function_call``
+    item): looked up (a miss) but never stored, so both requests reach the provider and
+    the cache never asks anyone to run a tool."""
+    client = make_client(ResponseCache())
+    for _ in range(2):
+        assert await TOOL_CALL_ANSWERS[case](client) == "send_email"
+    assert reached(fake) == 2
+    assert len(client.recorder.sent) == 2
+    assert (await client.lim.stats("openai"))["cache"] == {"hits": 0, "misses": 2}
+    assert await entries(redis_client) == []
+
+
+async def test_functions_offered_and_a_function_call_answer_is_never_stored(
+    make_client: ClientFactory, redis_client: Any
+) -> None:
+    """The older ``functions``: offered, and answered with a ``function_call`` message
+    (by a provider that answers so: the fake speaks only ``tools``), never stored."""
+    seen: list[str] = []
+    async with serve_app(_tool_calling_provider(seen), lifespan="off") as provider:
+        client = make_client(ResponseCache(), base_url=f"{provider.url}/v1")
+        for _ in range(2):
+            answer = (await chat(client, temperature=0, functions=[EMAIL_TOOL["function"]])).parse()
+            assert answer.choices[0].message.function_call.name == "send_email"
+    assert seen == ["chat", "chat"]
+    assert (await client.lim.stats("openai"))["cache"] == {"hits": 0, "misses": 2}
+    assert await entries(redis_client) == []
+
+
+_EMAIL_FUNCTION = {"name": "send_email"}
+
+
+@pytest.mark.parametrize(
+    ("field", "choice", "looked_up"),
+    [
+        ("tool_choice", None, True),
+        ("tool_choice", "none", True),
+        ("tool_choice", "auto", True),
+        ("tool_choice", {"type": "auto"}, True),
+        ("tool_choice", {"type": "none"}, True),
+        ("tool_choice", {"type": "allowed_tools", "mode": "auto", "tools": []}, True),
+        ("tool_choice", "required", False),
+        ("tool_choice", "any", False),
+        ("tool_choice", "sometimes", False),
+        ("tool_choice", {"type": "function", "function": _EMAIL_FUNCTION}, False),
+        ("tool_choice", {"type": "function", "name": "send_email"}, False),
+        ("tool_choice", {"type": "tool", "name": "send_email"}, False),
+        ("tool_choice", {"type": "file_search"}, False),
+        ("tool_choice", {"type": "allowed_tools", "mode": "required", "tools": []}, False),
+        ("tool_choice", {"type": "any"}, False),
+        ("tool_choice", ["auto"], False),
+        ("function_call", "none", True),
+        ("function_call", "auto", True),
+        ("function_call", _EMAIL_FUNCTION, False),
+    ],
+)
+def test_only_a_choice_that_leaves_the_model_free_is_looked_up(
+    field: str, choice: Any, looked_up: bool
+) -> None:
+    """Offering tools keeps a request cacheable; a ``tool_choice`` / ``function_call``
+    that forces a call (or is not known to leave the model free) does not."""
+    tools = {"tools": [EMAIL_TOOL]} if field == "tool_choice" else {"functions": [_EMAIL_FUNCTION]}
+    body = {"model": MODEL, "messages": MESSAGES, "temperature": 0, **tools, field: choice}
+    request = httpx2.Request("POST", "http://p/v1/chat/completions", json=body)
+    assert (cache_material(request) is not None) is looked_up
+    opted_in = httpx2.Request("POST", "http://p/v1/chat/completions", json=body)
+    assert (cache_material(opted_in, opted_in=True) is not None) is looked_up
+
+
+@pytest.mark.parametrize(
+    ("answer", "storable"),
+    [
+        ({"choices": [{"message": {"role": "assistant", "content": "hi"}}]}, True),
+        ({"choices": [{"message": {"content": "hi", "tool_calls": []}}]}, True),
+        ({"choices": [{"message": {"content": None, "tool_calls": [{"id": "c"}]}}]}, False),
+        ({"choices": [{"message": {"content": None, "function_call": _EMAIL_FUNCTION}}]}, False),
+        ({"choices": [{"message": {"content": "a"}}, {"message": {"tool_calls": [{}]}}]}, False),
+        ({"object": "response", "status": "completed", "output": [{"type": "message"}]}, True),
+        (
+            {
+                "object": "response",
+                "status": "completed",
+                "output": [{"type": "reasoning"}, {"type": "message"}],
+            },
+            True,
+        ),
+        (
+            {"object": "response", "status": "completed", "output": [{"type": "function_call"}]},
+            False,
+        ),
+        (
+            {"object": "response", "status": "completed", "output": [{"type": "web_search_call"}]},
+            False,
+        ),
+        (
+            {"object": "response", "status": "completed", "output": [{"type": "mcp_list_tools"}]},
+            False,
+        ),
+        (
+            {"object": "response", "status": "completed", "output": [{"type": "custom_tool_call"}]},
+            False,
+        ),
+    ],
+)
+def test_answers_that_call_a_tool_are_not_storable(answer: Any, storable: bool) -> None:
+    """A chat choice's ``tool_calls`` / ``function_call``, any Responses output item other
+    than a message or reasoning: not storable, in any choice or position."""
+    assert storable_answer(json.dumps(answer).encode()) is storable
 
 
 async def test_an_error_answer_is_not_stored(
@@ -316,7 +529,8 @@ async def test_answers_over_max_bytes_are_not_stored(
 
 
 def _tool_calling_provider(seen: list[str]) -> FastAPI:
-    """A provider that answers every chat and Responses request with a tool call."""
+    """A provider that answers every chat and Responses request with a tool call (chat
+    requests that offer ``functions`` with a ``function_call``)."""
     app = FastAPI()
     chat_answer = {
         "id": "chatcmpl-tool",
@@ -362,10 +576,26 @@ def _tool_calling_provider(seen: list[str]) -> FastAPI:
         "tools": [],
     }
 
+    function_answer = {
+        **chat_answer,
+        "choices": [
+            {
+                "index": 0,
+                "finish_reason": "function_call",
+                "message": {
+                    "role": "assistant",
+                    "content": None,
+                    "function_call": {"name": "send_email", "arguments": "{}"},
+                },
+            }
+        ],
+    }
+
     @app.post("/v1/chat/completions")
-    async def completions() -> JSONResponse:
+    async def completions(request: Request) -> JSONResponse:
         seen.append("chat")
-        return JSONResponse(chat_answer)
+        offered_functions = "functions" in await request.json()
+        return JSONResponse(function_answer if offered_functions else chat_answer)
 
     @app.post("/v1/responses")
     async def responses() -> JSONResponse:

@@ -460,3 +460,28 @@ def test_priorities_and_fair_queue_limits_come_from_the_environment() -> None:
             Settings.from_env({"INTERACTIVE_PRIORITY": bad})
     with pytest.raises(ConfigError, match="batch_priority"):
         Settings(batch_priority=5000)
+
+
+def test_cache_ttl_comes_from_the_environment_and_bad_values_name_it() -> None:
+    """CACHE_TTL: unset, empty or blank is no response cache (None); a number of seconds
+    from 0.001 to 366 days is the cache's lifetime; anything else is a ConfigError naming
+    the variable and the value as given. Settings(cache_ttl=...) is checked the same way."""
+    assert Settings().cache_ttl is None
+    for off in ({}, {"CACHE_TTL": ""}, {"CACHE_TTL": "  "}):
+        assert Settings.from_env(off).cache_ttl is None
+    for raw, seconds in (("300", 300.0), ("0.5", 0.5), ("0.001", 0.001), ("31622400", 31622400)):
+        assert Settings.from_env({"CACHE_TTL": raw}).cache_ttl == seconds
+    for bad in ("0", "-1", "0.0005", "31622401", "nan", "inf", "5m", "true"):
+        with pytest.raises(ConfigError) as info:
+            Settings.from_env({"CACHE_TTL": bad})
+        assert (info.value.field, info.value.value) == ("CACHE_TTL", bad)
+        assert str(info.value) == (
+            f"CACHE_TTL={bad!r}: must be a number of seconds from 0.001 to 366 days "
+            "(unset or empty: no response cache)"
+        )
+    assert Settings(cache_ttl=60).cache_ttl == 60
+    for wrong in (0, -2.5, True, float("nan"), "300"):
+        with pytest.raises(ConfigError) as info:
+            Settings(cache_ttl=wrong)  # type: ignore[arg-type]
+        assert info.value.field == "cache_ttl"
+        assert str(info.value).startswith(f"cache_ttl={wrong!r}: must be a number of seconds")

@@ -4,7 +4,9 @@ The report says why OpenAI saw more requests than messages (tool calls take a se
 completion), how much of the time to answer was waiting in the limiter, and what the
 providers saw when the same users ran for a few seconds on replicas that each keep the
 limits alone (no shared limiter); ``--keep`` leaves the cluster running until Ctrl-C, and
-then nothing it started is left.
+then nothing it started is left. With ``--cache``, the replicas have a response cache and
+the report gives its hit rate from the cluster's counters; the OpenAI requests still add
+up (messages + tool messages - hits).
 """
 
 from __future__ import annotations
@@ -17,15 +19,20 @@ import socket
 import subprocess
 import sys
 import time
+from dataclasses import replace
 from io import StringIO
 from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
 
 import httpx2
 import pytest
 import redis
 from rich.console import Console
 
+import chatbot.cluster
 from chatbot.cluster import ClusterConfig, print_report, run_cluster
+from chatbot.load import FAQ_TEXTS
 
 pytestmark = [pytest.mark.redis, pytest.mark.multiprocess, pytest.mark.slow]
 
@@ -64,12 +71,17 @@ def _line(text: str, start: str) -> str:
     raise AssertionError(f"no line starting {start!r} in:\n{text}")
 
 
-def test_report_explains_requests_waits_and_what_the_providers_saw_without_the_limiter() -> None:
+def test_report_explains_requests_waits_and_what_the_providers_saw_without_the_limiter(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     """The small demo: every message answered, 0 excess at the providers; the report's
     numbers add up from the fakes' records (OpenAI requests = messages + messages that used
     a tool, exactly); its time table and p99 line are the messages' own figures; and the
     3 s without a shared limiter got 429s from OpenAI and sent it more requests in one
-    window than its limit, while the shared limiter's run got none and stayed within it."""
+    window than its limit, while the shared limiter's run got none and stayed within it.
+    Without ``--cache`` the replicas have no response cache even when this process's
+    environment has a CACHE_TTL, and the report says nothing of one."""
+    monkeypatch.setenv("CACHE_TTL", "300")
     out = StringIO()
     console = Console(file=out, width=400)
     started = time.monotonic()
@@ -94,6 +106,10 @@ def test_report_explains_requests_waits_and_what_the_providers_saw_without_the_l
         "and each of those needs a second completion" in text
     ), text
     assert "36 + 12 = 48." in text
+    # No response cache: nothing looked up, and not a word of one in the report.
+    assert report.cache is None
+    assert report.stats["openai"]["cache"] == {"hits": 0, "misses": 0}
+    assert "cache" not in text.lower()
 
     # The time per message next to the part of it waiting in the limiter.
     assert all(w <= t for t, w in zip(load.latencies, load.waits, strict=True))
@@ -153,6 +169,108 @@ def test_report_explains_requests_waits_and_what_the_providers_saw_without_the_l
         f"{without.openai_sent_in_window} in a window, {o429} 429s, "
         f"answered {wl.answered}, failed {sum(wl.errors.values())}, cut {wl.cut_off}"
     )
+
+
+# --------------------------------------------------------------------------- --cache
+
+#: ``--cache`` on the small demo, without the phase without a shared limiter: users 0, 3,
+#: 6 and 9 open with FAQ_TEXTS[0], [1], [2], [0]: user 9 asks after user 0 had the answer.
+CACHE_CONFIG = replace(CONFIG, cache_ttl=300.0, faq_every=3, without_seconds=0.0)
+
+
+def test_cache_report_gives_the_hit_rate_from_the_cluster_and_the_requests_still_add_up() -> None:
+    """``--cache``: the replicas look every completion up in the shared response cache
+    (hits + misses = the completions they asked for = what OpenAI admitted + the hits =
+    messages + tool messages); the one user who asked a common question after another had
+    its answer is the one hit; OpenAI admitted messages + tool messages - hits, exactly;
+    the report's lines say so with the cluster's own counters; 0 excess."""
+    out = StringIO()
+    console = Console(file=out, width=400)
+    started = time.monotonic()
+    report = run_cluster(CACHE_CONFIG, console=console)
+    print_report(report, console)
+    took = time.monotonic() - started
+    text = out.getvalue()
+    c, load = CACHE_CONFIG, report.load
+
+    total = c.users * c.messages
+    assert (load.sent, load.answered, load.errors) == (total, total, {})
+    assert set(report.excess.values()) == {0}, report.excess
+    # Users 0, 3, 6, 9 opened with a common question (none of which needs a tool), user 9
+    # after user 0's answer; the tool messages are the 12 of the run without a cache.
+    assert (load.faq, load.faq_repeats) == (4, 1)
+    assert (load.tool_messages, load.tool_calls, report.zapier["executed"]) == (12,) * 3
+    tools = load.tool_messages
+
+    counts = report.stats["openai"]["cache"]  # a replica's /stats: the cluster's counters
+    assert report.cache == counts
+    hits, misses = counts["hits"], counts["misses"]
+    admitted = int(report.openai["admitted"])
+    # The repeat is a hit: its lookup came after the first answer was stored. Every other
+    # completion differs from all others (a user's name, history, a Zapier action's id) or
+    # its answer called a tool (never stored).
+    assert hits == load.faq_repeats == 1
+    # Every completion the replicas asked for was looked up once: each is a hit or reached
+    # OpenAI (the fake's own record), and there are messages + tool messages of them.
+    assert hits + misses == admitted + hits == total + tools
+    assert admitted == total + tools - hits == 47
+    assert report.openai["rejected_total"] == 0
+
+    requests_line = _line(text, "47 OpenAI requests for 36 messages:")
+    assert (
+        "; 1 completion was answered from the response cache instead of OpenAI: "
+        "36 + 12 - 1 = 47." in requests_line
+    ), requests_line
+    assert "The other" not in requests_line
+    cache_line = _line(text, "Response cache (CACHE_TTL=300s")
+    rate = f"{hits}/{hits + misses} = {hits / (hits + misses):.1%}"
+    assert (
+        f'stats("openai")["cache"]): {hits} hit, {misses} misses, hit rate {rate}; '
+        f"{hits} OpenAI request saved. Every one of the {total + tools} completions was "
+        "looked up" in cache_line
+    ), cache_line
+    assert rate == "1/48 = 2.1%"
+    assert f"4 users opened with one of {len(FAQ_TEXTS)} common questions, 1 of them" in text
+    assert text.rstrip().endswith("0 excess at the providers")
+    print(f"{took:.1f}s; cache {counts}; OpenAI admitted {admitted}")
+
+
+def test_the_cache_flag_sets_the_replicas_ttl_and_the_common_questions(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """``--cache`` is CACHE_TTL 300 s and every 3rd user opening with a common question;
+    ``--cache 60`` another lifetime; without it, no cache; a lifetime the cache would
+    refuse is refused here (exit 2), before anything starts."""
+    seen: list[ClusterConfig] = []
+
+    class Stub:
+        def __init__(self, config: ClusterConfig) -> None:
+            seen.append(config)
+
+        def __enter__(self) -> Stub:
+            return self
+
+        def __exit__(self, *exc: object) -> None:
+            return None
+
+    def run_on(cluster: Any, **kwargs: Any) -> Any:
+        return SimpleNamespace(excess={"openai 429s": 0})
+
+    monkeypatch.setattr(chatbot.cluster, "Cluster", Stub)
+    monkeypatch.setattr(chatbot.cluster, "run_on", run_on)
+    monkeypatch.setattr(chatbot.cluster, "print_report", lambda report, console: None)
+    for argv, ttl, every in (
+        ([], 0.0, 0),
+        (["--cache"], 300.0, 3),
+        (["--cache", "60"], 60.0, 3),
+    ):
+        assert chatbot.cluster.main(argv) == 0
+        assert (seen[-1].cache_ttl, seen[-1].faq_every) == (ttl, every)
+    for bad in ("0", "-1", "nan", "1e9"):
+        with pytest.raises(SystemExit) as info:
+            chatbot.cluster.main(["--cache", bad])
+        assert info.value.code == 2
+    assert len(seen) == 3
 
 
 # --------------------------------------------------------------------------- --keep

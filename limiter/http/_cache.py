@@ -11,7 +11,15 @@ cache's keys in the limiter's Redis (names from :func:`limiter._admin.cache_key`
   replica, read by :meth:`limiter.Limiter.stats`, living a day after the last lookup.
 
 The hash is of the method, the URL path and the request body as canonical JSON; no
-header (the API key least of all) is hashed or stored. Called by
+header (the API key least of all) is hashed or stored.
+
+Tools: a request may offer the model tools (``tools``, ``functions``) and still be looked
+up and stored, so an agent that sends its tools with every completion can be cached; but
+an answer that calls a tool (a chat choice's ``tool_calls`` / ``function_call``, any
+Responses output item other than a message or reasoning) is never stored, so nothing that
+asks to run a tool is ever answered from the cache. A request that forces a tool call
+(``tool_choice`` ``"required"``, ``"any"``, a named function or tool; ``function_call``
+naming a function) is never looked up: its answer is a tool call, never stored. Called by
 :class:`~limiter.http.LimitedTransport` only (its ``cache=``): :meth:`ResponseCache.lookup`
 before the request takes a slot, :meth:`CacheLookup.keep` with the provider's answer.
 Reaches Redis through the limiter's own client (:attr:`limiter.Limiter.redis`) with the
@@ -59,8 +67,14 @@ log = logging.getLogger("limiter")
 CACHE_HEADER = "x-fleetlimit-cache"
 #: The endpoints whose POSTs may be cached (the end of the URL path).
 ENDPOINTS = ("/chat/completions", "/responses", "/embeddings")
-#: Request fields that keep a request out of the cache whatever its temperature: tools.
-_TOOL_FIELDS = ("tools", "functions", "tool_choice")
+#: The request fields that choose whether the model calls a tool: ``tool_choice`` (chat,
+#: Responses), ``function_call`` (chat's older ``functions``). Offering tools is no bar to
+#: the cache (an answer that calls one is never stored: :func:`storable_answer`); forcing a
+#: call is (:func:`_forces_tool`).
+_CHOICE_FIELDS = ("tool_choice", "function_call")
+#: The choices that leave the model free to answer without a tool (as a string, or as the
+#: ``type`` of an object: ``{"type": "auto"}``).
+_FREE_CHOICES = frozenset({"none", "auto"})
 #: Output items of a Responses answer that may be cached (every other kind is a tool call).
 _PLAIN_ITEMS = frozenset({"message", "reasoning"})
 #: The hits and misses live this long after the last lookup, milliseconds (one day, like
@@ -124,14 +138,36 @@ def _server_state(endpoint: str, body: dict[str, Any]) -> bool:
     return endpoint == "/chat/completions" and bool(body.get("store"))
 
 
+def _forces_tool(body: dict[str, Any]) -> bool:
+    """Whether the request makes the model call a tool, so that its answer is one (never
+    stored, so not worth a lookup). Free (not forcing): no choice, ``"none"``, ``"auto"``,
+    ``{"type": "none" | "auto"}``, and Responses' ``{"type": "allowed_tools", "mode":
+    "auto"}``. Anything else forces a call: ``"required"``, ``"any"``, a named function or
+    tool (``{"type": "function", ...}``, ``function_call: {"name": ...}``, a hosted tool),
+    and any value not known to leave the model free."""
+    for name in _CHOICE_FIELDS:
+        choice = body.get(name)
+        if choice is None or (isinstance(choice, str) and choice in _FREE_CHOICES):
+            continue
+        if isinstance(choice, dict):
+            kind = choice.get("type")
+            if isinstance(kind, str) and kind in _FREE_CHOICES:
+                continue
+            if kind == "allowed_tools" and choice.get("mode") == "auto":
+                continue
+        return True
+    return False
+
+
 def cache_material(request: Any, *, opted_in: bool = False) -> bytes | None:
     """What a cacheable request's key is the hash of (method, path, canonical JSON body),
     or ``None`` when the cache must not answer it.
 
     Cacheable: a non-streaming POST without a query string to ``/chat/completions``,
     ``/responses`` or ``/embeddings`` with a JSON object body, deterministic
-    (``temperature`` 0, or embeddings) or ``opted_in``, that uses no tools
-    (``tools``/``functions``/``tool_choice``) and no server state (:func:`_server_state`).
+    (``temperature`` 0, or embeddings) or ``opted_in``, that forces no tool call
+    (:func:`_forces_tool`; offering ``tools``/``functions`` is allowed, an answer that
+    calls one is not stored) and uses no server state (:func:`_server_state`).
     """
     url = request.url
     path = url.path
@@ -142,7 +178,7 @@ def cache_material(request: Any, *, opted_in: bool = False) -> bytes | None:
     if (
         not isinstance(body, dict)
         or body.get("stream")
-        or any(_given(body, f) for f in _TOOL_FIELDS)
+        or _forces_tool(body)
         or _server_state(endpoint, body)
         or (endpoint != "/embeddings" and not opted_in and not _zero(body.get("temperature")))
     ):
@@ -154,7 +190,9 @@ def cache_material(request: Any, *, opted_in: bool = False) -> bytes | None:
 def _tool_call(payload: dict[str, Any]) -> bool:
     """Whether an answer calls a tool (or cannot be told apart from one): a chat choice's
     ``tool_calls`` / ``function_call``, a Responses output item other than a message or
-    reasoning, ``choices`` or ``output`` that is not a list."""
+    reasoning (a function call, a hosted or MCP tool's call), ``choices`` or ``output``
+    that is not a list. Such an answer is never stored, whatever tools the request
+    offered: a hit must never ask the caller to run a tool."""
     choices = payload.get("choices") or []
     output = payload.get("output") or []
     if not isinstance(choices, list) or not isinstance(output, list):
