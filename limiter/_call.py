@@ -29,7 +29,7 @@ __all__ = ["Budget", "call_with_retries", "display_name", "pause_if_asked", "ret
 log = logging.getLogger("limiter")
 T = TypeVar("T")
 
-_DISPLAY = {"openai": "OpenAI", "zapier": "Zapier"}
+_DISPLAY = {"openai": "OpenAI", "zapier": "Zapier", "anthropic": "Anthropic"}
 
 
 def display_name(api: str) -> str:

@@ -94,8 +94,10 @@ class LeaseLost(LimiterError):
 class ProviderAuthError(LimiterError):
     """The provider refused our credentials (HTTP 401/403); retrying cannot help.
 
-    Raised by :func:`limiter.http.zapier_mcp` when the SDK would report a refused token as a
-    bare error. The message names the API and the status, never the credentials.
+    Raised by :func:`limiter.http.zapier_mcp` (whose SDK would report a refused token as a
+    bare error) and by :func:`limiter.http.anthropic_client` (through the SDK's middleware,
+    instead of its own error). The message names the API and the status, never the
+    credentials.
     """
 
     def __init__(self, api: str, status: int, *, display: str | None = None) -> None:

@@ -292,7 +292,7 @@ async def test_a_refused_key_raises_provider_auth_error(
         record = fake.snapshot()
         texts = [str(info.value), repr(info.value), repr(good), repr(bad), json.dumps(record)]
     assert (info.value.api, info.value.status) == (API, 401)
-    assert str(info.value) == "anthropic answered HTTP 401: the API key or token was refused"
+    assert str(info.value) == "Anthropic answered HTTP 401: the API key or token was refused"
     assert info.value.__cause__ is None
     assert (record["requests_total"], record["unauthorized"]) == (2, 1)
     stats = await lim.stats(API)
