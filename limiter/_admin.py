@@ -228,22 +228,26 @@ async def set_override(
     return view
 
 
-def learned_fields(
-    plan: KeyPlan, requests_per_minute: int | None, tokens_per_minute: int | None
-) -> tuple[str, ...]:
-    """``learn.lua``'s tail: window id, limit pairs for the reported limits the API has
-    a window for (its one-minute request window, its token budget); others are dropped."""
+def learned_fields(plan: KeyPlan, reported: Sequence[int | None]) -> tuple[str, ...]:
+    """``learn.lua``'s tail from ``(requests_per_minute, tokens_per_minute,
+    requests_remaining, tokens_remaining)``: for the windows the API has (its one-minute
+    request window, its token budget), the limit (``id, n``) and what is left
+    (``remaining:id, n``); the rest is dropped. ConfigError names a bad value."""
     ids = {w.id for w in plan.windows}
+    names = ("requests_per_minute", "tokens_per_minute", "requests_remaining", "tokens_remaining")
     pairs: list[str] = []
-    for field, id_, value in (
-        ("requests_per_minute", "w:60000000", requests_per_minute),
-        ("tokens_per_minute", "tokens", tokens_per_minute),
-    ):
+    for i, (field, value) in enumerate(zip(names, reported, strict=True)):
         if value is None:
             continue
-        positive_int(field, value)
+        if i < 2:
+            positive_int(field, value)
+        elif isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            raise ConfigError(
+                f"{field}={show(value)}: must be an integer >= 0", field=field, value=value
+            )
+        id_ = ("w:60000000", "tokens")[i % 2]
         if id_ in ids:
-            pairs += [id_, str(value)]
+            pairs += [id_ if i < 2 else f"remaining:{id_}", str(value)]
     return tuple(pairs)
 
 

@@ -327,6 +327,8 @@ class Limiter:
         *,
         requests_per_minute: int | None = None,
         tokens_per_minute: int | None = None,
+        requests_remaining: int | None = None,
+        tokens_remaining: int | None = None,
         ttl: float = 600.0,
         key: str | None = None,
     ) -> dict[str, Any]:
@@ -334,11 +336,12 @@ class Limiter:
         the configured limit lowers the limit in force (with an override: the least of
         both) for ``ttl`` seconds, renewed by each such report; one at or above it clears
         what was learned. ``requests_per_minute`` applies to the API's one-minute request
-        window, ``tokens_per_minute`` to its token budget, if it has them. Called by
+        window, ``tokens_per_minute`` to its token budget, if it has them; a ``*_remaining``
+        below that window's room fills the difference in now. Called by
         ``LimitedTransport`` for ``learn_from_headers=True``. Returns ``stats()["learned"]``.
         """
-        plan, _ = self._lookup(api, key)
-        return await self._operators.learn_limits(plan, requests_per_minute, tokens_per_minute, ttl)
+        reported = (requests_per_minute, tokens_per_minute, requests_remaining, tokens_remaining)
+        return await self._operators.learn_limits(self._lookup(api, key)[0], reported, ttl)
 
     async def clear_limits(self, api: str) -> None:
         """Drop the runtime override of ``api``: its configured limits apply again."""

@@ -103,13 +103,9 @@ class Operators:
         return await _admin.set_override(self._runner, plan, fields, ttl, ttl_ms)
 
     async def learn_limits(
-        self,
-        plan: KeyPlan,
-        requests_per_minute: int | None,
-        tokens_per_minute: int | None,
-        ttl: float,
+        self, plan: KeyPlan, reported: Sequence[int | None], ttl: float
     ) -> dict[str, Any]:
-        pairs = _admin.learned_fields(plan, requests_per_minute, tokens_per_minute)
+        pairs = _admin.learned_fields(plan, reported)
         ttl_ms = max(1, math.ceil(check_seconds("ttl", ttl, 0.001) * 1000))
         await self.ready()
         flat, left = await self._runner.run("learn", plan, ttl_ms, tail=pairs, label="learn")

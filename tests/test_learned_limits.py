@@ -9,6 +9,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import openai
 import pytest
 import redis.asyncio as aioredis
 
@@ -134,6 +135,56 @@ async def test_an_api_without_those_windows_learns_nothing(make_limiter: Limiter
         await s.release()
 
 
+async def test_less_left_at_the_provider_fills_the_window_to_match(
+    make_limiter: LimiterFactory,
+) -> None:
+    """Another client on the same key: the provider says 4 of its 10 are left while our
+    window holds 1. The difference (5) is recorded now, so 4 more pass and the 5th is
+    refused; the same report again adds nothing, and more left takes nothing back."""
+    lim = make_limiter(TEN_PER_MINUTE)
+    first = await lim.acquire("a", timeout=0)
+    assert await lim.learn_limits("a", requests_per_minute=10, requests_remaining=4) == {}
+    assert (await lim.stats("a"))["windows"]["rate:60s"] == {"used": 6, "limit": 10}
+    await lim.learn_limits("a", requests_per_minute=10, requests_remaining=4)  # no more
+    assert (await lim.stats("a"))["windows"]["rate:60s"]["used"] == 6
+    slots = [await lim.acquire("a", timeout=0) for _ in range(4)]
+    with pytest.raises(AcquireTimeout) as refused:
+        await lim.acquire("a", timeout=0)
+    assert refused.value.reason == "rate:60s"
+    await lim.learn_limits("a", requests_per_minute=10, requests_remaining=9)  # more left:
+    assert (await lim.stats("a"))["windows"]["rate:60s"]["used"] == 10  # nothing taken back
+    for s in (first, *slots):
+        await s.release()
+
+
+async def test_what_is_left_counts_against_the_limit_in_force(
+    make_limiter: LimiterFactory,
+) -> None:
+    """The room is taken with the limit in force: reported 30 (learned now) with 20 left,
+    an empty window holds 10 after the report, not 120 - 20; configured 5 below the
+    provider's 1,000 with 998 left: our own 5 stay whole."""
+    lim = make_limiter({"a": APILimits(requests_per_minute=120, lease_ttl=60)})
+    await lim.learn_limits("a", requests_per_minute=30, requests_remaining=20)
+    assert (await lim.stats("a"))["windows"]["rate:60s"] == {"used": 10, "limit": 30}
+    own = make_limiter({"b": APILimits(requests_per_minute=5, lease_ttl=60)})
+    await own.learn_limits("b", requests_per_minute=1000, requests_remaining=998)
+    assert (await own.stats("b"))["windows"]["rate:60s"] == {"used": 0, "limit": 5}
+
+
+async def test_fewer_tokens_left_fill_the_token_budget(make_limiter: LimiterFactory) -> None:
+    """Tokens the same way: 300 left of 1,000 at the provider, 100 used here: 600 are
+    recorded, and a request reserving 400 waits while one of 300 passes."""
+    lim = make_limiter({"t": APILimits(tokens_per_minute=1000, lease_ttl=60)})
+    first = await lim.acquire("t", timeout=0, tokens=100)
+    await lim.learn_limits("t", tokens_per_minute=1000, tokens_remaining=300)
+    assert (await lim.stats("t"))["windows"]["tokens"]["used"] == 700
+    with pytest.raises(AcquireTimeout):
+        await lim.acquire("t", timeout=0, tokens=400)
+    second = await lim.acquire("t", timeout=0, tokens=300)
+    for s in (first, second):
+        await s.release()
+
+
 @pytest.mark.parametrize(
     ("field", "value"),
     [
@@ -144,6 +195,8 @@ async def test_an_api_without_those_windows_learns_nothing(make_limiter: Limiter
         ("tokens_per_minute", "100"),
         ("ttl", 0),
         ("ttl", float("nan")),
+        ("requests_remaining", -1),
+        ("tokens_remaining", 2.0),
     ],
 )
 async def test_bad_reports_change_nothing(
@@ -215,4 +268,41 @@ async def test_a_provider_allowing_30_a_minute_is_learned_by_every_process(
         st = await lim.stats("openai")
     assert (st["learned"]["rate:60s"], st["learned"]["source"]) == (30, "provider")
     assert st["windows"]["rate:60s"]["limit"] == 30
+    assert KEY not in fleet.logs()
+
+
+@pytest.mark.redis
+@pytest.mark.multiprocess
+async def test_another_client_on_the_key_leaves_room_the_processes_respect(
+    fleet: SDKFleet, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A client outside the limiter spent 12 of the key's 20 a minute: 2 processes x 4
+    loops configured for the same 20 read what is left from the answers and take exactly
+    the 8 left, without a 429. (One slot for the cluster: each answer's report lands
+    before its slot is released, so no admission races a report; with more slots, the
+    requests in flight when a report is read can still meet a 429.)"""
+    offline(monkeypatch)
+    spec = {"openai": {"max_concurrent": 1, "requests_per_minute": 20,
+                       "learn_from_headers": True, "retry_attempts": 1}}  # fmt: skip
+    config = FakeOpenAIConfig(api_keys=(KEY,), rpm=20, window_seconds=60.0, latency=0.02)
+    async with serve_fakes(openai=config) as fakes:
+        rogue = openai.AsyncOpenAI(base_url=fakes.openai_url, api_key=KEY, max_retries=0)
+        for i in range(12):
+            await rogue.chat.completions.create(
+                model="gpt-4o-mini", messages=[{"role": "user", "content": f"rogue {i}"}]
+            )
+        await rogue.close()
+        names = ["p0", "p1"]
+        for name in names:
+            fleet.start(
+                "chat_for", name, limits=spec, openai_url=fakes.openai_url, tasks=4, seconds=4
+            )
+        await fleet.ready(len(names))
+        await fleet.go(*names)
+        reports = [await fleet.result(name) for name in names]
+        record = fakes.openai_record()
+    assert record["rejected_total"] == 0, record["rejected"]
+    assert [r["errors"] for r in reports] == [[], []]
+    assert sum(r["ok"] for r in reports) == 8  # the 8 the other client left, not 20
+    assert record["admitted"] == record["max_requests_in_window"] == 20
     assert KEY not in fleet.logs()

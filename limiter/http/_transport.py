@@ -355,23 +355,34 @@ class LimitedTransport(httpx2.AsyncBaseTransport):
         """The limits the provider reports, as the API's learned limits for every replica
         (only for ``APILimits(learn_from_headers=True)``): requests per minute, and tokens
         per minute (Anthropic: its most restrictive token limit, else the least of its
-        input and output limits, since one budget counts both). Never fails the call."""
+        input and output limits, since one budget counts both), with what is left of each.
+
+        Sent when the limits change, every half of :data:`LEARN_TTL`, and whenever at most
+        a tenth of a limit is left (when another client on the key may be about to take
+        what our windows think is free): not a script call per answer. Never fails the
+        call."""
         if not self.limiter.limits[self.api].learn_from_headers:
             return
-        tokens = parsed.tokens.limit
-        if tokens is None:
-            split = [k.limit for k in (parsed.input_tokens, parsed.output_tokens) if k.limit]
-            tokens = min(split) if split else None
-        reported = (parsed.requests.limit, tokens)
+        tokens = parsed.tokens
+        if tokens.limit is None:
+            split = [k for k in (parsed.input_tokens, parsed.output_tokens) if k.limit]
+            tokens = min(split, key=lambda k: k.limit or 0) if split else tokens
+        kinds = (parsed.requests, tokens)
+        reported = (parsed.requests.limit, tokens.limit)
         if reported == (None, None):
             return
         now = time.monotonic()
-        if reported == self._reported and now - self._reported_at < LEARN_TTL / 2:
+        low = any(
+            k.limit and k.remaining is not None and k.remaining * 10 <= k.limit for k in kinds
+        )
+        fresh = now - self._reported_at < LEARN_TTL / 2
+        if reported == self._reported and fresh and not low:
             return
+        left = [k.remaining if k.limit else None for k in kinds]
         try:
             learned = await self.limiter.learn_limits(
                 self.api, requests_per_minute=reported[0], tokens_per_minute=reported[1],
-                ttl=LEARN_TTL,
+                requests_remaining=left[0], tokens_remaining=left[1], ttl=LEARN_TTL,
             )  # fmt: skip
         except (LimiterError, ValueError) as exc:  # the call goes on with what it has
             log.warning("could not apply %s's reported limits: %s", self.api, exc)

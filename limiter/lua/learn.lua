@@ -11,7 +11,12 @@
 --                      ("w:<period us>" or "tokens"; an integer >= 1). A limit below
 --                      the configured one is learned; one at or above it clears what
 --                      was learned for that window. An id the API lacks, or a limit
---                      that is not an integer >= 1, is ignored.
+--                      that is not an integer >= 1, is ignored. A pair
+--                      "remaining:<window id>", n says the provider has n left: when
+--                      that is less than the room the window has (limit in force -
+--                      used: other clients on the same key spend it too), the
+--                      difference is recorded now, as one entry of that weight in the
+--                      window's log, so that the window leaves exactly n.
 --
 -- A learned limit only ever lowers: an admission applies the least of the limit in
 -- force (configured or overridden) and the learned one. Every call that learns
@@ -21,9 +26,13 @@
 
 OPS.learn = function()
   refresh_now() -- the state hash's TTL is set again at flush()
-  local set, drop = {}, {}
+  local set, drop, remaining = {}, {}, {}
   for i = TAIL_AT, #ARGS - 1, 2 do
     local id, limit = ARGS[i], tonumber(ARGS[i + 1])
+    local left = string.match(id, '^remaining:(.*)$')
+    if left and limit and limit >= 0 and limit == math.floor(limit) then
+      remaining[left] = limit
+    end
     for _, spec in ipairs(WINDOWS) do
       if spec.id == id and limit and limit >= 1 and limit == math.floor(limit) then
         if limit < spec.limit then
@@ -41,6 +50,29 @@ OPS.learn = function()
     set[#set + 1] = 'p:until'
     set[#set + 1] = int(NOW + TTL_MS * 1000)
     redis.call('HSET', K_STATE, unpack_list(set))
+  end
+
+  -- The provider has less left than a window's room: record the difference now (it
+  -- counts in every window of that log and leaves them as an admission would). The
+  -- room is taken with the limits in force now, those just learned included.
+  if next(remaining) then
+    windows()
+    LOADED = false
+    load_state()
+    REFRESH_AT = nil -- refresh_now() asked flush() for every TTL; keep it so
+  end
+  for _, w in ipairs(W) do
+    local left = remaining[w.id]
+    if left then
+      measure(w.kind)
+      local over = (w.limit - w.used) - left
+      if over > 0 then
+        local longest = (w.kind == 'r') and LONGEST_R or LONGEST_T
+        local fresh = (w.kind == 'r') and FRESH_R or FRESH_T
+        log_entry(longest, 'provider.' .. NOW_S, over, fresh)
+        if w.kind == 'r' then FRESH_R = false else FRESH_T = false end
+      end
+    end
   end
 
   -- What stands now (a lapsed p:until stands for nothing; its fields are dropped).
@@ -62,6 +94,7 @@ OPS.learn = function()
   if #flat == 0 and v[1] then gone[#gone + 1] = 'p:until' end
   if #gone > 0 then redis.call('HDEL', K_STATE, unpack_list(gone)) end
   if #drop > 0 then move_queue() end
+
   flush()
   if #flat == 0 then return {flat, -2} end
   return {flat, math.ceil((untl - NOW) / 1000)}
