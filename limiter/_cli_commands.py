@@ -112,6 +112,8 @@ def _stats_table(all_stats: dict[str, dict[str, Any]]) -> str:
             "OK %",
             "AVG S",
             "OVERRIDE",
+            "LEARNED",
+            "CACHE HITS",
         ]
     ]
     for api, st in all_stats.items():
@@ -119,6 +121,8 @@ def _stats_table(all_stats: dict[str, dict[str, Any]]) -> str:
         windows = " ".join(f"{n}={w['used']}/{w['limit']}" for n, w in st["windows"].items())
         override = st["overrides"]
         done = st["successful_requests"] + st["failed_requests"]
+        cache = st.get("cache") or {}
+        lookups = cache.get("hits", 0) + cache.get("misses", 0)
         rows.append(
             [
                 api,
@@ -133,6 +137,9 @@ def _stats_table(all_stats: dict[str, dict[str, Any]]) -> str:
                 f"{st['success_rate']:.1f}" if done else "-",
                 f"{st['average_response_time']:.3f}" if done else "-",
                 "yes" if override else "-",
+                "yes" if st.get("learned") else "-",
+                # Hits of all lookups (the response cache, limiter.http.ResponseCache).
+                f"{cache['hits']}/{lookups}" if lookups else "-",
             ]
         )
     if len(rows) == 1:

@@ -258,6 +258,25 @@ async def test_stats_shows_a_dash_for_rates_of_no_completed_call(
     assert row["AVG S"] != "-"
 
 
+async def test_stats_shows_learned_limits_and_cache_hits(
+    app: Limiter, redis_server: RedisServer, real_redis: Any
+) -> None:
+    """LEARNED says whether a provider's limit is in force; CACHE HITS is hits/lookups of
+    the response cache, from the cluster's counters (``-`` with no lookup)."""
+    code, out, _ = await cli("stats", url=redis_server.url)
+    assert code == 0
+    assert {api: (r["LEARNED"], r["CACHE HITS"]) for api, r in _columns(out).items()} == {
+        "openai": ("-", "-"),
+        "zapier": ("-", "-"),
+    }
+    await app.learn_limits("openai", requests_per_minute=4)
+    await real_redis.hset("limiter:cache:{openai}:stats", mapping={"hits": 7, "misses": 290})
+    code, out, _ = await cli("stats", url=redis_server.url)
+    assert code == 0
+    row = _columns(out)["openai"]
+    assert (row["LEARNED"], row["CACHE HITS"]) == ("yes", "7/297")
+
+
 async def test_reset_clears_an_api(app: Limiter, redis_server: RedisServer) -> None:
     for _ in range(3):
         await (await app.acquire("zapier", timeout=0)).release()
