@@ -47,6 +47,7 @@ __all__ = [
     "check_ttl",
     "config_json",
     "learned_fields",
+    "learned_view",
     "limits_from_config",
     "override_fields",
     "override_view",
@@ -251,6 +252,15 @@ def learned_fields(plan: KeyPlan, reported: Sequence[int | None]) -> tuple[str, 
     return tuple(pairs)
 
 
+def learned_view(plan: KeyPlan, flat: Sequence[Any], ttl_ms: int) -> dict[str, Any]:
+    """The limits learned from the provider as ``override_view`` shows an override, with
+    ``"source": "provider"`` (``{}`` when none stands): ``stats()["learned"]``."""
+    view = override_view(plan, flat, ttl_ms)
+    if view:
+        view["source"] = "provider"
+    return view
+
+
 def override_view(plan: KeyPlan, flat: Sequence[Any], ttl_ms: int) -> dict[str, Any]:
     """The override as ``{"max_concurrent": 2, "rate:60s": 100, ..., "expires_in": s|None}``.
 
@@ -337,9 +347,7 @@ def stats_view(plan: KeyPlan, limits: APILimits, reply: Sequence[Any]) -> dict[s
     in_flight, waiting, cooldown_ms, flat, used, override, override_ms, _registered = reply[:8]
     by_priority, tenant_rows, weight_rows, learned_flat, learned_ms = reply[8:13]
     overrides = override_view(plan, override, int(override_ms))
-    learned = override_view(plan, learned_flat, int(learned_ms))
-    if learned:
-        learned["source"] = "provider"
+    learned = learned_view(plan, learned_flat, int(learned_ms))
     counters = {text(flat[i]): int(flat[i + 1]) for i in range(0, len(flat), 2)}
     ok = counters.get("successful_requests", 0)
     failed = counters.get("failed_requests", 0)

@@ -109,10 +109,7 @@ class Operators:
         ttl_ms = max(1, math.ceil(check_seconds("ttl", ttl, 0.001) * 1000))
         await self.ready()
         flat, left = await self._runner.run("learn", plan, ttl_ms, tail=pairs, label="learn")
-        view = _admin.override_view(plan, flat, int(left))
-        if view:
-            view["source"] = "provider"
-        return view
+        return _admin.learned_view(plan, flat, int(left))
 
     async def clear_limits(self, plan: KeyPlan) -> None:
         await self.ready()
