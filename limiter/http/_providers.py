@@ -80,6 +80,16 @@ def openai_client(
     return openai.AsyncOpenAI(http_client=client, **kwargs)
 
 
+def _mcp_transport(lim: Limiter, api: str) -> LimitedTransport:
+    """How an MCP session is limited (``zapier_mcp`` and ``mcp_http_client_factory``):
+    only ``tools/call`` takes a slot, a tool call is not retried after it may have run,
+    and a call the limiter refuses gets a JSON-RPC error, which ``mcp`` fails alone
+    instead of closing the session."""
+    return LimitedTransport(
+        lim, api, limit=mcp_tools_call_only, idempotent=False, refusals_as_jsonrpc=True
+    )
+
+
 @asynccontextmanager
 async def zapier_mcp(
     lim: Limiter,
@@ -103,9 +113,7 @@ async def zapier_mcp(
         _missing_extra(exc, "mcp", "zapier_mcp", "mcp")
         raise
 
-    transport = LimitedTransport(
-        lim, api, limit=mcp_tools_call_only, idempotent=False, refusals_as_jsonrpc=True
-    )
+    transport = _mcp_transport(lim, api)
     headers = {"Authorization": f"Bearer {token}"}
     client = httpx2.AsyncClient(
         transport=transport,
@@ -163,11 +171,8 @@ def mcp_http_client_factory(
         timeout: httpx2.Timeout | None = None,
         auth: httpx2.Auth | None = None,
     ) -> httpx2.AsyncClient:
-        transport = LimitedTransport(
-            lim, api, limit=mcp_tools_call_only, idempotent=False, refusals_as_jsonrpc=True
-        )
         return httpx2.AsyncClient(
-            transport=transport,
+            transport=_mcp_transport(lim, api),
             headers=headers,
             timeout=default_timeout if timeout is None else timeout,
             auth=auth,
