@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import math
 import multiprocessing
 import os
@@ -30,6 +31,7 @@ __all__ = [
     "Summary",
     "collect",
     "command_counts",
+    "interleaved",
     "machine_info",
     "percentile",
     "spawn_context",
@@ -157,6 +159,33 @@ class Counts:
     #: microseconds.
     evalsha: float
     lua_us: float
+
+
+async def interleaved(
+    ops: dict[str, Callable[[], Awaitable[Any]]], n: int
+) -> tuple[dict[str, list[int]], dict[str, float]]:
+    """Run each of ``ops`` ``n`` times after a warm-up (``max(50, n / 20)``), interleaved
+    and rotating which goes first, so that a slow moment of the machine falls on all of
+    them alike. Returns latency samples (ns) and mean client thread CPU (µs) per op."""
+    names = list(ops)
+    samples: dict[str, list[int]] = {name: [] for name in names}
+    cpu_ns = dict.fromkeys(names, 0)
+    warm = max(50, n // 20)
+    clock, cpu = time.perf_counter_ns, time.thread_time_ns
+    gc.collect()
+    for i in range(warm + n):
+        shift = i % len(names)
+        for name in names[shift:] + names[:shift]:
+            op = ops[name]
+            c0 = cpu()
+            t0 = clock()
+            await op()
+            dt = clock() - t0
+            dc = cpu() - c0
+            if i >= warm:
+                samples[name].append(dt)
+                cpu_ns[name] += dc
+    return samples, {name: v / max(1, n) / 1000 for name, v in cpu_ns.items()}
 
 
 async def _server_counts(client: aioredis.Redis) -> tuple[int, int, int]:

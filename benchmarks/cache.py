@@ -20,9 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import gc
 import socket
-import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
@@ -41,6 +39,7 @@ from ._util import (
     Report,
     Row,
     command_counts,
+    interleaved,
     summarize,
 )
 
@@ -155,22 +154,7 @@ async def run_cache(url: str, n: int, n_verify: int, report: Report) -> None:
         try:
             ops = s.ops(entry)
             names = list(ops)
-            samples: dict[str, list[int]] = {name: [] for name in names}
-            cpu_ns = dict.fromkeys(names, 0)
-            warm = max(50, n // 20)
-            clock, cpu = time.perf_counter_ns, time.thread_time_ns
-            gc.collect()
-            for i in range(warm + n):
-                shift = i % len(names)
-                for name in names[shift:] + names[:shift]:
-                    c0 = cpu()
-                    t0 = clock()
-                    await ops[name]()
-                    dt = clock() - t0
-                    dc = cpu() - c0
-                    if i >= warm:
-                        samples[name].append(dt)
-                        cpu_ns[name] += dc
+            samples, cpu_us = await interleaved(ops, n)
             stats = await s.lim.stats(API)
         finally:
             await s.aclose()
@@ -185,7 +169,7 @@ async def run_cache(url: str, n: int, n_verify: int, report: Report) -> None:
                 label=LABELS[name],
                 summary=sums[name],
                 counts=counts.get(name),
-                cpu_us=cpu_ns[name] / max(1, n) / 1000,
+                cpu_us=cpu_us[name],
             )
         )
     hit, ping = counts["hit"], sums["ping"]

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import gc
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable
@@ -39,6 +38,7 @@ from ._util import (
     Report,
     Row,
     command_counts,
+    interleaved,
     summarize,
 )
 
@@ -314,27 +314,10 @@ async def _timed(
 
         ops["noop_args"] = noop_pair_args
         ops["raw"] = raw_scripts
-        names = list(ops)
-        samples: dict[str, list[int]] = {name: [] for name in names}
-        cpu_ns = dict.fromkeys(names, 0)
-        warm = max(50, n // 20)
-        clock, cpu = time.perf_counter_ns, time.thread_time_ns
-        gc.collect()
-        for i in range(warm + n):
-            shift = i % len(names)
-            for name in names[shift:] + names[:shift]:
-                op = ops[name]
-                c0 = cpu()
-                t0 = clock()
-                await op()
-                dt = clock() - t0
-                dc = cpu() - c0
-                if i >= warm:
-                    samples[name].append(dt)
-                    cpu_ns[name] += dc
+        samples, cpu_us = await interleaved(ops, n)
     finally:
         await s.aclose()
-    return samples, {k: v / max(1, n) / 1000 for k, v in cpu_ns.items()}, replay
+    return samples, cpu_us, replay
 
 
 def _rows(
