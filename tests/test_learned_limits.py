@@ -233,6 +233,18 @@ def fleet(redis_server: RedisServer, client: aioredis.Redis, tmp_path: Path) -> 
         f.close()
 
 
+async def chat_loops(
+    fleet: SDKFleet, openai_url: str, spec: dict[str, Any], seconds: float
+) -> list[dict[str, Any]]:
+    """2 worker processes x 4 loops of chat completions for ``seconds``; their reports."""
+    names = ["p0", "p1"]
+    for name in names:
+        fleet.start("chat_for", name, limits=spec, openai_url=openai_url, tasks=4, seconds=seconds)
+    await fleet.ready(len(names))
+    await fleet.go(*names)
+    return [await fleet.result(name) for name in names]
+
+
 @pytest.mark.redis
 @pytest.mark.multiprocess
 async def test_a_provider_allowing_30_a_minute_is_learned_by_every_process(
@@ -246,14 +258,7 @@ async def test_a_provider_allowing_30_a_minute_is_learned_by_every_process(
                        "learn_from_headers": True, "retry_attempts": 1}}  # fmt: skip
     config = FakeOpenAIConfig(api_keys=(KEY,), rpm=30, window_seconds=60.0, latency=0.02)
     async with serve_fakes(openai=config) as fakes:
-        names = ["p0", "p1"]
-        for name in names:
-            fleet.start(
-                "chat_for", name, limits=spec, openai_url=fakes.openai_url, tasks=4, seconds=5
-            )
-        await fleet.ready(len(names))
-        await fleet.go(*names)
-        reports = [await fleet.result(name) for name in names]
+        reports = await chat_loops(fleet, fakes.openai_url, spec, seconds=5)
         record = fakes.openai_record()
     answered = sum(r["ok"] for r in reports)
     refused = record["rejected"]["requests"]
@@ -292,14 +297,7 @@ async def test_another_client_on_the_key_leaves_room_the_processes_respect(
                 model="gpt-4o-mini", messages=[{"role": "user", "content": f"rogue {i}"}]
             )
         await rogue.close()
-        names = ["p0", "p1"]
-        for name in names:
-            fleet.start(
-                "chat_for", name, limits=spec, openai_url=fakes.openai_url, tasks=4, seconds=4
-            )
-        await fleet.ready(len(names))
-        await fleet.go(*names)
-        reports = [await fleet.result(name) for name in names]
+        reports = await chat_loops(fleet, fakes.openai_url, spec, seconds=4)
         record = fakes.openai_record()
     assert record["rejected_total"] == 0, record["rejected"]
     assert [r["errors"] for r in reports] == [[], []]
