@@ -65,6 +65,7 @@ class Admission:
         cost: int,
         tokens: int,
         fair: Fair = DEFAULT_FAIR,
+        model: str = "",
     ) -> Slot:
         """Wait (in the fair queue, across the cluster) until the scripts admit this request."""
         api = plan.api
@@ -75,11 +76,14 @@ class Admission:
         start = loop.time()
         deadline = math.inf if timeout is None else start + timeout
         slot_id = self.new_slot_id()
-        ticket = f"{slot_id}|{cost}|{tokens}|{fair.tail}"
         mode = b"try" if timeout == 0 else b"wait"
         weight = repr(fair.weight)
-        args: tuple[Any, ...] = (slot_id, cost, tokens, mode, 1, fair.priority, weight, fair.tenant)
-        again = (slot_id, cost, tokens, mode, 0, fair.priority, weight, fair.tenant)
+        # The ticket as acquire.lua makes it (its format: lua/_common.lua).
+        ticket = f"{slot_id}|{cost}|{tokens}|{fair.priority}|{weight}|{model}|{fair.tenant}"
+        args: tuple[Any, ...] = (
+            *(slot_id, cost, tokens, mode, 1, fair.priority, weight, fair.tenant, model),
+        )
+        again = (slot_id, cost, tokens, mode, 0, fair.priority, weight, fair.tenant, model)
         waiter: Waiter | None = None
         first: str | None = None  # the first limit that held this request back
         queued = True  # a ticket or slot of ours may exist in Redis
@@ -88,8 +92,10 @@ class Admission:
                 res = await self._runner.run("acquire", plan, *args, retry_args=again)
                 args = again
                 if int(res[0]) == 1:
-                    charged = waiter is not None or len(res) > 2
-                    slot = self._admitted(plan, slot_id, int(res[1]), cost, tokens, waiter, charged)
+                    charged = waiter is not None or (len(res) > 2 and int(res[2]) == 1)
+                    dep = text(res[3]) if len(res) > 3 else ""
+                    at, taken = int(res[1]), (dep or None, model)
+                    slot = self._admitted(plan, slot_id, at, cost, tokens, waiter, charged, taken)
                     if events.active:
                         self._emit_admitted(api, loop.time() - start, first, fair)
                     return slot
@@ -138,7 +144,8 @@ class Admission:
                     )
                 at = await self._wait(waiter, delay, deadline)
                 if at is not None:
-                    slot = self._admitted(plan, slot_id, at, cost, tokens, waiter, True)
+                    taken = (waiter.deployment or None, model)
+                    slot = self._admitted(plan, slot_id, at, cost, tokens, waiter, True, taken)
                     if events.active:
                         self._emit_admitted(api, loop.time() - start, first, fair)
                     return slot
@@ -191,10 +198,13 @@ class Admission:
         tokens: int,
         waiter: Any,
         charged: bool,
+        taken: tuple[str | None, str],
     ) -> Slot:
+        """The slot of an admission; ``taken`` is its deployment and model."""
         handed = waiter is not None
         state = SlotState(self, plan, slot_id, at, cost, tokens, handed, handed)
         state.charged = charged
+        state.deployment, state.model = taken
         self._waiting.hold(state)
         return Slot(state)
 
@@ -220,6 +230,8 @@ class Admission:
                 state.actual_tokens,
                 1 if state.handed else 0,
                 "1" if state.charged else "",
+                state.deployment or "",
+                state.model,
             )
         except LimiterUnavailable as exc:
             if self.on_outage is None or not self.on_outage(exc):

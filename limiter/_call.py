@@ -129,6 +129,7 @@ async def call_with_retries(
     key: str | None = None,
     tenant: str | None = None,
     priority: int | None = None,
+    model: str | None = None,
 ) -> T:
     """Run ``operation`` under a slot of ``api``, retrying retryable failures."""
     limits = limiter.limits[api]
@@ -147,6 +148,7 @@ async def call_with_retries(
                 key,
                 tenant,
                 priority,
+                model,
             )
     raise AssertionError("unreachable: tenacity returns or re-raises")  # pragma: no cover
 
@@ -162,16 +164,16 @@ async def _one_attempt(
     key: str | None,
     tenant: str | None,
     priority: int | None,
+    model: str | None,
 ) -> T:
-    async with limiter.slot(
-        api, timeout=timeout, tokens=tokens, key=key, tenant=tenant, priority=priority
-    ) as slot:
+    fair = {"tenant": tenant, "priority": priority, "model": model}
+    async with limiter.slot(api, timeout=timeout, tokens=tokens, key=key, **fair) as slot:
         began = time.monotonic()
         try:
             result = await operation()
         except Exception as exc:
             verdict = classify_exception(exc, idempotent=idempotent)
-            await pause_if_asked(limiter, api, verdict)
+            await pause_if_asked(limiter, api, verdict, slot.deployment, model)
             raise
         report: Any = getattr(result, "usage", None)
         total = getattr(report, "total_tokens", None)
@@ -181,8 +183,16 @@ async def _one_attempt(
     return result
 
 
-async def pause_if_asked(limiter: Limiter, api: str, verdict: Verdict) -> None:
-    """A 429 pauses the API for every replica; a spent quota pauses it loudly."""
+async def pause_if_asked(
+    limiter: Limiter,
+    api: str,
+    verdict: Verdict,
+    deployment: str | None = None,
+    model: str | None = None,
+) -> None:
+    """A 429 pauses the API for every replica; a spent quota pauses it loudly. With a
+    ``deployment`` or ``model``, only the most specific limit set they name pauses."""
+    where = {"deployment": deployment, "model": model}
     limits = limiter.limits[api]
     if verdict.kind == "quota":
         seconds = max(verdict.retry_after or 0.0, limits.backoff_max)
@@ -193,12 +203,12 @@ async def pause_if_asked(limiter: Limiter, api: str, verdict: Verdict) -> None:
             verdict.code or "quota",
             seconds,
         )
-        await limiter.cooldown(api, seconds)
+        await limiter.cooldown(api, seconds, **where)
         limiter.emit("provider_pause", api, kind="quota", seconds=seconds)
     elif verdict.kind == "rate_limited":
         seconds = verdict.retry_after or limits.backoff_min
         log.warning(
             "%s answered 429: pausing it for every replica for %.2fs", display_name(api), seconds
         )
-        await limiter.cooldown(api, seconds)
+        await limiter.cooldown(api, seconds, **where)
         limiter.emit("provider_pause", api, kind="rate_limited", seconds=seconds)

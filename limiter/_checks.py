@@ -7,9 +7,9 @@ bad argument queues nothing and consumes nothing.
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
-from ._config import MAX_COUNT, MAX_SECONDS, finite, show
+from ._config import MAX_COUNT, MAX_SECONDS, check_model, finite, show
 from ._errors import ConfigError
 
 if TYPE_CHECKING:
@@ -107,9 +107,13 @@ def check_timeout(timeout: object) -> float | None:
     return number
 
 
-def check_request(plan: KeyPlan, cost: object, tokens: object) -> None:
-    """``cost`` and ``tokens`` are whole numbers in range, and no configured limit is
-    below them (such a request could never pass)."""
+def check_request(plan: KeyPlan, cost: object, tokens: object, model: object = None) -> str:
+    """``cost`` and ``tokens`` are whole numbers in range, ``model`` None or a model name,
+    and no configured limit the request must pass is below them (such a request could
+    never pass: the API's, its model's, and those of at least one deployment). Returns
+    the model as the scripts take it (``""``: none)."""
+    if model is not None:
+        check_model(model)
     if not isinstance(cost, int) or isinstance(cost, bool) or not 1 <= cost <= MAX_COUNT:
         raise ConfigError(
             f"cost={show(cost)}: must be an integer from 1 to 2**53 - 1", field="cost", value=cost
@@ -120,12 +124,34 @@ def check_request(plan: KeyPlan, cost: object, tokens: object) -> None:
             field="tokens",
             value=tokens,
         )
-    for w in plan.windows:
-        weight, what = (tokens, "tokens") if w.kind == "t" else (cost, "cost")
-        if weight > w.limit:
+    assert isinstance(cost, int) and isinstance(tokens, int)  # checked above
+    heavy = [_too_heavy(plan.windows, cost, tokens)]
+    heavy.append(_too_heavy(plan.set_windows(f"m:{model}") or (), cost, tokens))
+    if plan.deployments:
+        each = []
+        for dep in plan.deployments:
+            ws = plan.set_windows(f"d:{dep}") or ()
+            ws += plan.set_windows(f"d:{dep}:m:{model}") or ()
+            each.append(_too_heavy(ws, cost, tokens))
+        if all(each):
+            heavy.append(each[0])
+    for found in heavy:
+        if found is not None:
+            w, what, weight = found
             raise ConfigError(
                 f"{what}={weight} for API {plan.api!r} can never pass: "
                 f"the {w.name} limit is {w.limit}",
                 field=what,
                 value=weight,
             )
+    return model or ""
+
+
+def _too_heavy(windows: Any, cost: int, tokens: int) -> tuple[Any, str, int] | None:
+    """The first of ``windows`` whose limit is below the request, as (window, "cost" or
+    "tokens", weight), else None."""
+    for w in windows:
+        weight, what = (tokens, "tokens") if w.kind == "t" else (cost, "cost")
+        if weight > w.limit:
+            return w, what, weight
+    return None

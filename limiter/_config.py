@@ -19,6 +19,7 @@ __all__ = [
     "APILimits",
     "Rate",
     "check_api_name",
+    "check_model",
     "check_tenant",
     "check_weight",
     "finite",
@@ -180,6 +181,15 @@ class APILimits:
     #: Off by default: one API name sending to models with different provider limits
     #: would learn one model's limit for all of them.
     learn_from_headers: bool = False
+    #: Several keys (or base URLs) of one provider, each with limits of its own:
+    #: ``{name: APILimits(...)}``. Each admission also passes the limits of one of
+    #: them, the one with the most headroom that admits it (``slot.deployment``). Of a
+    #: deployment's APILimits only the limits count (``max_concurrent``, the request
+    #: windows, ``tokens_per_minute``, ``models``).
+    deployments: Mapping[str, APILimits] = field(default_factory=lambda: MappingProxyType({}))
+    #: Limits of one model, ``{model: APILimits(...)}``, for admissions that name it
+    #: (``acquire(..., model=)``); in a deployment's APILimits, within that deployment.
+    models: Mapping[str, APILimits] = field(default_factory=lambda: MappingProxyType({}))
     #: The windows in force, requests_per_minute/hour included (derived).
     windows: tuple[Rate, ...] = field(init=False, repr=False, compare=False)
 
@@ -256,8 +266,63 @@ class APILimits:
         if self.priority_aging is not None:
             _at_most_max_seconds("APILimits.priority_aging", self.priority_aging)
         object.__setattr__(self, "tenant_weights", _tenant_weights(self.tenant_weights))
+        object.__setattr__(self, "deployments", _limit_sets("deployments", self.deployments))
+        object.__setattr__(self, "models", _limit_sets("models", self.models))
         object.__setattr__(self, "rates", tuple(self.rates))
         object.__setattr__(self, "windows", tuple(windows))
+
+
+_DEPLOYMENT_NAME = re.compile(r"[A-Za-z0-9_.\-+@=/]{1,64}")
+_MODEL_NAME = re.compile(r"[A-Za-z0-9_.:\-+@=/]{1,128}")
+
+
+def check_model(model: object, name: str = "model") -> str:
+    """A model name: 1-128 characters of letters, digits and ``_ . : - + @ = /``."""
+    if not isinstance(model, str) or not _MODEL_NAME.fullmatch(model):
+        raise ConfigError(
+            f"{name}={show(model)}: must be 1-128 characters of letters, digits, "
+            "'_', '.', ':', '-', '+', '@', '=' or '/'",
+            field=name,
+            value=model,
+        )
+    return model
+
+
+def _limit_sets(kind: str, sets: object) -> Mapping[str, APILimits]:
+    """``APILimits.deployments`` or ``.models`` checked: names, and APILimits values that
+    nest no further than a deployment's models."""
+    field_name = f"APILimits.{kind}"
+    if not isinstance(sets, Mapping):
+        raise ConfigError(
+            f"{field_name}={show(sets)}: must be a mapping of name to APILimits",
+            field=field_name,
+            value=sets,
+        )
+    out: dict[str, APILimits] = {}
+    for name, lim in sets.items():
+        where = f"{field_name}[{show(name)}]"
+        if kind == "models":
+            check_model(name, field_name)
+        elif not isinstance(name, str) or not _DEPLOYMENT_NAME.fullmatch(name):
+            raise ConfigError(
+                f"{field_name}: name {show(name)} must be 1-64 characters of letters, "
+                "digits, '_', '.', '-', '+', '@', '=' or '/'",
+                field=field_name,
+                value=name,
+            )
+        if not isinstance(lim, APILimits):
+            raise ConfigError(
+                f"{where}={show(lim)}: must be an APILimits", field=where, value=lim
+            )
+        if lim.deployments or (kind == "models" and lim.models):
+            raise ConfigError(
+                f"{where}: a {kind[:-1]}'s limits cannot have "
+                f"{'deployments' if lim.deployments else 'models'} of their own",
+                field=where,
+                value=lim,
+            )
+        out[name] = lim
+    return MappingProxyType(out)
 
 
 #: The longest tenant name, bytes of UTF-8.

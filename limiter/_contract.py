@@ -29,6 +29,7 @@ __all__ = [
     "CONFIG",
     "OPERATIONS",
     "KeyPlan",
+    "LimitSet",
     "Operation",
     "Planner",
     "library_source",
@@ -44,7 +45,9 @@ API_KEYS: Final = ("holders", "queue", "qexp", "state", "handed", "requests", "t
 #: The API's configuration, one ARGV field after each per-API call's own: these words,
 #: separated by spaces, then three words per window (its id, its limit, its period in
 #: microseconds with the window margin): the request windows shortest first, then the
-#: token windows. ``life_us`` is how long the state hash lives after the API's last
+#: token windows; then each limit set of the API (deployments, models, a deployment's
+#: models) as ``@ <set id> <max_concurrent> <request windows>`` and its windows the same
+#: way (:class:`LimitSet`; ``lua/_common.lua``, "Limit sets"). ``life_us`` is how long the state hash lives after the API's last
 #: use: the longest of the lease, every window and ``stats_ttl``. ``aging_us`` is
 #: ``priority_aging`` (0: strict priority). Under Redis Functions
 #: the library parses each distinct configuration once and keeps it.
@@ -89,16 +92,36 @@ OPERATIONS: Final = {
     for op in (
         Operation(
             "acquire",
-            ("slot", "cost:n", "tokens:n", "mode", "first:n", "priority", "weight", "tenant"),
+            (
+                "slot",
+                "cost:n",
+                "tokens:n",
+                "mode",
+                "first:n",
+                "priority",
+                "weight",
+                "tenant",
+                "model",
+            ),
         ),
         Operation(
             "release",
-            ("slot", "outcome:n", "admitted_at:n", "reserved:n", "actual:n", "handed:n", "fair"),
+            (
+                "slot",
+                "outcome:n",
+                "admitted_at:n",
+                "reserved:n",
+                "actual:n",
+                "handed:n",
+                "fair",
+                "deployment",
+                "model",
+            ),
         ),
         Operation("withdraw", ("slot", "ticket")),
         Operation("renew", ("slots:n",)),
         Operation("move"),
-        Operation("cooldown", ("ms:n",)),
+        Operation("cooldown", ("ms:n", "scope")),
         Operation("override", ("ttl_ms:n",)),
         Operation("stats", extra_keys=("config",)),
         Operation("reset"),
@@ -154,7 +177,7 @@ def _head(ops: list[Operation]) -> str:
         lines.append("local " + ", ".join(args))
     lines += [
         "local " + ", ".join(config),
-        "local WINDOWS, ARGS, TAIL_AT",
+        "local WINDOWS, SETS, DEPS, ARGS, TAIL_AT",
         "",
         "-- The configuration, parsed once per distinct text while the code is loaded.",
         "local CONFIGS, CONFIG_COUNT = {}, 0",
@@ -164,17 +187,33 @@ def _head(ops: list[Operation]) -> str:
         "    local v = {}",
         "    for word in string.gmatch(text, '%S+') do v[#v + 1] = word end",
         f"    c = {{{_values(CONFIG, 'v')}}}",
-        "    local windows = {}",
-        f"    for i = {len(CONFIG) + 1}, #v, 3 do",
-        "      windows[#windows + 1] = {id = v[i], limit = tonumber(v[i + 1]),",
-        "                               period = tonumber(v[i + 2])}",
+        "    local windows, sets, deps, list = {}, nil, nil, nil",
+        "    list = windows",
+        f"    local i = {len(CONFIG) + 1}",
+        "    while i <= #v do",
+        "      if v[i] == '@' then -- a limit set: '@ <id> <max_concurrent> <request windows>'",
+        "        local set = {id = v[i + 1], maxc = tonumber(v[i + 2]), nreq = tonumber(v[i + 3]),",
+        "                     windows = {}}",
+        "        sets = sets or {}",
+        "        sets[set.id] = set",
+        "        local dep = string.match(set.id, '^d:([^:]+)$')",
+        "        if dep then",
+        "          deps = deps or {}",
+        "          deps[#deps + 1] = dep",
+        "        end",
+        "        list, i = set.windows, i + 4",
+        "      else",
+        "        list[#list + 1] = {id = v[i], limit = tonumber(v[i + 1]),",
+        "                           period = tonumber(v[i + 2])}",
+        "        i = i + 3",
+        "      end",
         "    end",
-        "    c.windows = windows",
+        "    c.windows, c.sets, c.deps = windows, sets or false, deps or false",
         "    if CONFIG_COUNT >= 1000 then CONFIGS, CONFIG_COUNT = {}, 0 end",
         "    CONFIGS[text], CONFIG_COUNT = c, CONFIG_COUNT + 1",
         "  end",
         _assign(config, ", ".join(f"c[{i}]" for i in range(1, len(config) + 1))),
-        "  WINDOWS = c.windows",
+        "  WINDOWS, SETS, DEPS = c.windows, c.sets, c.deps",
         "end",
         "",
         "local BIND = {}",
@@ -258,6 +297,52 @@ class Window:
 
 
 @dataclass(frozen=True, slots=True)
+class LimitSet:
+    """One limit set of an API besides its own: a deployment, a model, or a model
+    within a deployment."""
+
+    #: The scripts' id: ``"d:<deployment>"``, ``"m:<model>"``, ``"d:<deployment>:m:<model>"``.
+    id: str
+    max_concurrent: int
+    windows: tuple[Window, ...]
+
+
+def _windows(limits: APILimits, margin: int) -> list[Window]:
+    """The windows of ``limits`` as the scripts see them: request windows shortest first,
+    then the token window."""
+    windows = []
+    for rate in sorted(limits.windows, key=lambda rate: rate.period):
+        us = round(rate.period * 1_000_000)
+        windows.append(Window(f"w:{us}", rate.reason, rate.limit, us + margin, "r"))
+    if limits.tokens_per_minute is not None:
+        per_minute = limits.tokens_per_minute
+        windows.append(Window("tokens", "tokens", per_minute, 60_000_000 + margin, "t"))
+    return windows
+
+
+def _limit_sets(limits: APILimits, margin: int) -> tuple[LimitSet, ...]:
+    sets = []
+
+    def add(id_: str, lim: APILimits) -> None:
+        sets.append(LimitSet(id_, lim.max_concurrent or 0, tuple(_windows(lim, margin))))
+
+    for model, lim in limits.models.items():
+        add(f"m:{model}", lim)
+    for dep, lim in limits.deployments.items():
+        add(f"d:{dep}", lim)
+        for model, mlim in lim.models.items():
+            add(f"d:{dep}:m:{model}", mlim)
+    return tuple(sets)
+
+
+def _pack(windows: list[Window] | tuple[Window, ...]) -> list[object]:
+    out: list[object] = []
+    for w in windows:
+        out += [w.id, w.limit, w.period_us]
+    return out
+
+
+@dataclass(frozen=True, slots=True)
 class KeyPlan:
     """The keys of one API (or one key of it) and the configuration its scripts take."""
 
@@ -274,6 +359,10 @@ class KeyPlan:
     reasons: dict[str, str]
     #: Seconds a lease lasts without renewal.
     lease_ttl: float
+    #: The API's limit sets besides its own (deployments, models), in configuration order.
+    sets: tuple[LimitSet, ...] = ()
+    #: The deployments' names, in configuration order (empty: none).
+    deployments: tuple[str, ...] = ()
 
     @classmethod
     def build(
@@ -289,16 +378,12 @@ class KeyPlan:
         tag = api if key is None else f"{api}/{safe_key(key)}"
         prefix = f"{namespace}:{{{tag}}}:"
         margin = round(limits.window_margin * 1_000_000)
-        requests = sorted(limits.windows, key=lambda rate: rate.period)
-        windows = []
-        for rate in requests:
-            us = round(rate.period * 1_000_000)
-            windows.append(Window(f"w:{us}", rate.reason, rate.limit, us + margin, "r"))
-        if limits.tokens_per_minute is not None:
-            per_minute = limits.tokens_per_minute
-            windows.append(Window("tokens", "tokens", per_minute, 60_000_000 + margin, "t"))
+        windows = _windows(limits, margin)
+        requests = [w for w in windows if w.kind == "r"]
+        sets = _limit_sets(limits, margin)
+        every = windows + [w for s in sets for w in s.windows]
         lease_us = round(limits.lease_ttl * 1_000_000)
-        life_us = max([lease_us, round(stats_ttl * 1_000_000)] + [w.period_us for w in windows])
+        life_us = max([lease_us, round(stats_ttl * 1_000_000)] + [w.period_us for w in every])
         config: list[object] = [
             namespace,
             limits.max_concurrent or 0,
@@ -309,11 +394,14 @@ class KeyPlan:
             len(windows) - len(requests),
             0 if limits.priority_aging is None else round(limits.priority_aging * 1_000_000),
         ]
-        for w in windows:
-            config += [w.id, w.limit, w.period_us]
+        config += _pack(windows)
+        for limit_set in sets:
+            nreq = sum(1 for w in limit_set.windows if w.kind == "r")
+            config += ["@", limit_set.id, limit_set.max_concurrent, nreq]
+            config += _pack(limit_set.windows)
         packed = " ".join(str(v) for v in config).encode()
         reasons = {"cooldown": "cooldown", "concurrency": "concurrency"}
-        reasons.update((w.id, w.name) for w in windows)
+        reasons.update((w.id, w.name) for w in every)
         return cls(
             api=api,
             tag=tag,
@@ -322,6 +410,8 @@ class KeyPlan:
             windows=tuple(windows),
             reasons=reasons,
             lease_ttl=limits.lease_ttl,
+            sets=sets,
+            deployments=tuple(limits.deployments),
         )
 
     def key(self, name: str) -> bytes:
@@ -343,11 +433,39 @@ class KeyPlan:
         return (*args, self.config, *tail)
 
     def window(self, id_: str) -> Window:
-        """The window the scripts call ``id_``."""
-        for w in self.windows:
+        """The window the scripts call ``id_`` (the API's, else a limit set's)."""
+        for w in self.windows + tuple(w for s in self.sets for w in s.windows):
             if w.id == id_:
                 return w
         raise KeyError(id_)
+
+    def scope(self, deployment: str | None, model: str | None) -> str:
+        """The limit set a provider's pause for ``deployment`` and ``model`` applies to:
+        the most specific one the API has (a deployment's model, the deployment, the
+        model), ``""`` for the API as a whole. ConfigError for an unknown deployment."""
+        ids = {s.id for s in self.sets}
+        if deployment is not None and deployment not in self.deployments:
+            known = ", ".join(map(repr, self.deployments)) or "none"
+            raise ConfigError(
+                f"deployment={deployment!r} for API {self.api!r}: its deployments are {known}",
+                field="deployment",
+                value=deployment,
+            )
+        candidates = []
+        if deployment is not None:
+            candidates += [f"d:{deployment}:m:{model}", f"d:{deployment}"]
+        candidates.append(f"m:{model}")
+        for id_ in candidates:
+            if id_ in ids:
+                return id_
+        return ""
+
+    def set_windows(self, id_: str) -> tuple[Window, ...] | None:
+        """The windows of limit set ``id_``, None when the API has no such set."""
+        for s in self.sets:
+            if s.id == id_:
+                return s.windows
+        return None
 
 
 class Planner:

@@ -21,7 +21,7 @@ from typing import Any
 
 from ._admission import Admission
 from ._config import APILimits
-from ._contract import KeyPlan
+from ._contract import KeyPlan, text
 from ._errors import AcquireTimeout, LimiterUnavailable
 from ._events import Events
 from ._local import LocalGate
@@ -191,14 +191,17 @@ class FailOpen:
                 0,
                 "1.0",
                 "",
+                "",
                 label="adopt",
             )
             if int(res[0]) != 1:
                 continue
+            # (an API with deployments: the one the scripts counted it in)
+            state.deployment = text(res[3]) if len(res) > 3 else None
             self._local_held.pop(state.id, None)
             if state.released:  # released while Redis was asked: give it back there too
                 state.local = False
-                give_back = (state.id, 0, int(res[1]), state.tokens, -1, 0, "")
+                give_back = (state.id, 0, int(res[1]), state.tokens, -1, 0, "", state.deployment or "", "")
                 await self._runner.run("release", state.plan, *give_back)
                 continue
             self._admission.take_over(state)

@@ -180,13 +180,11 @@ class Limiter:
         key: str | None = None,
         tenant: str | None = None,
         priority: int | None = None,
+        model: str | None = None,
     ) -> SlotContext:
         """``async with lim.slot("openai") as slot:`` one admission, released on exit."""
-        return SlotContext(
-            lambda: self.acquire(
-                api, timeout, cost, tokens, key=key, tenant=tenant, priority=priority
-            )
-        )
+        fair = {"tenant": tenant, "priority": priority, "model": model}
+        return SlotContext(lambda: self.acquire(api, timeout, cost, tokens, key=key, **fair))
 
     async def acquire(
         self,
@@ -198,6 +196,7 @@ class Limiter:
         key: str | None = None,
         tenant: str | None = None,
         priority: int | None = None,
+        model: str | None = None,
     ) -> Slot:
         """Wait fairly (in the API's one queue across the cluster) for one admission and
         return its slot.
@@ -210,10 +209,12 @@ class Limiter:
         ``priority_aging`` seconds counts as the highest), then, within one priority, in
         proportion to their ``tenant``'s weight by the service each received, FIFO within
         one tenant. ``None`` takes them from the enclosing :func:`limiter.scope`, else
-        tenant ``""`` (weight 1) and priority 0.
+        tenant ``""`` (weight 1) and priority 0. ``model`` adds that model's limits
+        (``APILimits.models``); an API with ``deployments`` admits to the one with the most
+        headroom (``slot.deployment``).
         """
         plan, limits = self._lookup(api, key)
-        check_request(plan, cost, tokens)
+        model = check_request(plan, cost, tokens, model)
         fair = fair_for(limits, tenant, priority)
         wait = check_timeout(limits.acquire_timeout if timeout is None else timeout)
         if self._fail_open is not None:
@@ -221,7 +222,7 @@ class Limiter:
         if not self._runner.is_ready:
             await self._runner.ready()
         self._registry.maybe_write()
-        return await self._admission.acquire(plan, wait, cost, tokens, fair)
+        return await self._admission.acquire(plan, wait, cost, tokens, fair, model)
 
     async def call(
         self,
@@ -235,6 +236,7 @@ class Limiter:
         key: str | None = None,
         tenant: str | None = None,
         priority: int | None = None,
+        model: str | None = None,
     ) -> T:
         """Run ``operation()`` under a slot of ``api``, retrying what is worth retrying.
 
@@ -263,6 +265,7 @@ class Limiter:
             key=key,
             tenant=tenant,
             priority=priority,
+            model=model,
         )
 
     async def release(self, slot: Slot, *, success: bool = True) -> None:
@@ -276,12 +279,17 @@ class Limiter:
             return
         await to_the_end(slot.release(success=success), self._admission.keep)
 
-    async def cooldown(self, api: str, seconds: float) -> float:
+    async def cooldown(
+        self, api: str, seconds: float, *, deployment: str | None = None, model: str | None = None
+    ) -> float:
         """Pause ``api`` for every replica for ``seconds``; returns the pause now in force.
 
-        A cooldown only grows: a shorter one never cuts a longer one short.
+        A cooldown only grows: a shorter one never cuts a longer one short. With
+        ``deployment`` and/or ``model``, only the most specific of the API's limit sets
+        they name pauses (the others keep serving).
         """
-        return await self._operators.cooldown(self._lookup(api)[0], seconds)
+        plan = self._lookup(api)[0]
+        return await self._operators.cooldown(plan, seconds, plan.scope(deployment, model))
 
     # -- operators ----------------------------------------------------------------------
 

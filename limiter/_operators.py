@@ -50,18 +50,19 @@ class Operators:
             await self._runner.ready()
         self._registry.maybe_write()
 
-    async def cooldown(self, plan: KeyPlan, seconds: float) -> float:
+    async def cooldown(self, plan: KeyPlan, seconds: float, scope: str = "") -> float:
+        """Pause ``plan``'s API (``scope``: one of its limit sets) for every replica."""
         number = check_cooldown(seconds)
         ms = max(1, math.ceil(number * 1000))
         fail_open = self._fail_open
-        if fail_open is not None:
+        if fail_open is not None and not scope:
             # Remembered here too: while Redis is unreachable the local shares honour it.
             fail_open.pause(plan, number)
             if fail_open.open:
                 return number
         try:
             await self.ready()
-            left = await self._runner.run("cooldown", plan, ms)
+            left = await self._runner.run("cooldown", plan, ms, scope)
         except LimiterUnavailable as exc:
             if fail_open is None or not fail_open.absorb(exc):
                 raise

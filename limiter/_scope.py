@@ -55,11 +55,6 @@ class Fair:
     priority: int = 0
     weight: float = 1.0
 
-    @property
-    def tail(self) -> str:
-        """``"<priority>|<weight>|<tenant>"``: the end of a ticket, as acquire.lua makes it."""
-        return f"{self.priority}|{self.weight!r}|{self.tenant}"
-
 
 DEFAULT_FAIR: Final = Fair()
 

@@ -82,6 +82,10 @@ class SlotState:
     #: tenant by the tokens used.
     charged: bool = False
     lost: bool = False
+    #: The deployment the scripts chose (None: the API has none, or a local slot).
+    deployment: str | None = None
+    #: The model the admission named ("": none).
+    model: str = ""
 
 
 class Slot:
@@ -110,6 +114,17 @@ class Slot:
     def id(self) -> str:
         """Unique id of the slot (``"<process id>.<n>"``)."""
         return self._state.id
+
+    @property
+    def deployment(self) -> str | None:
+        """The deployment (API key, base URL) this admission counts in, chosen by the
+        scripts as the one with the most headroom; None when the API has none."""
+        return self._state.deployment
+
+    @property
+    def model(self) -> str | None:
+        """The model the admission named, or None."""
+        return self._state.model or None
 
     @property
     def acquired_at(self) -> int:

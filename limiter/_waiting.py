@@ -29,22 +29,26 @@ log = logging.getLogger("limiter")
 class Waiter:
     """One queued ticket of this process."""
 
-    __slots__ = ("api", "future", "plan", "ticket")
+    __slots__ = ("api", "deployment", "future", "plan", "ticket")
 
     def __init__(self, plan: Any, ticket: str) -> None:
         self.plan = plan
         self.api: str = plan.api
         self.ticket = ticket
+        #: The deployment a hand-over admitted it to ("": the API has none).
+        self.deployment = ""
         #: Resolved with ("admitted", time), ("hint", wait us) or ("retry", 0).
         self.future: asyncio.Future[tuple[str, int]] = asyncio.get_running_loop().create_future()
 
-    def tell(self, kind: str, value: int) -> None:
+    def tell(self, kind: str, value: int, deployment: str = "") -> None:
         """Resolve the future with news; an unread admission stays, an unread hint gives
         way to newer news."""
         if self.future.done():
             if self.future.exception() is None and self.future.result()[0] == "admitted":
                 return
             self.future = asyncio.get_running_loop().create_future()
+        if kind == "admitted":
+            self.deployment = deployment
         self.future.set_result((kind, value))
 
 
@@ -123,10 +127,12 @@ class Waiting:
                 msg = await pubsub.get_message(ignore_subscribe_messages=True, timeout=None)
                 if msg is None or msg.get("type") != "message":
                     continue
-                kind, slot_id, value = text(msg["data"]).split(" ")
+                # "A <slot id> <admission time>[ <deployment>]" or "H <slot id> <wait>"
+                kind, slot_id, value, *deployment = text(msg["data"]).split(" ", 3)
                 waiter = self.waiters.get(slot_id)
                 if waiter is not None:
-                    waiter.tell("admitted" if kind == "A" else "hint", int(value))
+                    news = "admitted" if kind == "A" else "hint"
+                    waiter.tell(news, int(value), deployment[0] if deployment else "")
         except asyncio.CancelledError:
             raise
         except Exception as exc:  # connection lost: the renewer covers missed wake-ups
@@ -187,7 +193,10 @@ class Waiting:
         """Renew every lease and ticket of this process, one round trip for all APIs."""
         by_tag: dict[str, tuple[Any, list[str], list[str]]] = {}
         for state in self.held.values():
-            by_tag.setdefault(state.plan.tag, (state.plan, [], []))[1].append(state.id)
+            entry = state.id
+            if state.plan.sets:  # renew.lua: "<slot id>|<deployment>|<model>"
+                entry = f"{state.id}|{state.deployment or ''}|{state.model}"
+            by_tag.setdefault(state.plan.tag, (state.plan, [], []))[1].append(entry)
         for waiter in self.waiters.values():
             by_tag.setdefault(waiter.plan.tag, (waiter.plan, [], []))[2].append(waiter.ticket)
         if not by_tag:
@@ -202,7 +211,8 @@ class Waiting:
             self._renewed(tag, by_tag[tag], res)
 
     def _renewed(self, tag: str, asked: tuple[Any, list[str], list[str]], res: Any) -> None:
-        plan, slots, _ = asked
+        plan, entries, _ = asked
+        slots = [entry.partition("|")[0] for entry in entries]
         if isinstance(res, BaseException):
             log.warning("lease renewal for %s failed: %s", tag, redact(res))
             return
@@ -217,10 +227,10 @@ class Waiting:
             elif not held.lost:
                 held.lost = True
                 log.warning("lease of slot %s for %s was lost", sid, plan.api)
-        for i in range(0, len(admitted), 2):
+        for i in range(0, len(admitted), 3):  # slot id, admission time, deployment
             handed = self.waiters.get(text(admitted[i]))
             if handed is not None:
-                handed.tell("admitted", int(admitted[i + 1]))
+                handed.tell("admitted", int(admitted[i + 1]), text(admitted[i + 2]))
         for ticket in map(text, gone):
             expired = self.waiters.get(ticket.partition("|")[0])
             if expired is not None and not expired.future.done():

@@ -80,36 +80,40 @@ end
 -- Integers (below 2^53) as strings without exponent.
 local function int(x) return string.format('%d', math.floor(x)) end
 
--- Per call: the clock, the limits in force, the windows. begin() sets them (and
--- resets every other per-call variable below) before each operation runs.
-local NOW, NOW_S, MAXC, W, LONGEST_R, LONGEST_T
+-- Per call: the clock. Per call and limit set (see "Limit sets" below): the
+-- limits in force, the windows (W), their configuration (SPEC: WINDOWS, or a
+-- set's; NREQ of them are request windows), the prefix of the set's fields in
+-- the state hash (FP: "" for the API's own) and whether it keeps leases (HOLD).
+-- begin() sets them (and resets every other per-call variable below) before
+-- each operation runs.
+local NOW, NOW_S, MAXC, W, LONGEST_R, LONGEST_T, SPEC, NREQ, FP, HOLD
 
--- The windows, shortest first within each log, from the configuration. kind "r"
--- weighs a request by its cost, "t" by its tokens. The tables are made once per
--- configuration (a table costs more Redis time than resetting five fields) and
--- every per-call field is reset here, at the start of each call.
-local function windows()
-  local list = WINDOWS.w
+-- The windows of one configuration list, shortest first within each log. kind
+-- "r" weighs a request by its cost, "t" by its tokens. The tables are made once
+-- per configuration (a table costs more Redis time than resetting five fields)
+-- and every per-call field is reset here, at the start of each call. Returns
+-- the list and each log's longest window.
+local function windows_of(specs, nreq, log_r, log_t)
+  local list = specs.w
   if not list then
     list = {}
-    for i, spec in ipairs(WINDOWS) do
-      list[i] = {id = spec.id, period = spec.period,
-                 kind = (i <= REQUEST_WINDOWS) and 'r' or 't'}
+    for i, spec in ipairs(specs) do
+      list[i] = {id = spec.id, period = spec.period, kind = (i <= nreq) and 'r' or 't'}
     end
-    WINDOWS.w = list
+    specs.w = list
   end
-  LONGEST_R, LONGEST_T = nil, nil
+  local longest_r, longest_t
   for i, w in ipairs(list) do
-    w.limit, w.extra, w.cut, w.used = WINDOWS[i].limit, 0, 0, 0
+    w.limit, w.extra, w.cut, w.used = specs[i].limit, 0, 0, 0
     if w.kind == 'r' then
-      w.log = K_REQUESTS
-      LONGEST_R = w -- the configuration lists each log's windows shortest first
+      w.log = log_r
+      longest_r = w -- the configuration lists each log's windows shortest first
     else
-      w.log = K_TOKENS
-      LONGEST_T = w
+      w.log = log_t
+      longest_t = w
     end
   end
-  W = list
+  return list, longest_r, longest_t
 end
 
 local function weight_of(member)
@@ -120,6 +124,9 @@ end
 
 -- The state hash as load_state() read it; fields to write back at the end.
 local LOADED, COOLDOWN, OVERRIDE_UNTIL, REFRESH_AT, PENDING
+-- Limit sets (see "Limit sets" below): the set whose variables are current (nil:
+-- the API has no sets), the API's own, those this call used, by id.
+local CUR, API_SET, TOUCHED, RUNTIME, use, each_set
 
 local function set_state(field, value)
   if not PENDING then PENDING = {} end
@@ -133,16 +140,17 @@ end
 local function load_state()
   if LOADED then return end
   LOADED = true
-  local fields = WINDOWS.fields -- made once per configuration (see bind_config)
+  local fields = SPEC.fields -- made once per configuration (see bind_config)
   if not fields then
-    fields = {'cooldown', 'o:until', 'e', 'o:max_concurrent', 'p:until'}
-    for _, spec in ipairs(WINDOWS) do
-      fields[#fields + 1] = 'o:' .. spec.id
-      fields[#fields + 1] = 'x:' .. spec.id
-      fields[#fields + 1] = 'c:' .. spec.id
-      fields[#fields + 1] = 'p:' .. spec.id
+    local f = FP
+    fields = {f .. 'cooldown', f .. 'o:until', f .. 'e', f .. 'o:max_concurrent', f .. 'p:until'}
+    for _, spec in ipairs(SPEC) do
+      fields[#fields + 1] = f .. 'o:' .. spec.id
+      fields[#fields + 1] = f .. 'x:' .. spec.id
+      fields[#fields + 1] = f .. 'c:' .. spec.id
+      fields[#fields + 1] = f .. 'p:' .. spec.id
     end
-    WINDOWS.fields = fields
+    SPEC.fields = fields
   end
   local v = redis.call('HMGET', K_STATE, unpack_list(fields))
   if v[1] then COOLDOWN = tonumber(v[1]) end
@@ -179,9 +187,11 @@ local measure -- see below
 local function refresh()
   if REFRESH_AT and REFRESH_AT > NOW then return end
   REFRESH_AT = NOW + 1000000
-  set_state('e', int(REFRESH_AT))
-  redis.call('ZREMRANGEBYSCORE', K_HOLDERS, '-inf', NOW)
-  redis.call('PEXPIRE', K_HOLDERS, ttl(LEASE_US))
+  set_state(FP .. 'e', int(REFRESH_AT))
+  if HOLD then
+    redis.call('ZREMRANGEBYSCORE', K_HOLDERS, '-inf', NOW)
+    redis.call('PEXPIRE', K_HOLDERS, ttl(LEASE_US))
+  end
   LEASES = nil
   -- Each log is measured before it is trimmed: the extra weight of what leaves a
   -- window is only subtracted by measure(), which must still see those entries.
@@ -198,13 +208,14 @@ local function refresh()
   -- The state hash: its totals stats_ttl, its extras as long as the longest
   -- window, a cooldown or an override while in force; an override without end
   -- keeps it for ever.
-  if OVERRIDE_UNTIL == 0 then
+  -- (With limit sets, the longest any set asks for.)
+  if OVERRIDE_UNTIL == 0 or STATE_TTL == -1 then
     STATE_TTL = -1
   else
     local life = LIFE_US
     if OVERRIDE_UNTIL and OVERRIDE_UNTIL > NOW then life = math.max(life, OVERRIDE_UNTIL - NOW) end
     if COOLDOWN > NOW then life = math.max(life, COOLDOWN - NOW) end
-    STATE_TTL = ttl(life)
+    STATE_TTL = math.max(STATE_TTL or 0, ttl(life))
   end
 end
 
@@ -217,8 +228,12 @@ end
 -- Write pending state fields, then the state's TTL (PEXPIRE needs the key).
 -- Every script that may have written calls it last.
 local function flush()
-  if not LOADED then return end
-  refresh()
+  if CUR then
+    if not each_set(refresh) then return end
+  else
+    if not LOADED then return end
+    refresh()
+  end
   if PENDING then redis.call('HSET', K_STATE, unpack_list(PENDING)) end
   if STATE_TTL == -1 then
     redis.call('PERSIST', K_STATE)
@@ -280,8 +295,8 @@ measure = function(kind)
           w.extra = w.extra - (weight_of(m) - 1)
         end
         if w.extra < 0 then w.extra = 0 end
-        set_state('x:' .. w.id, int(w.extra))
-        set_state('c:' .. w.id, int(cutoff))
+        set_state(FP .. 'x:' .. w.id, int(w.extra))
+        set_state(FP .. 'c:' .. w.id, int(cutoff))
       end
       w.cut = cutoff
       local n = redis.call('ZCOUNT', w.log, '(' .. int(cutoff), '+inf')
@@ -291,7 +306,7 @@ measure = function(kind)
         end
         if w.extra > 0 then
           w.extra = 0
-          set_state('x:' .. w.id, '0')
+          set_state(FP .. 'x:' .. w.id, '0')
         end
       end
       w.used = n + w.extra
@@ -306,9 +321,9 @@ local function add_weight(kind, n, at)
     if w.kind == kind and (at == nil or at > w.cut) then
       w.used = w.used + n
       if n > 1 then
-        if w.extra == 0 then set_state('c:' .. w.id, int(w.cut)) end
+        if w.extra == 0 then set_state(FP .. 'c:' .. w.id, int(w.cut)) end
         w.extra = w.extra + n - 1
-        set_state('x:' .. w.id, int(w.extra))
+        set_state(FP .. 'x:' .. w.id, int(w.extra))
       end
     end
   end
@@ -355,10 +370,12 @@ end
 -- Record one admission: a lease and one weighted entry in each log. `lease`
 -- defaults to the full lease length. Call check() first (it measures).
 local function admit(slot, cost, tokens, lease)
-  local fresh = lease_count(0) == 0 -- an empty holders set is a new key
-  redis.call('ZADD', K_HOLDERS, int(NOW + (lease or LEASE_US)), slot)
-  if fresh then redis.call('PEXPIRE', K_HOLDERS, ttl(LEASE_US)) end
-  LEASES = LEASES + 1
+  if HOLD then
+    local fresh = lease_count(0) == 0 -- an empty holders set is a new key
+    redis.call('ZADD', K_HOLDERS, int(NOW + (lease or LEASE_US)), slot)
+    if fresh then redis.call('PEXPIRE', K_HOLDERS, ttl(LEASE_US)) end
+    LEASES = LEASES + 1
+  end
   if cost > 0 and LONGEST_R then
     log_entry(LONGEST_R, slot, cost, FRESH_R)
     FRESH_R = false
@@ -384,6 +401,200 @@ local function too_heavy(cost, tokens)
   return nil
 end
 
+-- Limit sets --------------------------------------------------------------
+
+-- An API may have limit sets besides its own (SETS, by id, from the
+-- configuration; false when none): one per deployment "d:<name>" (DEPS lists
+-- their names in order), per model "m:<model>", and per model within a
+-- deployment "d:<name>:m:<model>". A request passes the API's limits, its
+-- model's and those of one deployment with that deployment's model set: all of
+-- them, or none records anything. Each set has its own keys (PREFIX .. id ..
+-- ":holders", ":requests", ":tokens": the API's hash tag) and its fields in the
+-- API's state hash (id .. ":cooldown", id .. ":x:<window>", ...). The functions
+-- above work on the set whose variables are current: use(set) swaps them, and
+-- every function below leaves the API's set current.
+
+local function save(t)
+  t[1], t[2], t[3], t[4], t[5], t[6], t[7] =
+    W, MAXC, LONGEST_R, LONGEST_T, K_HOLDERS, K_REQUESTS, K_TOKENS
+  t[8], t[9], t[10], t[11], t[12], t[13], t[14], t[15] =
+    SPEC, NREQ, FP, HOLD, LOADED, COOLDOWN, OVERRIDE_UNTIL, REFRESH_AT
+  t[16], t[17], t[18], t[19], t[20] = LEASES, MEASURED_R, MEASURED_T, FRESH_R, FRESH_T
+end
+
+use = function(s)
+  if s == CUR then return end
+  save(CUR)
+  W, MAXC, LONGEST_R, LONGEST_T, K_HOLDERS, K_REQUESTS, K_TOKENS =
+    s[1], s[2], s[3], s[4], s[5], s[6], s[7]
+  SPEC, NREQ, FP, HOLD, LOADED, COOLDOWN, OVERRIDE_UNTIL, REFRESH_AT =
+    s[8], s[9], s[10], s[11], s[12], s[13], s[14], s[15]
+  LEASES, MEASURED_R, MEASURED_T, FRESH_R, FRESH_T = s[16], s[17], s[18], s[19], s[20]
+  CUR = s
+end
+
+-- Call f() in every set this call loaded (the API's first); true when any was.
+each_set = function(f)
+  local any = false
+  for _, s in ipairs(TOUCHED) do
+    use(s)
+    if LOADED then
+      f()
+      any = true
+    end
+  end
+  use(API_SET)
+  return any
+end
+
+-- The set named `id` as this call sees it, or false when the API has none such.
+local function set_of(id)
+  local s = RUNTIME[id]
+  if s ~= nil then return s end
+  local spec = SETS[id]
+  if not spec then
+    RUNTIME[id] = false
+    return false
+  end
+  local p = pfx() .. id .. ':'
+  local kr, kt = p .. 'requests', p .. 'tokens'
+  local w, lr, lt = windows_of(spec.windows, spec.nreq, kr, kt)
+  s = {w, spec.maxc, lr, lt, p .. 'holders', kr, kt, spec.windows, spec.nreq, id .. ':',
+       spec.maxc > 0, false, 0, nil, nil, nil, false, false, false, false}
+  RUNTIME[id] = s
+  TOUCHED[#TOUCHED + 1] = s
+  return s
+end
+
+-- The sets besides the API's that a slot of deployment `dep` (nil or "": none)
+-- and `model` ("": none) counts in.
+local function sets_of(dep, model)
+  local out = {}
+  if not SETS then return out end
+  local s = model and model ~= '' and set_of('m:' .. model)
+  if s then out[#out + 1] = s end
+  if dep and dep ~= '' then
+    s = set_of('d:' .. dep)
+    if s then out[#out + 1] = s end
+    s = model and model ~= '' and set_of('d:' .. dep .. ':m:' .. model)
+    if s then out[#out + 1] = s end
+  end
+  return out
+end
+
+-- How full the current set would be with this request: the largest used
+-- fraction of its limits (leases of max_concurrent, each window's weight).
+local function fullness(cost, tokens)
+  local f = 0
+  if MAXC > 0 then f = (lease_count(MAXC) + 1) / MAXC end
+  for _, w in ipairs(W) do
+    local n = (w.kind == 't') and tokens or cost
+    if n > 0 then f = math.max(f, (w.used + n) / w.limit) end
+  end
+  return f
+end
+
+-- check() across every set a request of `model` passes. Returns nil, nil, deployment
+-- when it can be admitted now (deployment nil when the API has none): of the
+-- deployments that admit it, the least full (fullness() of the deployment and of
+-- its model set, the larger), ties to the first in DEPS from a start that
+-- rotates with the clock. Else reason, wait: the API's or the model's refusal,
+-- or, when every deployment refuses, the refusal that ends first.
+local function check_all(cost, tokens, model)
+  local reason, wait = check(cost, tokens)
+  if reason or not SETS then return reason, wait end
+  local ms = model and model ~= '' and set_of('m:' .. model)
+  if ms then
+    use(ms)
+    reason, wait = check(cost, tokens)
+    use(API_SET)
+    if reason then return reason, wait end
+  end
+  if not DEPS then return nil end
+  local n = #DEPS
+  local start = NOW % n
+  local best, least
+  for i = 1, n do
+    local dep = DEPS[(start + i - 1) % n + 1]
+    use(set_of('d:' .. dep))
+    local r, wt = check(cost, tokens)
+    local full
+    if not r then
+      full = fullness(cost, tokens)
+      local dm = model and model ~= '' and set_of('d:' .. dep .. ':m:' .. model)
+      if dm then
+        use(dm)
+        r, wt = check(cost, tokens)
+        if not r then full = math.max(full, fullness(cost, tokens)) end
+      end
+    end
+    if r then
+      if not reason or wt < wait then reason, wait = r, wt end
+    elseif not best or full < least then
+      best, least = dep, full
+    end
+  end
+  use(API_SET)
+  if best then return nil, nil, best end
+  return reason, wait
+end
+
+-- admit() in every set of the request (check_all() first: it measures).
+local function admit_all(slot, cost, tokens, lease, dep, model)
+  admit(slot, cost, tokens, lease)
+  if not SETS then return end
+  for _, s in ipairs(sets_of(dep, model)) do
+    use(s)
+    admit(slot, cost, tokens, lease)
+  end
+  use(API_SET)
+end
+
+-- A held slot's full lease again in the sets besides the API's (never made anew).
+local function extend(slot, dep, model)
+  if not SETS then return end
+  for _, s in ipairs(sets_of(dep, model)) do
+    use(s)
+    if HOLD then
+      load_state() -- flush() then keeps the holders' TTL ahead of the lease
+      redis.call('ZADD', K_HOLDERS, 'XX', int(NOW + LEASE_US), slot)
+    end
+  end
+  use(API_SET)
+end
+
+-- too_heavy() across the sets: the API's, the model's, and every deployment (a
+-- request that one deployment can take is not too heavy).
+local function too_heavy_all(cost, tokens, model)
+  local heavy = too_heavy(cost, tokens)
+  if heavy or not SETS then return heavy end
+  local ms = model and model ~= '' and set_of('m:' .. model)
+  if ms then
+    use(ms)
+    heavy = too_heavy(cost, tokens)
+    use(API_SET)
+    if heavy then return heavy end
+  end
+  if not DEPS then return nil end
+  local first
+  for _, dep in ipairs(DEPS) do
+    use(set_of('d:' .. dep))
+    local h = too_heavy(cost, tokens)
+    local dm = model and model ~= '' and set_of('d:' .. dep .. ':m:' .. model)
+    if not h and dm then
+      use(dm)
+      h = too_heavy(cost, tokens)
+    end
+    if not h then
+      use(API_SET)
+      return nil
+    end
+    first = first or h
+  end
+  use(API_SET)
+  return first
+end
+
 -- Move the queue: drop dead leases and tickets, admit the waiters that fit now,
 -- tell the one left at the head how long it waits. Returns how many were woken.
 local function move_queue()
@@ -402,11 +613,17 @@ local function begin()
   local t = redis.call('TIME')
   NOW = t[1] * 1000000 + t[2]
   NOW_S = int(NOW)
-  MAXC = MAX_CONCURRENT
-  windows()
+  MAXC, SPEC, NREQ, FP, HOLD = MAX_CONCURRENT, WINDOWS, REQUEST_WINDOWS, '', true
+  W, LONGEST_R, LONGEST_T = windows_of(WINDOWS, REQUEST_WINDOWS, K_REQUESTS, K_TOKENS)
   LOADED, COOLDOWN, OVERRIDE_UNTIL, REFRESH_AT, PENDING = false, 0, nil, nil, nil
   STATE_TTL, LEASES, PREFIX = false, nil, nil
   MEASURED_R, MEASURED_T, FRESH_R, FRESH_T = false, false, false, false
+  if SETS then
+    API_SET, RUNTIME = {}, {}
+    CUR, TOUCHED = API_SET, {API_SET}
+  else
+    CUR = nil
+  end
 end
 
 -- Contended and rare paths -------------------------------------------------
@@ -419,15 +636,20 @@ contended = function()
   -- PEXPIRE argument for something that lives `us` microseconds, plus a second.
   ttl_ms = function(us) return math.floor(us / 1000) + 1000 end
 
-  -- slot id, cost, tokens, priority (the class name), weight, tenant; the last
-  -- three are nil for a ticket of another format.
+  -- slot id, cost, tokens, priority (the class name), weight, tenant, model;
+  -- priority and tenant are nil for a ticket of another format, model "".
   parse_ticket = function(ticket)
-    local slot, cost, tokens, prio, weight, tenant =
-      string.match(ticket, '^(.-)|(%d+)|(%d+)|(-?%d+)|([^|]*)|(.*)$')
+    local slot, cost, tokens, prio, weight, model, tenant =
+      string.match(ticket, '^(.-)|(%d+)|(%d+)|(-?%d+)|([^|]*)|([^|]*)|(.*)$')
+    if not slot then -- (a ticket of a version before models)
+      slot, cost, tokens, prio, weight, tenant =
+        string.match(ticket, '^(.-)|(%d+)|(%d+)|(-?%d+)|([^|]*)|(.*)$')
+    end
     if not slot then
       slot, cost, tokens = string.match(ticket, '^(.-)|(%d+)|(%d+)$')
     end
-    return slot, tonumber(cost), tonumber(tokens), prio, tonumber(weight) or 1, tenant
+    return slot, tonumber(cost), tonumber(tokens), prio, tonumber(weight) or 1, tenant,
+           model or ''
   end
 
   -- The lease expiry of `slot` when it is still live, else nil.
@@ -747,7 +969,7 @@ contended = function()
         w.used = w.used - n
         if n > 1 then
           w.extra = math.max(0, w.extra - (n - 1))
-          set_state('x:' .. w.id, int(w.extra))
+          set_state(FP .. 'x:' .. w.id, int(w.extra))
         end
       end
     end
@@ -792,19 +1014,19 @@ contended = function()
   -- or released. Returns: own_admitted, head ticket left (or nil), its reason,
   -- its wait, number of others woken.
   drain = function(own)
-    local own_admitted, woken = false, 0
+    local own_admitted, woken, own_dep = false, 0, nil
     while true do
       local ticket, class, tenant, member = next_ticket()
-      if not ticket then return own_admitted, nil, nil, -1, woken end
-      local slot, cost, tokens, _, weight = parse_ticket(ticket)
-      if too_heavy(cost, tokens) then
+      if not ticket then return own_admitted, nil, nil, -1, woken, own_dep end
+      local slot, cost, tokens, _, weight, _, model = parse_ticket(ticket)
+      if too_heavy_all(cost, tokens, model) then
         -- A limit was lowered under it: it would block the queue for ever. Drop it;
         -- its waiter asks again at once and is told it can never pass.
         drop_ticket(ticket)
         if ticket ~= own then tell(slot, 'H ' .. slot .. ' 0') end
       else
-        local reason, wait = check(cost, tokens)
-        if reason then return own_admitted, ticket, reason, wait, woken end
+        local reason, wait, dep = check_all(cost, tokens, model)
+        if reason then return own_admitted, ticket, reason, wait, woken, own_dep end
         -- A slot handed to another process is leased only until its ticket would
         -- have expired, until that process renews it: a process that died while
         -- waiting holds nothing past its tickets' life (ticket_ttl after its death).
@@ -813,27 +1035,36 @@ contended = function()
           local expires = tonumber(redis.call('ZSCORE', K_QEXP, ticket) or NOW)
           lease = math.max(1, math.min(LEASE_US, expires - NOW))
         end
-        admit(slot, cost, tokens, lease)
+        admit_all(slot, cost, tokens, lease, dep, model)
         served(ticket, slot, class, tenant, member, cost, tokens, weight)
         if ticket == own then
-          own_admitted = true
+          own_admitted, own_dep = true, dep
         else
-          redis.call('HSET', K_HANDED, slot, int(NOW))
+          local at = dep and (NOW_S .. ' ' .. dep) or NOW_S
+          redis.call('HSET', K_HANDED, slot, at)
           redis.call('PEXPIRE', K_HANDED, ttl_ms(LEASE_US))
-          tell(slot, 'A ' .. slot .. ' ' .. int(NOW))
+          tell(slot, 'A ' .. slot .. ' ' .. at)
           woken = woken + 1
         end
       end
     end
   end
 
-  -- Admission time of a slot handed to its waiter by someone else's drain.
+  -- Admission time of a slot handed to its waiter by someone else's drain, and
+  -- its deployment ("" when the API has none).
   -- It stays there until the slot's release or withdrawal: a renewal and the waiter's
   -- own next call may both read it (the one that came second was told NOW, a later
   -- time than the admission's, when the first deleted it).
   handed_at = function(slot)
-    local at = redis.call('HGET', K_HANDED, slot)
-    if at then return tonumber(at) end
-    return NOW
+    local v = redis.call('HGET', K_HANDED, slot)
+    local at, dep = string.match(v or '', '^(%d+) ?(.*)$')
+    if (not dep or dep == '') and DEPS then
+      -- (not recorded: the deployment that holds its lease, if it keeps leases)
+      for _, d in ipairs(DEPS) do
+        local s = set_of('d:' .. d)
+        if s[11] and redis.call('ZSCORE', s[5], slot) then dep = d end
+      end
+    end
+    return tonumber(at) or NOW, dep or ''
   end
 end

@@ -11,6 +11,8 @@
 --   PRIORITY  the request's priority, an integer in [-1000, 1000] as text
 --   WEIGHT    its tenant's configured weight (> 0), as text
 --   TENANT    its tenant ("" when none was given)
+--   MODEL     the model it asks for ("" when none): with limit sets, the model's
+--             set and the chosen deployment's model set apply (_common.lua)
 --
 -- Waiting is fair (see "Fair queue" in _common.lua): the highest priority
 -- first, a ticket that waited AGING_US above every priority, then within one
@@ -25,6 +27,8 @@
 --                                                    until admission + lease
 --   {1, admission time, 1}   admitted through the fair queue (its tenant was
 --                            charged: the release may correct the charge)
+--   {1, admission time, 0 or 1, deployment}   the same for an API with
+--                            deployments: the one chosen (check_all in _common.lua)
 --   {0, reason, wait (microseconds), at_head (0/1)}  refused, where reason is
 --       "cooldown", "concurrency" or a window's id ("w:<period us>", "tokens");
 --       wait is how long until that limit could pass when this ticket is at
@@ -35,7 +39,7 @@
 -- This request's ticket; made only when needed (the common case needs none).
 local function own_ticket()
   return SLOT .. '|' .. int(COST) .. '|' .. int(TOKENS) .. '|' .. PRIORITY .. '|' ..
-         WEIGHT .. '|' .. TENANT
+         WEIGHT .. '|' .. MODEL .. '|' .. TENANT
 end
 
 local function enqueue(ticket)
@@ -65,10 +69,13 @@ local function acquire_now()
     redis.call('ZADD', K_HOLDERS, int(NOW + LEASE_US), SLOT)
     load_state() -- flush() keeps the holders' TTL ahead of the new lease
     drop_ticket(own_ticket())
-    return {1, handed_at(SLOT)}
+    local at, dep = handed_at(SLOT)
+    extend(SLOT, dep, MODEL)
+    if not DEPS then return {1, at} end
+    return {1, at, 1, dep}
   end
 
-  local heavy = too_heavy(COST, TOKENS)
+  local heavy = too_heavy_all(COST, TOKENS, MODEL)
   if heavy then
     contended()
     -- Heavier than a limit an override lowered: it can never pass (nor wait).
@@ -78,9 +85,10 @@ local function acquire_now()
 
   if waiting == 0 or redis.call('ZCARD', K_QEXP) == 0 then
     -- Nobody waits: the common, fast case.
-    local reason, wait = check(COST, TOKENS)
+    local reason, wait, dep = check_all(COST, TOKENS, MODEL)
     if not reason then
-      admit(SLOT, COST, TOKENS)
+      admit_all(SLOT, COST, TOKENS, nil, dep, MODEL)
+      if dep then return {1, NOW, 0, dep} end
       return {1, NOW}
     end
     if FIRST == 1 then count_refusal(reason) end
@@ -96,9 +104,10 @@ local function acquire_now()
       count_refusal(reason)
       return {0, reason, -1, 0}
     end
-    local r, w = check(COST, TOKENS)
+    local r, w, dep = check_all(COST, TOKENS, MODEL)
     if not r then
-      admit(SLOT, COST, TOKENS)
+      admit_all(SLOT, COST, TOKENS, nil, dep, MODEL)
+      if dep then return {1, NOW, 0, dep} end
       return {1, NOW}
     end
     count_refusal(r)
@@ -107,10 +116,10 @@ local function acquire_now()
 
   local ticket = own_ticket()
   local new = enqueue(ticket)
-  local own, head, reason, wait, woken = drain(ticket)
+  local own, head, reason, wait, woken, dep = drain(ticket)
   -- A new head (after this ticket or others were admitted) learns how long it must wait.
   if own or woken > 0 then hint_head(head, wait, ticket) end
-  if own then return {1, NOW, 1} end -- admitted through the fair queue
+  if own then return {1, NOW, 1, dep} end -- admitted through the fair queue
   if new and FIRST == 1 and reason then count_refusal(reason) end
   if head == ticket then return {0, reason, wait, 1} end
   -- (reason is nil only if this ticket is in no queue: it waits for its renewal)

@@ -18,6 +18,9 @@
 --                a token budget, the service charged to its tenant (kept in
 --                `charged`) is corrected from the reserved tokens to the tokens
 --                used (correct_charge in _common.lua)
+--   DEPLOYMENT   the deployment the slot was admitted to ("" when none)
+--   MODEL        the model it asked for ("" when none): the slot is released
+--                and its tokens reconciled in those limit sets too
 --
 -- Returns {held, woken}: held is 1 when the slot's lease was there and is now
 -- released, 0 when it was already gone (expired or lost: the caller raises
@@ -26,15 +29,9 @@
 
 -- A lease that expired counts as lost even when no script pruned it yet.
 
-OPS.release = function()
-  local lease = redis.call('ZSCORE', K_HOLDERS, SLOT)
-  local held = 0
-  if lease then
-    redis.call('ZREM', K_HOLDERS, SLOT)
-    if tonumber(lease) > NOW then held = 1 end
-  end
-  if HANDED == 1 then redis.call('HDEL', K_HANDED, SLOT) end
-
+-- Correct the token window entry of the current set (the API's, or one of its
+-- limit sets) from the tokens reserved to those used.
+local function reconcile()
   if ACTUAL >= 0 and ACTUAL ~= RESERVED and LONGEST_T then
     measure('t')
     local member = SLOT .. '|' .. int(RESERVED)
@@ -59,6 +56,25 @@ OPS.release = function()
     -- The correction may have emptied the log (Redis then drops the key): an
     -- admission made by this call must give it a TTL again.
     if ACTUAL == 0 then FRESH_T = redis.call('EXISTS', K_TOKENS) == 0 end
+  end
+end
+
+OPS.release = function()
+  local lease = redis.call('ZSCORE', K_HOLDERS, SLOT)
+  local held = 0
+  if lease then
+    redis.call('ZREM', K_HOLDERS, SLOT)
+    if tonumber(lease) > NOW then held = 1 end
+  end
+  if HANDED == 1 then redis.call('HDEL', K_HANDED, SLOT) end
+  reconcile()
+  if SETS then
+    for _, s in ipairs(sets_of(DEPLOYMENT, MODEL)) do
+      use(s)
+      if HOLD then redis.call('ZREM', K_HOLDERS, SLOT) end
+      reconcile()
+    end
+    use(API_SET)
   end
 
   if FAIR ~= '' and LONGEST_T then

@@ -5,8 +5,10 @@
 -- KEYS: the API's keys (_common.lua). ARGV: the call's own, then the API's
 -- configuration, then a tail (limiter/_contract.py binds them):
 --   SLOTS                 m, the number of slot ids that lead the tail
---   ARGV[TAIL_AT ...]     m slot ids held by this process, then the tickets
---                         it waits with (the ticket format: _common.lua)
+--   ARGV[TAIL_AT ...]     m slots held by this process, each "<slot id>" or,
+--                         for an API with limit sets, "<slot id>|<deployment>|
+--                         <model>" (either may be ""), then the tickets it
+--                         waits with (the ticket format: _common.lua)
 --
 -- A lease is extended to now + lease length only when it is still live (an
 -- expired lease is never brought back). A ticket is extended to now + ticket
@@ -16,7 +18,8 @@
 --
 -- Returns {lost, admitted, gone}:
 --   lost      slot ids whose lease was gone (the holder raises LeaseLost)
---   admitted  flat list slot id, admission time: tickets already admitted
+--   admitted  flat list slot id, admission time, deployment ("" when none):
+--             tickets already admitted
 --             (their wake-up was missed: the waiter takes its slot now). The
 --             waiter is alive, so its hand-over lease (which ends with its ticket's
 --             life, short when renewals were lost) becomes a full one here, as when
@@ -32,9 +35,14 @@ OPS.renew = function()
 
   local lost, admitted, gone = {}, {}, {}
   for i = TAIL_AT, TAIL_AT + SLOTS - 1 do
-    local slot = ARGS[i]
+    local slot, dep, model = ARGS[i], nil, nil
+    if SETS then
+      local s, d, m = string.match(slot, '^([^|]*)|([^|]*)|(.*)$')
+      if s then slot, dep, model = s, d, m end
+    end
     if redis.call('ZSCORE', K_HOLDERS, slot) then
       redis.call('ZADD', K_HOLDERS, int(NOW + LEASE_US), slot)
+      extend(slot, dep, model)
     else
       lost[#lost + 1] = slot
     end
@@ -48,11 +56,14 @@ OPS.renew = function()
       keep_queued(ticket, seen)
       queued = true
     else
-      local slot = parse_ticket(ticket)
+      local slot, _, _, _, _, _, model = parse_ticket(ticket)
       if lease_of(slot) then
         redis.call('ZADD', K_HOLDERS, int(NOW + LEASE_US), slot)
+        local at, dep = handed_at(slot)
+        extend(slot, dep, model)
         admitted[#admitted + 1] = slot
-        admitted[#admitted + 1] = int(handed_at(slot))
+        admitted[#admitted + 1] = int(at)
+        admitted[#admitted + 1] = dep
       else
         gone[#gone + 1] = ticket
       end

@@ -4,11 +4,13 @@
 -- KEYS: the API's keys (_common.lua). ARGV: the call's own, then the API's
 -- configuration (limiter/_contract.py binds both to the names used here):
 --   SLOT    the waiter's slot id
---   TICKET  its ticket "<slot id>|<cost>|<tokens>"
+--   TICKET  its ticket (the format: _common.lua)
 --
 -- A slot handed to the waiter (or admitted by a call whose caller gave up on
 -- its answer) never ran: its lease goes, and its hits in every window, tokens
--- included, are taken back. Nothing is counted in the totals.
+-- included, are taken back, in the API's limit sets too (its model's, and every
+-- deployment's: which one took it is not known here). Nothing is counted in the
+-- totals.
 --
 -- Returns {held, woken}: held is 1 when such a slot was found and freed;
 -- woken is how many waiters the freed room admitted.
@@ -18,21 +20,39 @@ OPS.withdraw = function()
   drop_ticket(TICKET)
   local held = 0
   if lease_of(SLOT) then
-    redis.call('ZREM', K_HOLDERS, SLOT)
     held = 1
-    local _, cost, tokens = parse_ticket(TICKET)
-    for kind, n in pairs({r = cost, t = tokens}) do
-      local longest = (kind == 'r') and LONGEST_R or LONGEST_T
-      local log = longest and longest.log
-      if log and n > 0 then
-        measure(kind)
-        local member = SLOT .. '|' .. int(n)
-        local at = tonumber(redis.call('ZSCORE', log, member))
-        if at then
-          redis.call('ZREM', log, member)
-          remove_weight(kind, n, at)
+    local _, cost, tokens, _, _, _, model = parse_ticket(TICKET)
+    -- Take the slot's lease and entries out of the current set's keys.
+    local function take_back()
+      if HOLD then redis.call('ZREM', K_HOLDERS, SLOT) end
+      for kind, n in pairs({r = cost, t = tokens}) do
+        local longest = (kind == 'r') and LONGEST_R or LONGEST_T
+        local log = longest and longest.log
+        if log and n > 0 then
+          measure(kind)
+          local member = SLOT .. '|' .. int(n)
+          local at = tonumber(redis.call('ZSCORE', log, member))
+          if at then
+            redis.call('ZREM', log, member)
+            remove_weight(kind, n, at)
+          end
         end
       end
+    end
+    take_back()
+    if SETS then
+      local sets = sets_of(nil, model)
+      for _, dep in ipairs(DEPS or {}) do
+        sets[#sets + 1] = set_of('d:' .. dep)
+        sets[#sets + 1] = model ~= '' and set_of('d:' .. dep .. ':m:' .. model)
+      end
+      for _, s in pairs(sets) do
+        if s then
+          use(s)
+          take_back()
+        end
+      end
+      use(API_SET)
     end
   end
   redis.call('HDEL', K_HANDED, SLOT)
