@@ -229,12 +229,15 @@ async def set_override(
     return view
 
 
-def learned_fields(plan: KeyPlan, reported: Sequence[int | None]) -> tuple[str, ...]:
+def learned_fields(
+    plan: KeyPlan, reported: Sequence[int | None], scope: str = ""
+) -> tuple[str, ...]:
     """``learn.lua``'s tail from ``(requests_per_minute, tokens_per_minute,
     requests_remaining, tokens_remaining)``: for the windows the API has (its one-minute
     request window, its token budget), the limit (``id, n``) and what is left
-    (``remaining:id, n``); the rest is dropped. ConfigError names a bad value."""
-    ids = {w.id for w in plan.windows}
+    (``remaining:id, n``); the rest is dropped. ``scope``: one of the API's limit sets
+    (its windows). ConfigError names a bad value."""
+    ids = {w.id for w in (plan.set_windows(scope) or () if scope else plan.windows)}
     names = ("requests_per_minute", "tokens_per_minute", "requests_remaining", "tokens_remaining")
     pairs: list[str] = []
     for i, (field, value) in enumerate(zip(names, reported, strict=True)):
@@ -267,7 +270,7 @@ def override_view(plan: KeyPlan, flat: Sequence[Any], ttl_ms: int) -> dict[str, 
     Fields the API does not have (written by hand, or left from an older configuration)
     are shown under their raw names: the scripts ignore them.
     """
-    names = {w.id: w.name for w in plan.windows}
+    names = dict(plan.reasons)  # every window's, the limit sets' too
     names["max_concurrent"] = "max_concurrent"
     out: dict[str, Any] = {}
     for i in range(0, len(flat), 2):
@@ -387,7 +390,44 @@ def stats_view(plan: KeyPlan, limits: APILimits, reply: Sequence[Any]) -> dict[s
         },
         "tenants": tenants_view(tenant_rows),
         "tenant_weights": weights_view(limits, weight_rows),
+        **sets_view(plan, reply[13] if len(reply) > 13 else ()),
     }
+
+
+def sets_view(plan: KeyPlan, flat: Sequence[Any]) -> dict[str, dict[str, Any]]:
+    """``stats()["deployments"]`` and ``["models"]`` from stats.lua's limit sets: each
+    set's slots in flight, cooldown, windows (used, limit in force) and learned limits; a
+    deployment's models under its ``"models"``. In configuration order."""
+    read: dict[str, dict[str, Any]] = {}
+    for i in range(0, len(flat), 6):
+        id_, busy, pause_ms, used, learned_flat, learned_ms = flat[i : i + 6]
+        limit_set = next(s for s in plan.sets if s.id == text(id_))
+        learned = learned_view(plan, learned_flat, int(learned_ms))
+        read[limit_set.id] = {
+            "concurrent_requests": int(busy),
+            "max_concurrent": limit_set.max_concurrent or None,
+            "cooldown_remaining": int(pause_ms) / 1000,
+            "windows": {
+                w.name: {"used": int(u), "limit": min(w.limit, learned.get(w.name, math.inf))}
+                for w, u in zip(limit_set.windows, used, strict=True)
+            },
+            "learned": learned,
+        }
+    deployments: dict[str, Any] = {}
+    models: dict[str, Any] = {}
+    for limit_set in plan.sets:
+        view = read.get(limit_set.id)
+        if view is None:
+            continue
+        kind, _, rest = limit_set.id.partition(":")
+        if kind == "m":
+            models[rest] = view
+        elif ":m:" in rest:
+            dep, _, model = rest.partition(":m:")
+            deployments[dep].setdefault("models", {})[model] = view
+        else:
+            deployments[rest] = view
+    return {"deployments": deployments, "models": models}
 
 
 #: stats() shows this many tenants: the busiest.

@@ -94,8 +94,8 @@ class Admission:
                 if int(res[0]) == 1:
                     charged = waiter is not None or (len(res) > 2 and int(res[2]) == 1)
                     dep = text(res[3]) if len(res) > 3 else ""
-                    at, taken = int(res[1]), (dep or None, model)
-                    slot = self._admitted(plan, slot_id, at, cost, tokens, waiter, charged, taken)
+                    now, taken = int(res[1]), (dep or None, model)
+                    slot = self._admitted(plan, slot_id, now, cost, tokens, waiter, charged, taken)
                     if events.active:
                         self._emit_admitted(api, loop.time() - start, first, fair)
                     return slot

@@ -46,16 +46,26 @@ def _verdict(retry_state: RetryCallState, idempotent: bool) -> Verdict | None:
 
 
 class wait_provider_hint(wait_base):  # lower case like tenacity's own strategies
-    """The larger of the provider's Retry-After hint and a fallback wait (our backoff)."""
+    """The larger of the provider's Retry-After hint and a fallback wait (our backoff).
 
-    def __init__(self, fallback: wait_base, *, idempotent: bool = True) -> None:
+    With ``deployments`` (the API has several), a 429's hint is not waited here: the
+    pause it asked for holds the deployment that answered (a cooldown in Redis), and the
+    next attempt may go to another one after the backoff alone.
+    """
+
+    def __init__(
+        self, fallback: wait_base, *, idempotent: bool = True, deployments: bool = False
+    ) -> None:
         self.fallback = fallback
         self.idempotent = idempotent
+        self.deployments = deployments
 
     def __call__(self, retry_state: RetryCallState) -> float:
         ours = self.fallback(retry_state)
         verdict = _verdict(retry_state, self.idempotent)
         hint = verdict.retry_after if verdict is not None else None
+        if self.deployments and verdict is not None and verdict.kind == "rate_limited":
+            hint = None
         return max(ours, hint or 0.0)
 
 
@@ -110,6 +120,7 @@ def retrying(
                 multiplier=limits.backoff_min, min=limits.backoff_min, max=limits.backoff_max
             ),
             idempotent=idempotent,
+            deployments=bool(limits.deployments),
         ),
         retry=retry_if_exception(lambda exc: classify_exception(exc, idempotent=idempotent).retry),
         before_sleep=before_sleep,
@@ -166,8 +177,9 @@ async def _one_attempt(
     priority: int | None,
     model: str | None,
 ) -> T:
-    fair = {"tenant": tenant, "priority": priority, "model": model}
-    async with limiter.slot(api, timeout=timeout, tokens=tokens, key=key, **fair) as slot:
+    async with limiter.slot(
+        api, timeout=timeout, tokens=tokens, key=key, tenant=tenant, priority=priority, model=model
+    ) as slot:
         began = time.monotonic()
         try:
             result = await operation()
@@ -193,13 +205,14 @@ async def pause_if_asked(
     """A 429 pauses the API for every replica; a spent quota pauses it loudly. With a
     ``deployment`` or ``model``, only the most specific limit set they name pauses."""
     where = {"deployment": deployment, "model": model}
+    who = display_name(api) + ("" if deployment is None else f" (deployment {deployment!r})")
     limits = limiter.limits[api]
     if verdict.kind == "quota":
         seconds = max(verdict.retry_after or 0.0, limits.backoff_max)
         log.error(
             "QUOTA EXHAUSTED for %s (%s): pausing it for every replica for %.0fs; "
             "requests will fail until the quota is raised",
-            display_name(api),
+            who,
             verdict.code or "quota",
             seconds,
         )
@@ -207,8 +220,6 @@ async def pause_if_asked(
         limiter.emit("provider_pause", api, kind="quota", seconds=seconds)
     elif verdict.kind == "rate_limited":
         seconds = verdict.retry_after or limits.backoff_min
-        log.warning(
-            "%s answered 429: pausing it for every replica for %.2fs", display_name(api), seconds
-        )
+        log.warning("%s answered 429: pausing it for every replica for %.2fs", who, seconds)
         await limiter.cooldown(api, seconds, **where)
         limiter.emit("provider_pause", api, kind="rate_limited", seconds=seconds)

@@ -112,8 +112,7 @@ def check_request(plan: KeyPlan, cost: object, tokens: object, model: object = N
     and no configured limit the request must pass is below them (such a request could
     never pass: the API's, its model's, and those of at least one deployment). Returns
     the model as the scripts take it (``""``: none)."""
-    if model is not None:
-        check_model(model)
+    name = "" if model is None else check_model(model)
     if not isinstance(cost, int) or isinstance(cost, bool) or not 1 <= cost <= MAX_COUNT:
         raise ConfigError(
             f"cost={show(cost)}: must be an integer from 1 to 2**53 - 1", field="cost", value=cost
@@ -124,7 +123,8 @@ def check_request(plan: KeyPlan, cost: object, tokens: object, model: object = N
             field="tokens",
             value=tokens,
         )
-    assert isinstance(cost, int) and isinstance(tokens, int)  # checked above
+    assert isinstance(cost, int)  # checked above
+    assert isinstance(tokens, int)
     heavy = [_too_heavy(plan.windows, cost, tokens)]
     heavy.append(_too_heavy(plan.set_windows(f"m:{model}") or (), cost, tokens))
     if plan.deployments:
@@ -144,7 +144,7 @@ def check_request(plan: KeyPlan, cost: object, tokens: object, model: object = N
                 field=what,
                 value=weight,
             )
-    return model or ""
+    return name
 
 
 def _too_heavy(windows: Any, cost: int, tokens: int) -> tuple[Any, str, int] | None:

@@ -311,9 +311,7 @@ def _limit_sets(kind: str, sets: object) -> Mapping[str, APILimits]:
                 value=name,
             )
         if not isinstance(lim, APILimits):
-            raise ConfigError(
-                f"{where}={show(lim)}: must be an APILimits", field=where, value=lim
-            )
+            raise ConfigError(f"{where}={show(lim)}: must be an APILimits", field=where, value=lim)
         if lim.deployments or (kind == "models" and lim.models):
             raise ConfigError(
                 f"{where}: a {kind[:-1]}'s limits cannot have "

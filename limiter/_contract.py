@@ -47,8 +47,9 @@ API_KEYS: Final = ("holders", "queue", "qexp", "state", "handed", "requests", "t
 #: microseconds with the window margin): the request windows shortest first, then the
 #: token windows; then each limit set of the API (deployments, models, a deployment's
 #: models) as ``@ <set id> <max_concurrent> <request windows>`` and its windows the same
-#: way (:class:`LimitSet`; ``lua/_common.lua``, "Limit sets"). ``life_us`` is how long the state hash lives after the API's last
-#: use: the longest of the lease, every window and ``stats_ttl``. ``aging_us`` is
+#: way (:class:`LimitSet`; ``lua/_common.lua``, "Limit sets"). ``life_us`` is how long
+#: the state hash lives after the API's last use: the longest of the lease, every
+#: window (the limit sets' too) and ``stats_ttl``. ``aging_us`` is
 #: ``priority_aging`` (0: strict priority). Under Redis Functions
 #: the library parses each distinct configuration once and keeps it.
 CONFIG: Final = (
@@ -126,7 +127,7 @@ OPERATIONS: Final = {
         Operation("stats", extra_keys=("config",)),
         Operation("reset"),
         Operation("weight", ("tenant", "weight", "ttl_ms:n")),
-        Operation("learn", ("ttl_ms:n",)),
+        Operation("learn", ("ttl_ms:n", "scope")),
         Operation("heartbeat", ("process", "ttl_ms:n"), keys=("replicas",)),
     )
 }

@@ -201,7 +201,8 @@ class FailOpen:
             self._local_held.pop(state.id, None)
             if state.released:  # released while Redis was asked: give it back there too
                 state.local = False
-                give_back = (state.id, 0, int(res[1]), state.tokens, -1, 0, "", state.deployment or "", "")
+                dep = state.deployment or ""
+                give_back = (state.id, 0, int(res[1]), state.tokens, -1, 0, "", dep, "")
                 await self._runner.run("release", state.plan, *give_back)
                 continue
             self._admission.take_over(state)

@@ -99,14 +99,9 @@ class Limiter:
         self._fail_open: FailOpen | None = None
         if on_redis_error == "fail_open":
             self._fail_open = FailOpen(
-                self._runner,
-                self._admission,
-                self._waiting,
-                self._events,
-                namespace=namespace,
-                process_id=process_id,
-                apis=self._limits,
-            )
+                self._runner, self._admission, self._waiting, self._events,
+                namespace=namespace, process_id=process_id, apis=self._limits,
+            )  # fmt: skip
         self._operators = Operators(self._runner, self._registry, namespace, self._fail_open)
 
     def _paused(self) -> bool:
@@ -183,8 +178,11 @@ class Limiter:
         model: str | None = None,
     ) -> SlotContext:
         """``async with lim.slot("openai") as slot:`` one admission, released on exit."""
-        fair = {"tenant": tenant, "priority": priority, "model": model}
-        return SlotContext(lambda: self.acquire(api, timeout, cost, tokens, key=key, **fair))
+        return SlotContext(
+            lambda: self.acquire(
+                api, timeout, cost, tokens, key=key, tenant=tenant, priority=priority, model=model
+            )
+        )
 
     async def acquire(
         self,
@@ -255,18 +253,9 @@ class Limiter:
         _, limits = self._lookup(api, key)
         fair_for(limits, tenant, priority)  # bad input fails before anything is queued
         return await call_with_retries(
-            self,
-            api,
-            operation,
-            name=name,
-            timeout=timeout,
-            tokens=tokens,
-            idempotent=idempotent,
-            key=key,
-            tenant=tenant,
-            priority=priority,
-            model=model,
-        )
+            self, api, operation, name=name, timeout=timeout, tokens=tokens,
+            idempotent=idempotent, key=key, tenant=tenant, priority=priority, model=model,
+        )  # fmt: skip
 
     async def release(self, slot: Slot, *, success: bool = True) -> None:
         """Release ``slot``, like ``await slot.release()``, but sure to finish.
@@ -339,6 +328,8 @@ class Limiter:
         tokens_remaining: int | None = None,
         ttl: float = 600.0,
         key: str | None = None,
+        deployment: str | None = None,
+        model: str | None = None,
     ) -> dict[str, Any]:
         """Apply limits the provider reported (its headers) for every replica: one below
         the configured limit lowers the limit in force (with an override: the least of
@@ -346,10 +337,13 @@ class Limiter:
         what was learned. ``requests_per_minute`` applies to the API's one-minute request
         window, ``tokens_per_minute`` to its token budget, if it has them; a ``*_remaining``
         below that window's room fills the difference in now. Called by
-        ``LimitedTransport`` for ``learn_from_headers=True``. Returns ``stats()["learned"]``.
+        ``LimitedTransport`` for ``learn_from_headers=True``; with ``deployment`` and/or
+        ``model``, to the most specific limit set they name. Returns what stands learned.
         """
         reported = (requests_per_minute, tokens_per_minute, requests_remaining, tokens_remaining)
-        return await self._operators.learn_limits(self._lookup(api, key)[0], reported, ttl)
+        plan = self._lookup(api, key)[0]
+        scope = plan.scope(deployment, model)
+        return await self._operators.learn_limits(plan, reported, ttl, scope)
 
     async def clear_limits(self, api: str) -> None:
         """Drop the runtime override of ``api``: its configured limits apply again."""
@@ -449,9 +443,6 @@ class Limiter:
     def _background(self) -> set[asyncio.Future[Any]]:
         """Background work: registry writes, releases finishing after a cancel (for tests)."""
         return self._registry.tasks | self._admission.tasks
-
-    async def _ready(self) -> None:
-        await self._operators.ready()
 
     def _lookup(self, api: str, key: str | None = None) -> tuple[KeyPlan, APILimits]:
         plan = self._planner.plan(api, key)

@@ -104,12 +104,12 @@ class Operators:
         return await _admin.set_override(self._runner, plan, fields, ttl, ttl_ms)
 
     async def learn_limits(
-        self, plan: KeyPlan, reported: Sequence[int | None], ttl: float
+        self, plan: KeyPlan, reported: Sequence[int | None], ttl: float, scope: str = ""
     ) -> dict[str, Any]:
-        pairs = _admin.learned_fields(plan, reported)
+        pairs = _admin.learned_fields(plan, reported, scope)
         ttl_ms = max(1, math.ceil(check_seconds("ttl", ttl, 0.001) * 1000))
         await self.ready()
-        flat, left = await self._runner.run("learn", plan, ttl_ms, tail=pairs, label="learn")
+        flat, left = await self._runner.run("learn", plan, ttl_ms, scope, tail=pairs, label="learn")
         return _admin.learned_view(plan, flat, int(left))
 
     async def clear_limits(self, plan: KeyPlan) -> None:

@@ -270,7 +270,7 @@ async def test_a_held_slot_keeps_its_deployment_lease(make_limiter: LimiterFacto
 
 async def test_bad_deployment_and_model_configuration_is_named() -> None:
     """Bad names and nesting fail with a ConfigError naming the field."""
-    with pytest.raises(ConfigError, match="APILimits.deployments") as info:
+    with pytest.raises(ConfigError, match=r"APILimits\.deployments") as info:
         APILimits(deployments={"a b": APILimits()})
     assert info.value.field == "APILimits.deployments"
     with pytest.raises(ConfigError, match="must be an APILimits"):
@@ -279,5 +279,32 @@ async def test_bad_deployment_and_model_configuration_is_named() -> None:
         APILimits(deployments={"a": APILimits(deployments={"b": APILimits()})})
     with pytest.raises(ConfigError, match="cannot have models"):
         APILimits(models={"m": APILimits(models={"n": APILimits()})})
-    with pytest.raises(ConfigError, match="APILimits.models"):
+    with pytest.raises(ConfigError, match=r"APILimits\.models"):
         APILimits(models="gpt-4o")  # type: ignore[arg-type]
+
+
+async def test_stats_show_each_deployment_and_model(make_limiter: LimiterFactory) -> None:
+    """stats() shows each deployment's slots in flight, cooldown and windows, its models
+    under it, and the API's models, with exact counts."""
+    each = {"max_concurrent": 3, "models": {"gpt-4o": APILimits(requests_per_minute=10)}}
+    lim = make_limiter(
+        {
+            "ai": APILimits(
+                deployments={"key-a": APILimits(**each), "key-b": APILimits(**each)},
+                models={"gpt-4o-mini": APILimits(tokens_per_minute=1000)},
+            )
+        }
+    )
+    await lim.cooldown("ai", 60, deployment="key-b")
+    slots = [await lim.acquire("ai", timeout=0, model="gpt-4o") for _ in range(2)]
+    mini = await lim.acquire("ai", timeout=0, tokens=300, model="gpt-4o-mini")
+    stats = await lim.stats("ai")
+    a, b = stats["deployments"]["key-a"], stats["deployments"]["key-b"]
+    assert (a["concurrent_requests"], a["max_concurrent"]) == (3, 3)
+    assert a["models"]["gpt-4o"]["windows"] == {"rate:60s": {"used": 2, "limit": 10}}
+    assert b["concurrent_requests"] == 0
+    assert b["cooldown_remaining"] == pytest.approx(60, abs=1)
+    assert stats["models"]["gpt-4o-mini"]["windows"] == {"tokens": {"used": 300, "limit": 1000}}
+    assert stats["cooldown_remaining"] == 0
+    await release_all([*slots, mini])
+    assert (await lim.stats("ai"))["deployments"]["key-a"]["concurrent_requests"] == 0

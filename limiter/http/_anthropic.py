@@ -8,13 +8,14 @@ transport and its ``httpx2`` client, closed with it. Called by users through
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
 import httpx2
 
 from .._call import display_name
 from .._errors import LimiterError, ProviderAuthError
-from ._transport import LimitedTransport
+from ._transport import LimitedTransport, check_deployments, request_model
 from ._usage import anthropic_token_estimate
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -38,6 +39,7 @@ def anthropic_client(
     base_url: str | None = None,
     api_key: str | None = None,
     inner: Any = None,
+    deployments: Mapping[str, Mapping[str, str]] | None = None,
     **kwargs: Any,
 ) -> anthropic.AsyncAnthropic:
     """An ``anthropic.AsyncAnthropic`` whose every Messages request passes the limiter.
@@ -52,7 +54,10 @@ def anthropic_client(
     for every replica. A refused key (401/403) raises
     :class:`~limiter.http.ProviderAuthError` instead of the SDK's error. ``inner`` is the
     transport that really sends (default: httpx2's). Other keywords go to
-    ``AsyncAnthropic`` (``timeout``, ``default_headers``, ``middleware``, ...).
+    ``AsyncAnthropic`` (``timeout``, ``default_headers``, ``middleware``, ...). The
+    request's ``model`` takes that model's limits; ``deployments`` works as in
+    :func:`~limiter.http.openai_client` (each attempt sent with its deployment's
+    ``x-api-key`` and base URL).
     """
     try:
         import anthropic
@@ -68,9 +73,14 @@ def anthropic_client(
     kwargs.setdefault("max_retries", 0)
     if kwargs["max_retries"] != 0:
         raise LimiterError("anthropic_client: max_retries must stay 0 (the limiter retries)")
+    if deployments is not None:
+        first = next(iter(check_deployments(lim, api, deployments).values()), {})
+        base_url = base_url or first.get("base_url")
+        api_key = api_key or first.get("api_key")
     transport = LimitedTransport(
-        lim, api, inner, limit=anthropic_messages_only, tokens=anthropic_token_estimate
-    )
+        lim, api, inner, limit=anthropic_messages_only, tokens=anthropic_token_estimate,
+        deployments=deployments, model=request_model,
+    )  # fmt: skip
     # The SDK's own default timeout keeps its behaviour (its guard against long
     # non-streaming requests only applies with it).
     timeout = kwargs.get("timeout", anthropic.DEFAULT_TIMEOUT)
@@ -86,10 +96,12 @@ def anthropic_client(
         return response
 
     middleware = [refused_key, *(kwargs.pop("middleware", None) or ())]
-    return anthropic.AsyncAnthropic(
+    sdk = anthropic.AsyncAnthropic(
         base_url=base_url,
         api_key=api_key,
         http_client=client,
         middleware=middleware,
         **kwargs,
     )
+    transport.base_url = str(sdk.base_url)
+    return sdk

@@ -10,7 +10,7 @@ by users and the chatbot through :mod:`limiter.http`. The only module that impor
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Mapping
 from contextlib import asynccontextmanager
 from typing import TYPE_CHECKING, Any
 
@@ -20,7 +20,7 @@ from .._call import display_name
 from .._config import show
 from .._errors import ConfigError, LimiterError, ProviderAuthError
 from ._cache import ResponseCache
-from ._transport import LimitedTransport
+from ._transport import LimitedTransport, check_deployments, request_model
 from ._usage import mcp_tools_call_only, openai_token_estimate
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -49,6 +49,7 @@ def openai_client(
     *,
     inner: Any = None,
     cache: ResponseCache | None = None,
+    deployments: Mapping[str, Mapping[str, str]] | None = None,
     **kwargs: Any,
 ) -> openai.AsyncOpenAI:
     """An ``openai.AsyncOpenAI`` whose every request passes the limiter.
@@ -59,6 +60,13 @@ def openai_client(
     that really sends (default: httpx2's). ``cache`` (a :class:`ResponseCache`, off by
     default) answers exact repeats of deterministic requests from Redis, without a slot.
     Other keywords go to ``AsyncOpenAI`` (``base_url``, ``api_key``, ``timeout``, ...).
+
+    The model a request names (its body's ``model``) takes that model's limits
+    (``APILimits.models``). For an API with ``deployments``, give each its credentials,
+    ``deployments={"key-a": {"api_key": KA}, "key-b": {"api_key": KB, "base_url": URL}}``:
+    each attempt goes out with the key and base URL of the deployment its slot was
+    admitted to (the one with the most headroom; a retry may take another). The client's
+    own ``api_key``/``base_url`` default to the first deployment's.
     """
     try:
         import openai
@@ -72,12 +80,22 @@ def openai_client(
             field="cache",
             value=cache,
         )
-    transport = LimitedTransport(lim, api, inner, tokens=openai_token_estimate, cache=cache)
+    if deployments is not None:
+        first = next(iter(check_deployments(lim, api, deployments).values()), {})
+        for field in ("api_key", "base_url"):
+            if field in first:
+                kwargs.setdefault(field, first[field])
+    transport = LimitedTransport(
+        lim, api, inner, tokens=openai_token_estimate, cache=cache,
+        deployments=deployments, model=request_model,
+    )  # fmt: skip
     kwargs.setdefault("max_retries", 0)
     if kwargs["max_retries"] != 0:
         raise LimiterError("openai_client: max_retries must stay 0 (the limiter retries)")
     client = httpx2.AsyncClient(transport=transport, timeout=kwargs.get("timeout", 600.0))
-    return openai.AsyncOpenAI(http_client=client, **kwargs)
+    sdk = openai.AsyncOpenAI(http_client=client, **kwargs)
+    transport.base_url = str(sdk.base_url)
+    return sdk
 
 
 def _mcp_transport(lim: Limiter, api: str) -> LimitedTransport:

@@ -19,14 +19,15 @@ import logging
 import math
 import sys
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Mapping
 from types import ModuleType, TracebackType
 from typing import TYPE_CHECKING, Any
 
 import httpx2
 
 from .._call import Budget, display_name, pause_if_asked, retrying
-from .._errors import AcquireTimeout, LimiterError, LimiterUnavailable
+from .._config import check_model, show
+from .._errors import AcquireTimeout, ConfigError, LimiterError, LimiterUnavailable
 from .._retry import Verdict, classify_exception, classify_response
 from ._headers import RateLimitHeaders, parse_rate_limit_headers
 from ._usage import UsageReader, json_body
@@ -47,6 +48,61 @@ LEARN_TTL = 600.0
 RequestPredicate = Callable[[Any], bool]
 #: The tokens a request reserves (``tokens=``).
 TokenEstimator = Callable[[Any], int]
+#: The model a request names (``model=``), or None.
+ModelReader = Callable[[Any], "str | None"]
+
+_DEPLOYMENT_FIELDS = ("api_key", "base_url")
+
+
+def check_deployments(lim: Limiter, api: str, deployments: object) -> dict[str, dict[str, str]]:
+    """``deployments={name: {"api_key": ..., "base_url": ...}}`` checked against the API's
+    configured deployments: the same names, only those two fields, strings. Errors name
+    the field, never a key's value."""
+    configured = tuple(lim.api_limits(api).deployments)
+    if not isinstance(deployments, Mapping):
+        raise ConfigError(
+            f"deployments: must be a mapping of deployment name to "
+            f'{{"api_key": ..., "base_url": ...}}, not {type(deployments).__name__}',
+            field="deployments",
+            value=type(deployments).__name__,
+        )
+    if set(deployments) != set(configured):
+        raise ConfigError(
+            f"deployments={sorted(map(str, deployments))}: API {api!r} is configured with "
+            f"deployments {sorted(configured)}; give each its api_key and/or base_url",
+            field="deployments",
+            value=sorted(map(str, deployments)),
+        )
+    out: dict[str, dict[str, str]] = {}
+    for name, target in deployments.items():
+        where = f"deployments[{name!r}]"
+        if not isinstance(target, Mapping) or not set(target) <= set(_DEPLOYMENT_FIELDS):
+            fields = sorted(map(str, target)) if isinstance(target, Mapping) else None
+            raise ConfigError(
+                f"{where}: must be a mapping with 'api_key' and/or 'base_url' (got "
+                f"{show(fields) if fields is not None else type(target).__name__})",
+                field=where,
+                value=fields,
+            )
+        for field in _DEPLOYMENT_FIELDS:
+            if field in target and (not isinstance(target[field], str) or not target[field]):
+                raise ConfigError(
+                    f"{where}[{field!r}]: must be a non-empty string",
+                    field=f"{where}[{field!r}]",
+                    value=type(target[field]).__name__,
+                )
+        out[name] = dict(target)
+    return out
+
+
+def request_model(request: Any) -> str | None:
+    """The ``model`` of a JSON request body (OpenAI, Anthropic), if it is a valid name."""
+    body = json_body(request)
+    model = body.get("model") if isinstance(body, dict) else None
+    try:
+        return check_model(model) if model is not None else None
+    except ConfigError:
+        return None
 
 
 class _SlotStream(httpx2.AsyncByteStream):
@@ -150,7 +206,10 @@ class LimitedTransport(httpx2.AsyncBaseTransport):
     the limiter refused (:class:`AcquireTimeout`, :class:`LimiterUnavailable`) with an HTTP
     error carrying a JSON-RPC error for its id instead of raising: ``mcp`` fails that one
     call with the limiter's words and keeps the session, where an exception from the
-    transport would close it.
+    transport would close it. ``deployments`` (``{name: {"api_key", "base_url"}}``, the
+    API's configured deployments) sends each attempt with the key and base URL of the
+    deployment its slot was admitted to (``slot.deployment``), in place of the client's;
+    ``model`` reads the model a request names, for the API's per-model limits.
     """
 
     def __init__(
@@ -166,8 +225,17 @@ class LimitedTransport(httpx2.AsyncBaseTransport):
         learn_from_headers: bool = True,
         cache: ResponseCache | None = None,
         refusals_as_jsonrpc: bool = False,
+        deployments: Mapping[str, Mapping[str, str]] | None = None,
+        model: ModelReader | None = None,
     ) -> None:
         lim.api_limits(api)  # unknown API: ConfigError now, not at the first request
+        self._deployments = (
+            None if deployments is None else check_deployments(lim, api, deployments)
+        )
+        self._model = model
+        #: The client's base URL (the SDK factories set it): a request under it is sent
+        #: under its deployment's ``base_url`` instead.
+        self.base_url: str | None = None
         self.limiter = lim
         self.api = api
         self._inner = inner
@@ -178,17 +246,41 @@ class LimitedTransport(httpx2.AsyncBaseTransport):
         self._timeout = timeout
         self._learn = learn_from_headers
         #: The limits this transport last reported to learn_limits (requests, tokens per
-        #: minute) and when (monotonic seconds): sent again only when they change or half
-        #: of LEARN_TTL has passed, not at every response.
-        self._reported: tuple[int | None, int | None] | None = None
-        self._reported_at = -math.inf
+        #: minute) and when (monotonic seconds), per deployment and model: sent again only
+        #: when they change or half of LEARN_TTL has passed, not at every response.
+        self._reported: dict[tuple[str | None, str | None], Any] = {}
         self._cache = cache
         self._jsonrpc = refusals_as_jsonrpc
         #: The last authentication failure seen (status), for clients that lose it.
         self.last_auth_failure: int | None = None
 
     def __repr__(self) -> str:
-        return f"<LimitedTransport api={self.api!r}>"
+        return f"<LimitedTransport api={self.api!r}>"  # never a deployment's key
+
+    def _route(self, request: Any, deployment: str | None) -> Any:
+        """``request`` as sent through ``deployment``: its key in place of the client's
+        (``Authorization: Bearer`` or ``x-api-key``, whichever the SDK sent), under its
+        base URL. Unchanged without deployments or for a slot of none (fail_open's local
+        admissions: the client's own key and URL)."""
+        if self._deployments is None or deployment is None:
+            return request
+        target = self._deployments[deployment]
+        url = str(request.url)
+        base = target.get("base_url")
+        if base is not None and self.base_url is not None and url.startswith(self.base_url):
+            url = base.rstrip("/") + "/" + url[len(self.base_url) :].lstrip("/")
+        headers = request.headers.copy()
+        del headers["host"]  # set again from the URL
+        key = target.get("api_key")
+        if key is not None:
+            if "x-api-key" in headers:
+                headers["x-api-key"] = key
+            else:
+                headers["authorization"] = f"Bearer {key}"
+        return self._module(request).Request(
+            request.method, url, headers=headers, content=request.content,
+            extensions=request.extensions,
+        )  # fmt: skip
 
     def _inner_for(self, request: Any) -> Any:
         if self._inner is not None:
@@ -250,19 +342,22 @@ class LimitedTransport(httpx2.AsyncBaseTransport):
     async def _attempt(
         self, inner: Any, request: Any, budget: Budget, tokens: int, idempotent: bool
     ) -> Any:
-        slot = await self.limiter.acquire(self.api, timeout=budget.remaining(), tokens=tokens)
+        model = self._model(request) if self._model is not None else None
+        slot = await self.limiter.acquire(
+            self.api, timeout=budget.remaining(), tokens=tokens, model=model
+        )
+        where = (slot.deployment, model)
         try:
-            response = await inner.handle_async_request(request)
+            response = await inner.handle_async_request(self._route(request, slot.deployment))
         except BaseException as exc:
             await self._release(slot, success=False)
             if isinstance(exc, Exception):
-                await pause_if_asked(
-                    self.limiter, self.api, classify_exception(exc, idempotent=idempotent)
-                )
+                verdict = classify_exception(exc, idempotent=idempotent)
+                await pause_if_asked(self.limiter, self.api, verdict, *where)
             raise
         status = response.status_code
         if status < 400:
-            await self._learn_headers(response.headers)
+            await self._learn_headers(response.headers, where)
             usage = None
             if tokens or self.limiter.limits[self.api].tokens_per_minute is not None:
                 usage = UsageReader(response.headers.get("content-type", ""))
@@ -295,10 +390,10 @@ class LimitedTransport(httpx2.AsyncBaseTransport):
             decoded = raw
         verdict = classify_response(status, response.headers, decoded, idempotent=idempotent)
         if status == 429 and self._learn:  # a 429 reports the limits too
-            await self._learn_limits(parse_rate_limit_headers(response.headers))
+            await self._learn_limits(parse_rate_limit_headers(response.headers), where)
         if status in (401, 403):
             self._auth_refused(status)
-        await pause_if_asked(self.limiter, self.api, verdict)
+        await pause_if_asked(self.limiter, self.api, verdict, *where)
         fresh = mod.Response(
             status,
             headers=response.headers,
@@ -313,7 +408,7 @@ class LimitedTransport(httpx2.AsyncBaseTransport):
         # The SDK cancels a request by cancelling its scope: Limiter.release finishes anyway.
         await self.limiter.release(slot, success=success)
 
-    async def _learn_headers(self, headers: Any) -> None:
+    async def _learn_headers(self, headers: Any, where: tuple[str | None, str | None]) -> None:
         """The provider has less room than we think: pause every replica until its reset.
 
         A ``remaining`` of 0 (OpenAI's ``x-ratelimit-remaining-*``, Anthropic's
@@ -322,12 +417,13 @@ class LimitedTransport(httpx2.AsyncBaseTransport):
         (another client on the same key, a smaller limit): the API is paused for every
         replica until about one request's room is back (``reset / limit``). When our
         windows are full too, both agree and our own windows already know when room
-        comes back. Anthropic's input and output tokens are of the kind "tokens".
+        comes back. Anthropic's input and output tokens are of the kind "tokens". ``where``
+        is the slot's deployment and model: only the limit set they name pauses.
         """
         if not self._learn:
             return
         parsed = parse_rate_limit_headers(headers)
-        await self._learn_limits(parsed)
+        await self._learn_limits(parsed, where)
         windows: dict[str, Any] | None = None
         for kind, said in parsed.kinds():
             if said.remaining != 0 or not said.reset:
@@ -343,15 +439,20 @@ class LimitedTransport(httpx2.AsyncBaseTransport):
             # evenly, or a sliding window's oldest entry leaving), so pause that long.
             reset = said.reset / max(1, said.limit or 1)
             if reset > 0:
+                who = display_name(self.api)
+                if where[0] is not None:
+                    who += f" (deployment {where[0]!r})"
                 log.warning(
                     "%s says no %s are left: pausing it for every replica for %.2fs",
-                    display_name(self.api),
+                    who,
                     kind.replace("_", " "),
                     reset,
                 )
-                await self.limiter.cooldown(self.api, reset)
+                await self.limiter.cooldown(self.api, reset, deployment=where[0], model=where[1])
 
-    async def _learn_limits(self, parsed: RateLimitHeaders) -> None:
+    async def _learn_limits(
+        self, parsed: RateLimitHeaders, where: tuple[str | None, str | None]
+    ) -> None:
         """The limits the provider reports, as the API's learned limits for every replica
         (only for ``APILimits(learn_from_headers=True)``): requests per minute, and tokens
         per minute (Anthropic: its most restrictive token limit, else the least of its
@@ -360,7 +461,7 @@ class LimitedTransport(httpx2.AsyncBaseTransport):
         Sent when the limits change, every half of :data:`LEARN_TTL`, and whenever at most
         a tenth of a limit is left (when another client on the key may be about to take
         what our windows think is free): not a script call per answer. Never fails the
-        call."""
+        call. ``where`` (deployment, model): the limit set that learns (Limiter.learn_limits)."""
         if not self.limiter.limits[self.api].learn_from_headers:
             return
         tokens = parsed.tokens
@@ -375,21 +476,23 @@ class LimitedTransport(httpx2.AsyncBaseTransport):
         low = any(
             k.limit and k.remaining is not None and k.remaining * 10 <= k.limit for k in kinds
         )
-        fresh = now - self._reported_at < LEARN_TTL / 2
-        if reported == self._reported and fresh and not low:
+        last, last_at = self._reported.get(where, (None, -math.inf))
+        fresh = now - last_at < LEARN_TTL / 2
+        if reported == last and fresh and not low:
             return
         left = [k.remaining if k.limit else None for k in kinds]
         try:
             learned = await self.limiter.learn_limits(
                 self.api, requests_per_minute=reported[0], tokens_per_minute=reported[1],
                 requests_remaining=left[0], tokens_remaining=left[1], ttl=LEARN_TTL,
+                deployment=where[0], model=where[1],
             )  # fmt: skip
         except (LimiterError, ValueError) as exc:  # the call goes on with what it has
             log.warning("could not apply %s's reported limits: %s", self.api, exc)
             return
-        if learned and reported != self._reported:
+        if learned and reported != last:
             log.info("%s reports lower limits: %s", display_name(self.api), learned)
-        self._reported, self._reported_at = reported, now
+        self._reported[where] = (reported, now)
 
     async def aclose(self) -> None:
         inners = [self._inner] if self._inner is not None else list(self._inners.values())

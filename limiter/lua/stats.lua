@@ -12,7 +12,10 @@
 --          the first 10,000 tickets), weights set at run time (flat tenant,
 --          weight, ms left (-1: no end) list), limits learned from the
 --          provider (flat window id, limit list, names without "p:"; empty when
---          they lapsed), their ms left (-2: none)}.
+--          they lapsed), their ms left (-2: none), the limit sets (flat list,
+--          per set: its id, in_flight, cooldown_ms, {window i used weight, ...},
+--          learned limits (flat window id, limit list) and their ms left (-2:
+--          none); empty when the API has no sets)}.
 --          Expired leases and tickets are not counted even when no script has
 --          pruned them yet.
 
@@ -115,7 +118,38 @@ OPS.stats = function()
   end
   contended()
   local weights = weights_in_force(false)
+
+  -- The limit sets: the same reading, each in its own keys and fields.
+  local sets = {}
+  for id in pairs(SETS or {}) do
+    use(set_of(id))
+    local busy = HOLD and redis.call('ZCOUNT', K_HOLDERS, after_now, '+inf') or 0
+    local set_used, set_learned, set_ms = {}, {}, -2
+    for i, w in ipairs(W) do
+      local sum = 0
+      for _, m in ipairs(redis.call('ZRANGEBYSCORE', w.log, '(' .. int(NOW - w.period), '+inf')) do
+        sum = sum + weight_of(m)
+      end
+      set_used[i] = sum
+    end
+    local until_ = tonumber(by[FP .. 'p:until'])
+    if until_ and until_ > NOW then
+      set_ms = math.ceil((until_ - NOW) / 1000)
+      for _, spec in ipairs(SPEC) do
+        local limit = by[FP .. 'p:' .. spec.id]
+        if limit then
+          set_learned[#set_learned + 1] = spec.id
+          set_learned[#set_learned + 1] = limit
+        end
+      end
+    end
+    local pause = math.max(0, (tonumber(by[FP .. 'cooldown']) or 0) - NOW)
+    for _, v in ipairs({id, busy, math.ceil(pause / 1000), set_used, set_learned, set_ms}) do
+      sets[#sets + 1] = v
+    end
+  end
+  if CUR then use(API_SET) end
   return {in_flight, waiting, math.ceil(cooldown / 1000), totals, used, override, ttl,
           redis.call('EXISTS', K_CONFIG), prio_list, tenant_list, weights, learned,
-          learned_ms}
+          learned_ms, sets}
 end

@@ -8,10 +8,14 @@ auth (401 ``invalid_api_key``).
 
 It enforces its own limits like the real API, globally or per API key: requests in flight,
 requests and tokens per rolling window (exact sliding logs, ``window_seconds`` long, 60 by
-default), and a quota of total requests. A request is charged tokens when it arrives, as the
-larger of its output cap and an estimate of its input, and corrected to its real usage when
-its response has been sent. Excess answers 429 with the real body and ``retry-after``,
-``retry-after-ms`` and ``x-ratelimit-*`` headers.
+default), and a quota of total requests. ``model_limits`` adds each model's own requests
+and tokens per window (per key and model with scope "key", per model across keys with
+scope "global"), and ``key_limits`` gives single keys limits of their own (a tier); a
+request must fit every bucket it falls in. A request is charged tokens when it arrives, as
+the larger of its output cap and an estimate of its input, and corrected to its real usage
+when its response has been sent. Excess answers 429 with the real body and ``retry-after``,
+``retry-after-ms`` and ``x-ratelimit-*`` headers (those of its model's limits when it has
+some, as the real API's).
 
 It is the referee: it imports nothing of ``limiter`` or of the rest of ``chatbot``. With its
 own clock (``time.monotonic``) it records every admitted request (a 429 is a rejection, never
@@ -24,18 +28,20 @@ the limits at runtime.
 Run it::
 
     python -m chatbot.fakes.openai_server --port 8011 --max-in-flight 5 --rpm 60 \\
-        --tpm 100000 --latency 0.2 --api-key sk-fake-openai
+        --tpm 100000 --latency 0.2 --api-key sk-fake-openai --model-limit gpt-4o=30:20000
 
 The package, one module per job (none imports from ``limiter`` or the rest of ``chatbot``):
-``_limits`` (configuration, limits, per-key state, the record), ``_model`` (the scripted
-answers and tool calls), ``_chat`` (``/v1/chat/completions``), ``_responses``
-(``/v1/responses``), ``_app`` (``create_app``, embeddings, models, admin, the command
-line) and ``_wire`` (error bodies, ids, SSE lines, responses that hold their slot).
+``_config`` (the configuration and its runtime changes), ``_limits`` (the buckets per key
+and per model, admission, the 401 and 429 answers), ``_record`` (the referee's record),
+``_model`` (the scripted answers and tool calls), ``_chat`` (``/v1/chat/completions``),
+``_responses`` (``/v1/responses``), ``_app`` (``create_app``, embeddings, models, admin, the
+command line) and ``_wire`` (error bodies, ids, SSE lines, responses that hold their slot).
 """
 
 from .._common import max_in_window
 from ._app import create_app, main
-from ._limits import DEFAULT_API_KEY, FakeOpenAI, FakeOpenAIConfig, go_duration, mask_key
+from ._config import DEFAULT_API_KEY, FakeOpenAIConfig, go_duration, mask_key
+from ._limits import FakeOpenAI
 from ._model import embed
 
 __all__ = [

@@ -27,16 +27,8 @@ from fastapi.responses import JSONResponse, Response
 
 from .._common import AnnouncingServer
 from ._chat import handle_chat_completions
-from ._limits import (
-    DEFAULT_API_KEY,
-    DEFAULT_MODEL,
-    FakeOpenAI,
-    FakeOpenAIConfig,
-    authed_body,
-    bad_request,
-    held,
-    json_body,
-)
+from ._config import DEFAULT_API_KEY, DEFAULT_MODEL, FakeOpenAIConfig
+from ._limits import FakeOpenAI, authed_body, bad_request, held, json_body
 from ._model import count_tokens, embed
 from ._responses import handle_responses
 from ._wire import HeldJSONResponse, error, with_request_id
@@ -212,10 +204,39 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         metavar="TOOL=WORD",
         help="a word that makes a user message call TOOL (repeatable)",
     )
+    p.add_argument(
+        "--model-limit",
+        action="append",
+        default=[],
+        metavar="MODEL=RPM[:TPM]",
+        help="limits of MODEL, per key with --scope key, else across keys (repeatable)",
+    )
+    p.add_argument(
+        "--key-limit",
+        action="append",
+        default=[],
+        metavar="KEY=RPM[:TPM]",
+        help="rpm (and tpm) of one API key instead of --rpm/--tpm; needs --scope key (repeatable)",
+    )
     p.add_argument("--concurrency-retry-after", type=float, default=1.0)
     p.add_argument("--record-file", type=Path, default=None, help="write the record here on exit")
     p.add_argument("--log-level", default="warning")
     return p.parse_args(argv)
+
+
+def _limit_flags(flag: str, values: Sequence[str]) -> dict[str, dict[str, int | None]]:
+    """``NAME=RPM[:TPM]`` flags as a limit table (a later flag for the same name wins)."""
+    table: dict[str, dict[str, int | None]] = {}
+    for value in values:
+        name, sep, limits = value.rpartition("=")
+        rpm, colon, tpm = limits.partition(":")
+        if not sep or not name or not rpm.isdigit() or (colon and not tpm.isdigit()):
+            raise SystemExit(f"{flag} wants NAME=RPM[:TPM], got {value!r}")
+        entry: dict[str, int | None] = {"rpm": int(rpm)}
+        if colon:
+            entry["tpm"] = int(tpm)
+        table[name] = entry
+    return table
 
 
 def _config_from_args(args: argparse.Namespace) -> FakeOpenAIConfig:
@@ -239,6 +260,8 @@ def _config_from_args(args: argparse.Namespace) -> FakeOpenAIConfig:
         model=args.model,
         tool_keywords={k: tuple(v) for k, v in keywords.items()},
         concurrency_retry_after=args.concurrency_retry_after,
+        model_limits=_limit_flags("--model-limit", args.model_limit),
+        key_limits=_limit_flags("--key-limit", args.key_limit),
     )
 
 
