@@ -476,7 +476,9 @@ class FairQueueModel(RuleBasedStateMachine):
             self.admitted_at.pop(slot, None)
             handed = slot in self.handed
             self.handed.discard(slot)
-            res = self._call("release", slot, 1, 0, 0, -1, int(handed), "1" if handed else "", "", "")
+            res = self._call(
+                "release", slot, 1, 0, 0, -1, int(handed), "1" if handed else "", "", ""
+            )
             assert [int(x) for x in res] == [1, self._drain()[1]], res
 
     @precondition(lambda self: bool(self.waiters))
