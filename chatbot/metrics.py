@@ -108,6 +108,36 @@ class Metrics:
             ["api"],
             registry=registry,
         )
+        # An API's deployments and models (APILimits(deployments=, models=)), read at scrape:
+        # deployment "" for the API's own models, model "" for a deployment as a whole.
+        where = ["api", "deployment", "model"]
+        self.set_in_flight = Gauge(
+            "limiter_deployment_in_flight",
+            "Slots held in the whole cluster through one deployment (or model) of an API",
+            where,
+            registry=registry,
+        )
+        self.set_window_used = Gauge(
+            "limiter_deployment_window_used",
+            "Use of each rolling window of one deployment (or model), cluster-wide",
+            [*where, "window"],
+            registry=registry,
+        )
+        self.set_limit_in_force = Gauge(
+            "limiter_deployment_limit_in_force",
+            "Limits in force of one deployment (or model): the configured one, or lower when "
+            "the provider's headers reported less",
+            [*where, "limit"],
+            registry=registry,
+        )
+        self.set_cooldown = Gauge(
+            "limiter_deployment_cooldown_seconds",
+            "Seconds left of one deployment's (or model's) cooldown (a provider pause); 0: none",
+            where,
+            registry=registry,
+        )
+        #: Label sets of the gauges above set per API, to drop when Redis does not answer.
+        self._set_series: dict[str, set[tuple[Any, tuple[str, ...]]]] = {}
         self.messages = Counter(
             "chatbot_messages", "Messages answered, by status", ["status"], registry=registry
         )
@@ -184,7 +214,30 @@ class Metrics:
             for window, use in stats["windows"].items():
                 self.window_used.labels(api, window).set(use["used"])
                 self.limit_in_force.labels(api, window).set(use["limit"])
+            self._set_gauges(api, stats)
         return generate_latest(self.registry)
+
+    def _set_gauges(self, api: str, stats: dict[str, Any]) -> None:
+        """The gauges of each deployment and model of ``api`` from its stats()."""
+        views = [("", model, v) for model, v in stats.get("models", {}).items()]
+        for dep, v in stats.get("deployments", {}).items():
+            views.append((dep, "", v))
+            views += [(dep, model, mv) for model, mv in v.get("models", {}).items()]
+        seen = self._set_series.setdefault(api, set())
+
+        def put(gauge: Any, labels: tuple[str, ...], value: float) -> None:
+            gauge.labels(*labels).set(value)
+            seen.add((gauge, labels))
+
+        for dep, model, v in views:
+            where = (api, dep, model)
+            put(self.set_cooldown, where, v["cooldown_remaining"])
+            if v["max_concurrent"] is not None:
+                put(self.set_in_flight, where, v["concurrent_requests"])
+                put(self.set_limit_in_force, (*where, "max_concurrent"), v["max_concurrent"])
+            for window, use in v["windows"].items():
+                put(self.set_window_used, (*where, window), use["used"])
+                put(self.set_limit_in_force, (*where, window), use["limit"])
 
     def _forget_cluster_view(self, api: str) -> None:
         """Drop the gauges read from Redis for ``api`` (until Redis answers again)."""
@@ -197,6 +250,7 @@ class Metrics:
         series += [
             (gauge, (api, w)) for w in windows for gauge in (self.window_used, self.limit_in_force)
         ]
+        series += list(self._set_series.pop(api, ()))
         for gauge, labels in series:
             with contextlib.suppress(KeyError):  # never set (older clients raise)
                 gauge.remove(*labels)

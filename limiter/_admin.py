@@ -68,7 +68,34 @@ _CONFIG_FIELDS = (
     "window_margin",
     "priority_aging",
     "tenant_weights",
+    "deployments",
+    "models",
 )
+#: Fields of a limit set's JSON (a deployment's, a model's).
+_SET_FIELDS = ("max_concurrent", "rates", "tokens_per_minute", "models")
+
+
+def _set_json(limits: APILimits) -> dict[str, Any]:
+    """A deployment's or model's limits as the registry stores them."""
+    out: dict[str, Any] = {
+        "max_concurrent": limits.max_concurrent,
+        "rates": [[r.limit, r.period] for r in limits.windows],
+        "tokens_per_minute": limits.tokens_per_minute,
+    }
+    if limits.models:
+        out["models"] = {m: _set_json(lim) for m, lim in limits.models.items()}
+    return out
+
+
+def _set_from(raw: object) -> APILimits:
+    if not isinstance(raw, dict) or set(raw) - set(_SET_FIELDS):
+        raise ValueError("not a limit set's configuration")
+    return APILimits(
+        max_concurrent=raw.get("max_concurrent"),
+        rates=[Rate(int(limit), float(period)) for limit, period in raw.get("rates", [])],
+        tokens_per_minute=raw.get("tokens_per_minute"),
+        models={m: _set_from(v) for m, v in dict(raw.get("models", {})).items()},
+    )
 
 
 def config_json(limits: APILimits) -> str:
@@ -87,6 +114,10 @@ def config_json(limits: APILimits) -> str:
         fields["priority_aging"] = limits.priority_aging
     if limits.tenant_weights:
         fields["tenant_weights"] = dict(limits.tenant_weights)
+    if limits.deployments:
+        fields["deployments"] = {d: _set_json(lim) for d, lim in limits.deployments.items()}
+    if limits.models:
+        fields["models"] = {m: _set_json(lim) for m, lim in limits.models.items()}
     return json.dumps(fields, sort_keys=True, separators=(",", ":"))
 
 
@@ -104,6 +135,8 @@ def limits_from_config(api: str, text: str | bytes) -> APILimits:
             window_margin=float(raw.get("window_margin", 0.0)),
             priority_aging=raw.get("priority_aging"),
             tenant_weights=raw.get("tenant_weights", {}),
+            deployments={d: _set_from(v) for d, v in dict(raw.get("deployments", {})).items()},
+            models={m: _set_from(v) for m, v in dict(raw.get("models", {})).items()},
         )
     except (ValueError, TypeError, OverflowError, RecursionError) as exc:
         raise ConfigError(
@@ -404,7 +437,8 @@ def sets_view(plan: KeyPlan, flat: Sequence[Any]) -> dict[str, dict[str, Any]]:
         limit_set = next(s for s in plan.sets if s.id == text(id_))
         learned = learned_view(plan, learned_flat, int(learned_ms))
         read[limit_set.id] = {
-            "concurrent_requests": int(busy),
+            # (a set without max_concurrent keeps no leases: nothing to count)
+            "concurrent_requests": int(busy) if limit_set.max_concurrent else None,
             "max_concurrent": limit_set.max_concurrent or None,
             "cooldown_remaining": int(pause_ms) / 1000,
             "windows": {

@@ -147,6 +147,39 @@ def _stats_table(all_stats: dict[str, dict[str, Any]]) -> str:
     return _table(rows)
 
 
+def _sets_table(all_stats: dict[str, dict[str, Any]]) -> str:
+    """One row per deployment and per model of each API (``stats()["deployments"]`` and
+    ``["models"]``): slots in flight, windows (used/limit in force), cooldown, the limits
+    learned from the provider. ``""`` when no API has any."""
+    rows = [["API", "DEPLOYMENT", "MODEL", "IN FLIGHT", "WINDOWS", "COOLDOWN", "LEARNED"]]
+
+    def row(api: str, dep: str, model: str, v: dict[str, Any]) -> None:
+        maxc = v["max_concurrent"]
+        windows = " ".join(f"{n}={w['used']}/{w['limit']}" for n, w in v["windows"].items())
+        shown = v["learned"].items()
+        learned = " ".join(f"{n}={x}" for n, x in shown if n not in ("expires_in", "source"))
+        rows.append(
+            [
+                api,
+                dep,
+                model,
+                f"{v['concurrent_requests']}/{maxc}" if maxc else "-",
+                windows or "-",
+                f"{v['cooldown_remaining']:g}s" if v["cooldown_remaining"] else "-",
+                learned or "-",
+            ]
+        )
+
+    for api, st in all_stats.items():
+        for model, v in st.get("models", {}).items():
+            row(api, "-", model, v)
+        for dep, v in st.get("deployments", {}).items():
+            row(api, dep, "-", v)
+            for model, mv in v.get("models", {}).items():
+                row(api, dep, model, mv)
+    return _table(rows) if len(rows) > 1 else ""
+
+
 #: ``limiter stats`` lists this many of an API's busiest tenants (``tenants show``: all
 #: that stats() gives, the busiest 20).
 _STATS_TENANTS = 5
@@ -209,6 +242,8 @@ async def _stats(session: Session, args: argparse.Namespace) -> int:
                     file=session.out,
                 )
             print(_stats_table(data), file=session.out)
+            if sets := _sets_table(data):
+                print(f"\n{sets}", file=session.out)
             if fair := _fair_tables(data):
                 print(f"\n{fair}", file=session.out)
         session.out.flush()
@@ -239,6 +274,8 @@ async def _limits_show(session: Session, args: argparse.Namespace) -> int:
                 "max_concurrent": st["max_concurrent"],
                 **{name: w["limit"] for name, w in st["windows"].items()},
             },
+            "deployments": st.get("deployments", {}),
+            "models": st.get("models", {}),
         }
     if args.json:
         print(json.dumps(data, sort_keys=True), file=session.out)
@@ -268,6 +305,8 @@ async def _limits_show(session: Session, args: argparse.Namespace) -> int:
         _table(rows) if len(rows) > 1 else "(no API registered in this namespace yet)",
         file=session.out,
     )
+    if sets := _sets_table(data):
+        print(f"\n{sets}", file=session.out)
     return 0
 
 

@@ -237,6 +237,41 @@ async def test_metrics_show_the_limits_in_force_and_the_cooldown(
     assert in_force(values) == {"max_concurrent": 4, "rate:60s": 100, "tokens": 1000}
 
 
+async def test_metrics_show_each_deployment_and_model(make_limiter: LimiterFactory) -> None:
+    """Each deployment, each model and each model of a deployment has its slots in flight,
+    window use, limits in force (a learned limit lowers one) and cooldown, cluster-wide,
+    labelled api/deployment/model ("" where it names none)."""
+    each = APILimits(max_concurrent=2, models={"gpt-4o": APILimits(requests_per_minute=9)})
+    lim = make_limiter(
+        {
+            "openai": APILimits(
+                deployments={"key-a": each, "key-b": each},
+                models={"gpt-4o-mini": APILimits(tokens_per_minute=500)},
+            )
+        }
+    )
+    metrics = Metrics(lim)
+    await lim.cooldown("openai", 30, deployment="key-b")
+    held = await lim.acquire("openai", timeout=0, model="gpt-4o")
+    await lim.learn_limits("openai", requests_per_minute=4, deployment="key-a", model="gpt-4o")
+    values = _samples((await metrics.render()).decode())
+
+    def at(name: str, dep: str, model: str, **more: str) -> float:
+        labels = {"api": "openai", "deployment": dep, "model": model, **more}
+        return values[(name, tuple(sorted(labels.items())))]
+
+    assert at("limiter_deployment_in_flight", "key-a", "") == 1
+    assert at("limiter_deployment_in_flight", "key-b", "") == 0
+    assert at("limiter_deployment_limit_in_force", "key-a", "", limit="max_concurrent") == 2
+    assert at("limiter_deployment_window_used", "key-a", "gpt-4o", window="rate:60s") == 1
+    assert at("limiter_deployment_limit_in_force", "key-a", "gpt-4o", limit="rate:60s") == 4
+    assert at("limiter_deployment_limit_in_force", "key-b", "gpt-4o", limit="rate:60s") == 9
+    assert at("limiter_deployment_limit_in_force", "", "gpt-4o-mini", limit="tokens") == 500
+    assert 29 < at("limiter_deployment_cooldown_seconds", "key-b", "") <= 30
+    assert at("limiter_deployment_cooldown_seconds", "key-a", "") == 0
+    await held.release()
+
+
 async def test_metrics_without_redis_say_so_and_drop_the_cluster_gauges() -> None:
     """With Redis unreachable, /metrics still renders: limiter_redis_up is 0 and the
     gauges read from Redis are left out rather than kept at their last values; a

@@ -629,3 +629,47 @@ async def test_tenants_set_show_clear_steer_a_running_application(
         )
     finally:
         await lim.aclose()
+
+
+async def test_stats_and_limits_show_list_deployments_and_models(
+    redis_server: RedisServer, real_redis: object
+) -> None:
+    """An API with deployments and models: `limiter stats` and `limits show` add one row
+    per deployment, per model and per model of a deployment, with its slots in flight,
+    windows (used/limit in force), cooldown and learned limits; --json carries them."""
+    each = APILimits(max_concurrent=2, models={"gpt-4o": APILimits(requests_per_minute=5)})
+    limits = {
+        "llm": APILimits(
+            deployments={"key-a": each, "key-b": each},
+            models={"gpt-4o-mini": APILimits(requests_per_minute=50)},
+        )
+    }
+    lim = Limiter.from_url(redis_server.url, limits)
+    try:
+        await lim.stats()
+        await asyncio.gather(*list(lim._background))  # the registry is written
+        await lim.cooldown("llm", 60, deployment="key-b")
+        held = await lim.acquire("llm", timeout=0, model="gpt-4o")
+        assert held.deployment == "key-a"
+        await lim.learn_limits("llm", requests_per_minute=3, deployment="key-a", model="gpt-4o")
+        code, out, err = await cli("stats", url=redis_server.url)
+        assert (code, err) == (0, "")
+        sets = out.split("\n\n")[1].splitlines()
+        assert sets[0].split() == [
+            "API", "DEPLOYMENT", "MODEL", "IN", "FLIGHT", "WINDOWS", "COOLDOWN", "LEARNED",
+        ]  # fmt: skip
+        rows = {tuple(line.split()[1:3]): line.split()[3:] for line in sets[1:]}
+        assert rows[("-", "gpt-4o-mini")][:2] == ["-", "rate:60s=0/50"]  # (not this model)
+        assert rows[("key-a", "-")][:3] == ["1/2", "-", "-"]
+        assert rows[("key-a", "gpt-4o")] == ["-", "rate:60s=1/3", "-", "rate:60s=3"]
+        assert rows[("key-b", "-")][0] == "0/2"
+        assert rows[("key-b", "-")][2].endswith("s")  # the cooldown, in seconds
+        code, out, _ = await cli("limits", "show", "--json", url=redis_server.url)
+        data = json.loads(out)["llm"]
+        assert data["deployments"]["key-a"]["models"]["gpt-4o"]["learned"]["rate:60s"] == 3
+        assert data["models"]["gpt-4o-mini"]["windows"]["rate:60s"]["limit"] == 50
+        code, out, _ = await cli("limits", "show", url=redis_server.url)
+        assert "key-a" in out.split("\n\n")[1]
+        await held.release()
+    finally:
+        await lim.aclose()
