@@ -85,6 +85,7 @@ from limiter.testing import RedisServer
 
 from ._util import Report, machine_info
 from .cache import run_cache
+from .deployments import run_deployments
 from .fairness import run_fairness
 from .handoff import run_handoff
 from .report import render
@@ -95,7 +96,7 @@ from .waiters import run_waiters
 __all__ = ["Config", "main"]
 
 RESULTS = Path(__file__).resolve().parent / "results"
-SECTIONS = ("single", "handoff", "saturation", "waiters", "fairness", "cache")
+SECTIONS = ("single", "handoff", "saturation", "waiters", "fairness", "cache", "deployments")
 
 
 @dataclass(frozen=True, slots=True)
@@ -123,6 +124,9 @@ class Config:
     #: Item 11: timed iterations (each: a PING, a lookup, two cache hits), hits verified.
     cache: int = 1_000
     cache_verify: int = 200
+    #: Item 12: iterations of its interleaved loop (6 operations each); verification
+    #: pairs per operation: ``verify``.
+    deployments: int = 10_000
 
     @classmethod
     def quick(cls) -> Config:
@@ -135,6 +139,7 @@ class Config:
             fair_steps=100,
             cache=200,
             cache_verify=100,
+            deployments=400,
         )
 
 
@@ -160,6 +165,7 @@ async def _run(server: RedisServer, cfg: Config, sections: set[str], report: Rep
             ),
             "fairness": lambda: run_fairness(url, cfg.fair_waiting, cfg.fair_steps, report),
             "cache": lambda: run_cache(url, cfg.cache, cfg.cache_verify, report),
+            "deployments": lambda: run_deployments(url, cfg.deployments, cfg.verify, report),
         }
         for name in SECTIONS:
             if name not in sections:
