@@ -69,7 +69,7 @@ class _Queue:
         self.n += 1
         tenant = f"user-{self.n % self.tenants}" if self.tenants > 1 else "user"
         priority = (0, 5, 10)[self.n % 3] if self.tenants > 1 else 0
-        return (f"{GHOST}.{self.n}", 1, 0, b"wait", first, priority, "1.0", tenant, "")
+        return (f"{GHOST}.{self.n}", 1, 0, b"wait", first, priority, "1.0", tenant, "", 0, 0)
 
     async def fill(self, waiting: int) -> None:
         await self.lim._runner.ready()  # the Functions library where the server has them
@@ -88,7 +88,9 @@ class _Queue:
         c1, u1 = await _redis_us(probe)
         assert int(res[0]) == 0, res
         t0 = clock()
-        res = await self.run("release", self.plan, self.holder, 1, 0, 0, -1, 1, "", "", "")
+        res = await self.run(
+            "release", self.plan, self.holder, 1, 0, 0, -1, 1, "", "", "", 0, -1, 0, -1
+        )
         self.samples["hand-off"].append(clock() - t0)
         c2, u2 = await _redis_us(probe)
         assert [int(v) for v in res] == [1, 1], f"{self.name}: release did not hand off: {res}"

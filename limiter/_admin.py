@@ -70,9 +70,19 @@ _CONFIG_FIELDS = (
     "tenant_weights",
     "deployments",
     "models",
+    "input_tokens_per_minute",
+    "output_tokens_per_minute",
 )
 #: Fields of a limit set's JSON (a deployment's, a model's).
-_SET_FIELDS = ("max_concurrent", "rates", "tokens_per_minute", "models")
+_SET_FIELDS = (
+    "max_concurrent",
+    "rates",
+    "tokens_per_minute",
+    "input_tokens_per_minute",
+    "output_tokens_per_minute",
+    "models",
+)
+_IO_FIELDS = ("input_tokens_per_minute", "output_tokens_per_minute")
 
 
 def _set_json(limits: APILimits) -> dict[str, Any]:
@@ -82,6 +92,9 @@ def _set_json(limits: APILimits) -> dict[str, Any]:
         "rates": [[r.limit, r.period] for r in limits.windows],
         "tokens_per_minute": limits.tokens_per_minute,
     }
+    for name in _IO_FIELDS:
+        if getattr(limits, name) is not None:
+            out[name] = getattr(limits, name)
     if limits.models:
         out["models"] = {m: _set_json(lim) for m, lim in limits.models.items()}
     return out
@@ -94,6 +107,8 @@ def _set_from(raw: object) -> APILimits:
         max_concurrent=raw.get("max_concurrent"),
         rates=[Rate(int(limit), float(period)) for limit, period in raw.get("rates", [])],
         tokens_per_minute=raw.get("tokens_per_minute"),
+        input_tokens_per_minute=raw.get("input_tokens_per_minute"),
+        output_tokens_per_minute=raw.get("output_tokens_per_minute"),
         models={m: _set_from(v) for m, v in dict(raw.get("models", {})).items()},
     )
 
@@ -114,6 +129,9 @@ def config_json(limits: APILimits) -> str:
         fields["priority_aging"] = limits.priority_aging
     if limits.tenant_weights:
         fields["tenant_weights"] = dict(limits.tenant_weights)
+    for name in _IO_FIELDS:
+        if getattr(limits, name) is not None:
+            fields[name] = getattr(limits, name)
     if limits.deployments:
         fields["deployments"] = {d: _set_json(lim) for d, lim in limits.deployments.items()}
     if limits.models:
@@ -136,6 +154,8 @@ def limits_from_config(api: str, text: str | bytes) -> APILimits:
             priority_aging=raw.get("priority_aging"),
             tenant_weights=raw.get("tenant_weights", {}),
             deployments={d: _set_from(v) for d, v in dict(raw.get("deployments", {})).items()},
+            input_tokens_per_minute=raw.get("input_tokens_per_minute"),
+            output_tokens_per_minute=raw.get("output_tokens_per_minute"),
             models={m: _set_from(v) for m, v in dict(raw.get("models", {})).items()},
         )
     except (ValueError, TypeError, OverflowError, RecursionError) as exc:
@@ -423,14 +443,18 @@ def stats_view(plan: KeyPlan, limits: APILimits, reply: Sequence[Any]) -> dict[s
         },
         "tenants": tenants_view(tenant_rows),
         "tenant_weights": weights_view(limits, weight_rows),
-        **sets_view(plan, reply[13] if len(reply) > 13 else ()),
+        **sets_view(plan, reply[13] if len(reply) > 13 else (), windows),
     }
 
 
-def sets_view(plan: KeyPlan, flat: Sequence[Any]) -> dict[str, dict[str, Any]]:
+def sets_view(
+    plan: KeyPlan, flat: Sequence[Any], windows: dict[str, Any]
+) -> dict[str, dict[str, Any]]:
     """``stats()["deployments"]`` and ``["models"]`` from stats.lua's limit sets: each
     set's slots in flight, cooldown, windows (used, limit in force) and learned limits; a
-    deployment's models under its ``"models"``. In configuration order."""
+    deployment's models under its ``"models"``. In configuration order. The input and
+    output budgets (``<id>#in``, ``#out``) join the windows of what they belong to (the
+    API's: ``windows``)."""
     read: dict[str, dict[str, Any]] = {}
     for i in range(0, len(flat), 6):
         id_, busy, pause_ms, used, learned_flat, learned_ms = flat[i : i + 6]
@@ -447,12 +471,19 @@ def sets_view(plan: KeyPlan, flat: Sequence[Any]) -> dict[str, dict[str, Any]]:
             },
             "learned": learned,
         }
+    for id_, view in read.items():
+        base, io, _ = id_.partition("#")
+        if io:
+            into = windows if not base else read.get(base, {}).get("windows")
+            if into is not None:
+                into.update(view["windows"])
     deployments: dict[str, Any] = {}
     models: dict[str, Any] = {}
     for limit_set in plan.sets:
-        view = read.get(limit_set.id)
-        if view is None:
+        found = read.get(limit_set.id)
+        if found is None or "#" in limit_set.id:
             continue
+        view = found
         kind, _, rest = limit_set.id.partition(":")
         if kind == "m":
             models[rest] = view

@@ -66,6 +66,7 @@ class Admission:
         tokens: int,
         fair: Fair = DEFAULT_FAIR,
         model: str = "",
+        split: list[int] | None = None,
     ) -> Slot:
         """Wait (in the fair queue, across the cluster) until the scripts admit this request."""
         api = plan.api
@@ -78,12 +79,13 @@ class Admission:
         slot_id = self.new_slot_id()
         mode = b"try" if timeout == 0 else b"wait"
         weight = repr(fair.weight)
+        inp, outp = split or (tokens, tokens)
         # The ticket as acquire.lua makes it (its format: lua/_common.lua).
-        ticket = f"{slot_id}|{cost}|{tokens}|{fair.priority}|{weight}|{model}|{fair.tenant}"
-        args: tuple[Any, ...] = (
-            *(slot_id, cost, tokens, mode, 1, fair.priority, weight, fair.tenant, model),
-        )
-        again = (slot_id, cost, tokens, mode, 0, fair.priority, weight, fair.tenant, model)
+        held = f"{tokens}" if inp == outp == tokens else f"{tokens}/{inp}/{outp}"
+        ticket = f"{slot_id}|{cost}|{held}|{fair.priority}|{weight}|{model}|{fair.tenant}"
+        ask = (slot_id, cost, tokens, mode, 1, fair.priority, weight, fair.tenant, model)
+        args: tuple[Any, ...] = (*ask, inp, outp)
+        again = (*ask[:4], 0, *ask[5:], inp, outp)
         waiter: Waiter | None = None
         first: str | None = None  # the first limit that held this request back
         queued = True  # a ticket or slot of ours may exist in Redis
@@ -94,7 +96,7 @@ class Admission:
                 if int(res[0]) == 1:
                     charged = waiter is not None or (len(res) > 2 and int(res[2]) == 1)
                     dep = text(res[3]) if len(res) > 3 else ""
-                    now, taken = int(res[1]), (dep or None, model)
+                    now, taken = int(res[1]), (dep or None, model, inp, outp)
                     slot = self._admitted(plan, slot_id, now, cost, tokens, waiter, charged, taken)
                     if events.active:
                         self._emit_admitted(api, loop.time() - start, first, fair)
@@ -144,7 +146,7 @@ class Admission:
                     )
                 at = await self._wait(waiter, delay, deadline)
                 if at is not None:
-                    taken = (waiter.deployment or None, model)
+                    taken = (waiter.deployment or None, model, inp, outp)
                     slot = self._admitted(plan, slot_id, at, cost, tokens, waiter, True, taken)
                     if events.active:
                         self._emit_admitted(api, loop.time() - start, first, fair)
@@ -198,13 +200,14 @@ class Admission:
         tokens: int,
         waiter: Any,
         charged: bool,
-        taken: tuple[str | None, str],
+        taken: tuple[str | None, str, int, int],
     ) -> Slot:
-        """The slot of an admission; ``taken`` is its deployment and model."""
+        """The slot of an admission; ``taken`` is its deployment, model, input and output
+        tokens."""
         handed = waiter is not None
         state = SlotState(self, plan, slot_id, at, cost, tokens, handed, handed)
         state.charged = charged
-        state.deployment, state.model = taken
+        state.deployment, state.model, state.tokens_in, state.tokens_out = taken
         self._waiting.hold(state)
         return Slot(state)
 
@@ -232,6 +235,7 @@ class Admission:
                 "1" if state.charged else "",
                 state.deployment or "",
                 state.model,
+                *state.io_release(),
             )
         except LimiterUnavailable as exc:
             if self.on_outage is None or not self.on_outage(exc):

@@ -107,51 +107,76 @@ def check_timeout(timeout: object) -> float | None:
     return number
 
 
-def check_request(plan: KeyPlan, cost: object, tokens: object, model: object = None) -> str:
-    """``cost`` and ``tokens`` are whole numbers in range, ``model`` None or a model name,
-    and no configured limit the request must pass is below them (such a request could
-    never pass: the API's, its model's, and those of at least one deployment). Returns
-    the model as the scripts take it (``""``: none)."""
-    name = "" if model is None else check_model(model)
+def check_request(
+    plan: KeyPlan, cost: object, tokens: object, model: object = None
+) -> tuple[str, int, int, int]:
+    """``cost`` is a whole number in range, ``tokens`` one or an ``(input, output)`` pair
+    of them, ``model`` None or a model name, and no configured limit the request must pass
+    is below it (such a request could never pass: the API's, its model's, and those of at
+    least one deployment). Returns the model as the scripts take it (``""``: none), the
+    tokens, and the input and output tokens (both the tokens when not given apart)."""
     if not isinstance(cost, int) or isinstance(cost, bool) or not 1 <= cost <= MAX_COUNT:
         raise ConfigError(
             f"cost={show(cost)}: must be an integer from 1 to 2**53 - 1", field="cost", value=cost
         )
-    if not isinstance(tokens, int) or isinstance(tokens, bool) or not 0 <= tokens <= MAX_COUNT:
+    parts = tokens if isinstance(tokens, tuple) else (tokens,)
+    if not 1 <= len(parts) <= 2 or not all(
+        isinstance(n, int) and not isinstance(n, bool) and 0 <= n <= MAX_COUNT for n in parts
+    ):
         raise ConfigError(
-            f"tokens={show(tokens)}: must be an integer from 0 to 2**53 - 1",
+            f"tokens={show(tokens)}: must be an integer from 0 to 2**53 - 1, or a pair "
+            "(input, output) of them",
             field="tokens",
             value=tokens,
         )
-    assert isinstance(cost, int)  # checked above
-    assert isinstance(tokens, int)
-    heavy = [_too_heavy(plan.windows, cost, tokens)]
-    heavy.append(_too_heavy(plan.set_windows(f"m:{model}") or (), cost, tokens))
+    name = "" if model is None else check_model(model)
+    inp, outp = (parts[0], parts[-1]) if len(parts) == 2 else (parts[0], parts[0])
+    total = inp + outp if len(parts) == 2 else inp
+    if total > MAX_COUNT:
+        raise ConfigError(
+            f"tokens={show(tokens)}: more than 2**53 - 1 in all", field="tokens", value=tokens
+        )
+    weights = {"r": cost, "t": total, "in": inp, "out": outp}
+    must = [(w, weights["r" if w.kind == "r" else "t"]) for w in plan.windows]
+    must += _group(plan, "", weights)
+    if name:
+        must += _group(plan, f"m:{name}", weights)
+    heavy = [_too_heavy(must)]
     if plan.deployments:
         each = []
         for dep in plan.deployments:
-            ws = plan.set_windows(f"d:{dep}") or ()
-            ws += plan.set_windows(f"d:{dep}:m:{model}") or ()
-            each.append(_too_heavy(ws, cost, tokens))
+            group = _group(plan, f"d:{dep}", weights)
+            if name:
+                group += _group(plan, f"d:{dep}:m:{name}", weights)
+            each.append(_too_heavy(group))
         if all(each):
             heavy.append(each[0])
     for found in heavy:
         if found is not None:
-            w, what, weight = found
+            w, weight = found
+            what = "cost" if w.kind == "r" else "tokens"
             raise ConfigError(
                 f"{what}={weight} for API {plan.api!r} can never pass: "
                 f"the {w.name} limit is {w.limit}",
                 field=what,
                 value=weight,
             )
-    return name
+    return name, total, inp, outp
 
 
-def _too_heavy(windows: Any, cost: int, tokens: int) -> tuple[Any, str, int] | None:
-    """The first of ``windows`` whose limit is below the request, as (window, "cost" or
-    "tokens", weight), else None."""
-    for w in windows:
-        weight, what = (tokens, "tokens") if w.kind == "t" else (cost, "cost")
+def _group(plan: KeyPlan, base: str, weights: dict[str, int]) -> list[tuple[Any, int]]:
+    """The windows of limit set ``base`` (none for ``""``, the API's own) and of its input
+    and output budgets, each with what the request weighs there."""
+    out = []
+    for id_, tokens in ((base, "t"), (f"{base}#in", "in"), (f"{base}#out", "out")):
+        for w in (plan.set_windows(id_) or ()) if id_ else ():
+            out.append((w, weights["r" if w.kind == "r" else tokens]))
+    return out
+
+
+def _too_heavy(windows: list[tuple[Any, int]]) -> tuple[Any, int] | None:
+    """The first window whose limit is below what the request weighs there, else None."""
+    for w, weight in windows:
         if weight > w.limit:
-            return w, what, weight
+            return w, weight
     return None

@@ -26,6 +26,7 @@ __all__ = [
     "format_period",
     "positive_int",
     "show",
+    "uses_tokens",
 ]
 
 _API_NAME = re.compile(r"[A-Za-z0-9_.:\-]{1,100}")  # fullmatch: "$" would let "a\n" in
@@ -152,6 +153,11 @@ class APILimits:
     rates: Sequence[Rate] = ()
     #: Weighted budget of LLM tokens per rolling minute, reserved then reconciled.
     tokens_per_minute: int | None = None
+    #: Budgets of input and of output tokens per rolling minute, where a provider limits
+    #: them apart (Anthropic). A request gives its tokens as ``tokens=(input, output)``;
+    #: one given as a single number counts that number against each of them.
+    input_tokens_per_minute: int | None = None
+    output_tokens_per_minute: int | None = None
     #: Attempts in ``Limiter.call``, the first one included.
     retry_attempts: int = 3
     #: Exponential backoff with jitter between attempts: lower bound, seconds.
@@ -198,6 +204,8 @@ class APILimits:
         positive_int("APILimits.requests_per_minute", self.requests_per_minute, optional=True)
         positive_int("APILimits.requests_per_hour", self.requests_per_hour, optional=True)
         positive_int("APILimits.tokens_per_minute", self.tokens_per_minute, optional=True)
+        for name in ("input_tokens_per_minute", "output_tokens_per_minute"):
+            positive_int(f"APILimits.{name}", getattr(self, name), optional=True)
         positive_int("APILimits.retry_attempts", self.retry_attempts)
         if not isinstance(self.learn_from_headers, bool):
             raise ConfigError(
@@ -270,6 +278,15 @@ class APILimits:
         object.__setattr__(self, "models", _limit_sets("models", self.models))
         object.__setattr__(self, "rates", tuple(self.rates))
         object.__setattr__(self, "windows", tuple(windows))
+
+
+def uses_tokens(limits: APILimits) -> bool:
+    """True when some token budget applies to ``limits``' requests: the API's (total,
+    input or output), a deployment's or a model's."""
+    own = (limits.tokens_per_minute, limits.input_tokens_per_minute)
+    if any(v is not None for v in (*own, limits.output_tokens_per_minute)):
+        return True
+    return any(uses_tokens(s) for s in (*limits.deployments.values(), *limits.models.values()))
 
 
 _DEPLOYMENT_NAME = re.compile(r"[A-Za-z0-9_.\-+@=/]{1,64}")

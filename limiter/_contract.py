@@ -103,6 +103,8 @@ OPERATIONS: Final = {
                 "weight",
                 "tenant",
                 "model",
+                "in_tokens:n",
+                "out_tokens:n",
             ),
         ),
         Operation(
@@ -117,6 +119,10 @@ OPERATIONS: Final = {
                 "fair",
                 "deployment",
                 "model",
+                "reserved_in:n",
+                "actual_in:n",
+                "reserved_out:n",
+                "actual_out:n",
             ),
         ),
         Operation("withdraw", ("slot", "ticket")),
@@ -197,7 +203,7 @@ def _head(ops: list[Operation]) -> str:
         "                     windows = {}}",
         "        sets = sets or {}",
         "        sets[set.id] = set",
-        "        local dep = string.match(set.id, '^d:([^:]+)$')",
+        "        local dep = string.match(set.id, '^d:([^:#]+)$')",
         "        if dep then",
         "          deps = deps or {}",
         "          deps[#deps + 1] = dep",
@@ -322,11 +328,21 @@ def _windows(limits: APILimits, margin: int) -> list[Window]:
 
 
 def _limit_sets(limits: APILimits, margin: int) -> tuple[LimitSet, ...]:
+    """The API's limit sets: a deployment's (``d:<name>``), a model's (``m:<model>``), a
+    model's within a deployment (``d:<name>:m:<model>``), and for each of them and the
+    API the input and output token budgets (``<id>#in``, ``<id>#out``)."""
     sets = []
 
     def add(id_: str, lim: APILimits) -> None:
-        sets.append(LimitSet(id_, lim.max_concurrent or 0, tuple(_windows(lim, margin))))
+        if id_:
+            sets.append(LimitSet(id_, lim.max_concurrent or 0, tuple(_windows(lim, margin))))
+        for end, n in (("in", lim.input_tokens_per_minute), ("out", lim.output_tokens_per_minute)):
+            if n is not None:
+                name = f"{'input' if end == 'in' else 'output'}_tokens"
+                window = Window(f"tokens:{end}", name, n, 60_000_000 + margin, "t")
+                sets.append(LimitSet(f"{id_}#{end}", 0, (window,)))
 
+    add("", limits)
     for model, lim in limits.models.items():
         add(f"m:{model}", lim)
     for dep, lim in limits.deployments.items():

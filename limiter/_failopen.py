@@ -192,6 +192,8 @@ class FailOpen:
                 "1.0",
                 "",
                 "",
+                state.tokens_in,
+                state.tokens_out,
                 label="adopt",
             )
             if int(res[0]) != 1:
@@ -203,6 +205,7 @@ class FailOpen:
                 state.local = False
                 dep = state.deployment or ""
                 give_back = (state.id, 0, int(res[1]), state.tokens, -1, 0, "", dep, "")
+                give_back += (state.tokens_in, -1, state.tokens_out, -1)
                 await self._runner.run("release", state.plan, *give_back)
                 continue
             self._admission.take_over(state)
@@ -308,6 +311,7 @@ class FailOpen:
                     self, plan, slot_id, time.time_ns() // 1000, cost, tokens, local=True
                 )
                 state.gate = gate
+                state.tokens_in = state.tokens_out = tokens  # (not given apart here)
                 self._local_held[slot_id] = state
                 if events.active:
                     events.emit(

@@ -170,7 +170,7 @@ class Limiter:
         api: str,
         timeout: float | None = None,
         cost: int = 1,
-        tokens: int = 0,
+        tokens: int | tuple[int, int] = 0,
         *,
         key: str | None = None,
         tenant: str | None = None,
@@ -189,7 +189,7 @@ class Limiter:
         api: str,
         timeout: float | None = None,
         cost: int = 1,
-        tokens: int = 0,
+        tokens: int | tuple[int, int] = 0,
         *,
         key: str | None = None,
         tenant: str | None = None,
@@ -209,18 +209,19 @@ class Limiter:
         one tenant. ``None`` takes them from the enclosing :func:`limiter.scope`, else
         tenant ``""`` (weight 1) and priority 0. ``model`` adds that model's limits
         (``APILimits.models``); an API with ``deployments`` admits to the one with the most
-        headroom (``slot.deployment``).
+        headroom (``slot.deployment``). ``tokens=(input, output)`` gives them apart, for
+        ``input_tokens_per_minute`` and ``output_tokens_per_minute``.
         """
         plan, limits = self._lookup(api, key)
-        model = check_request(plan, cost, tokens, model)
+        name, total, *split = check_request(plan, cost, tokens, model)
         fair = fair_for(limits, tenant, priority)
         wait = check_timeout(limits.acquire_timeout if timeout is None else timeout)
         if self._fail_open is not None:
-            return await self._fail_open.acquire(plan, limits, wait, cost, tokens, fair)
+            return await self._fail_open.acquire(plan, limits, wait, cost, total, fair)
         if not self._runner.is_ready:
             await self._runner.ready()
         self._registry.maybe_write()
-        return await self._admission.acquire(plan, wait, cost, tokens, fair, model)
+        return await self._admission.acquire(plan, wait, cost, total, fair, name, split)
 
     async def call(
         self,
@@ -228,7 +229,7 @@ class Limiter:
         operation: Callable[[], Awaitable[T]],
         name: str | None = None,
         timeout: float | None = None,
-        tokens: int = 0,
+        tokens: int | tuple[int, int] = 0,
         *,
         idempotent: bool = True,
         key: str | None = None,

@@ -86,6 +86,16 @@ class SlotState:
     deployment: str | None = None
     #: The model the admission named ("": none).
     model: str = ""
+    #: Input and output tokens reserved (the input and output budgets), and those
+    #: reported (-1: not reported; a report of one number counts for both).
+    tokens_in: int = 0
+    tokens_out: int = 0
+    actual_in: int = -1
+    actual_out: int = -1
+
+    def io_release(self) -> tuple[int, int, int, int]:
+        """release.lua's RESERVED_IN, ACTUAL_IN, RESERVED_OUT, ACTUAL_OUT."""
+        return self.tokens_in, self.actual_in, self.tokens_out, self.actual_out
 
 
 class Slot:
@@ -156,15 +166,22 @@ class Slot:
         """True until released, and while no renewal has found the lease gone."""
         return not self._state.released and not self._state.lost
 
-    def report_tokens(self, n: int) -> None:
-        """Report the tokens really used; the reservation is corrected on release."""
-        if not isinstance(n, int) or isinstance(n, bool) or not 0 <= n <= MAX_COUNT:
+    def report_tokens(self, n: int | tuple[int, int]) -> None:
+        """Report the tokens really used, or ``(input, output)``; the reservation is
+        corrected on release."""
+        parts = list(n) if isinstance(n, tuple) else [n]
+        if len(parts) not in (1, 2) or not all(
+            isinstance(x, int) and not isinstance(x, bool) and 0 <= x <= MAX_COUNT for x in parts
+        ):
             raise ConfigError(
-                f"report_tokens(n={show(n)}): must be an integer from 0 to 2**53 - 1",
+                f"report_tokens(n={show(n)}): must be an integer from 0 to 2**53 - 1, or a "
+                "pair (input, output) of them",
                 field="tokens",
                 value=n,
             )
-        self._state.actual_tokens = n
+        state = self._state
+        state.actual_in, state.actual_out = parts[0], parts[-1]
+        state.actual_tokens = sum(parts)
 
     async def release(self, *, success: bool = True) -> None:
         """Free the slot for the next waiter; counts a success or failure in ``stats()``.

@@ -508,7 +508,7 @@ async def test_a_handed_slot_keeps_its_admission_time_for_every_reader(
     plan, run = lim._plans["a"], lim._runner.run
     holder = await lim.acquire("a")
     assert (
-        int((await run("acquire", plan, "w.1", 1, 0, b"wait", 1, 0, "1.0", "", ""))[0]) == 0
+        int((await run("acquire", plan, "w.1", 1, 0, b"wait", 1, 0, "1.0", "", "", 0, 0))[0]) == 0
     )  # queued
     await holder.release()  # hands the slot to w.1
     lost, admitted, gone = await run("renew", plan, 0, tail=("w.1|1|0|0|1.0||",))
@@ -517,10 +517,10 @@ async def test_a_handed_slot_keeps_its_admission_time_for_every_reader(
     handed_at = int(admitted[1])
     await asyncio.sleep(0.02)
     again = await run(
-        "acquire", plan, "w.1", 1, 0, b"wait", 0, 0, "1.0", "", ""
+        "acquire", plan, "w.1", 1, 0, b"wait", 0, 0, "1.0", "", "", 0, 0
     )  # the waiter asks again
     assert [int(v) for v in again] == [1, handed_at]
-    await run("release", plan, "w.1", 1, handed_at, 0, -1, 1, "", "", "")
+    await run("release", plan, "w.1", 1, handed_at, 0, -1, 1, "", "", "", 0, -1, 0, -1)
 
 
 async def test_a_renewal_that_reports_a_hand_off_gives_the_waiter_a_full_lease(
@@ -534,7 +534,7 @@ async def test_a_renewal_that_reports_a_hand_off_gives_the_waiter_a_full_lease(
     plan, run = lim._plans["a"], lim._runner.run
     ticket = "w.1|1|0|0|1.0||"
     holder = await lim.acquire("a")
-    queued = await run("acquire", plan, "w.1", 1, 0, b"wait", 1, 0, "1.0", "", "")
+    queued = await run("acquire", plan, "w.1", 1, 0, b"wait", 1, 0, "1.0", "", "", 0, 0)
     assert int(queued[0]) == 0
     sec, us = await redis_client.time()
     # The ticket's last renewal was lost: it ends 300 ms from now.

@@ -131,6 +131,32 @@ async def test_a_call_reserves_then_is_charged_its_usage(limiters: LimiterMaker)
     assert (stats["successful_requests"], stats["concurrent_requests"]) == (1, 0)
 
 
+async def test_input_and_output_budgets_are_reserved_and_charged_apart(
+    limiters: LimiterMaker,
+) -> None:
+    """With input and output budgets, a Messages call reserves its input estimate against
+    the input budget and max_tokens against the output budget; afterwards each holds
+    exactly the usage the fake counted (input_tokens, output_tokens)."""
+    lim = limiters(max_concurrent=2, input_tokens_per_minute=5_000, output_tokens_per_minute=900)
+    system = "Be terse."
+    sent = json.dumps([system, HELLO], separators=(",", ":"))
+    estimate = len(sent.encode()) // 4 + 1
+    async with (
+        fake_anthropic(latency=0.3) as (url, _fake),
+        anthropic_client(lim, base_url=url, api_key=KEY) as client,
+    ):
+        call = asyncio.create_task(
+            client.messages.create(model=MODEL, max_tokens=300, system=system, messages=HELLO)
+        )
+        held = await until(lim, lambda s: s["concurrent_requests"] == 1)
+        message = await call
+    assert held["windows"]["input_tokens"]["used"] == estimate
+    assert held["windows"]["output_tokens"]["used"] == 300
+    windows = (await lim.stats(API))["windows"]
+    assert windows["input_tokens"] == {"used": message.usage.input_tokens, "limit": 5_000}
+    assert windows["output_tokens"] == {"used": message.usage.output_tokens, "limit": 900}
+
+
 async def test_streams_hold_their_slot_and_are_charged_their_usage(
     limiters: LimiterMaker,
 ) -> None:

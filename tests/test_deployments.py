@@ -308,3 +308,62 @@ async def test_stats_show_each_deployment_and_model(make_limiter: LimiterFactory
     assert stats["cooldown_remaining"] == 0
     await release_all([*slots, mini])
     assert (await lim.stats("ai"))["deployments"]["key-a"]["concurrent_requests"] == 0
+
+
+async def test_input_and_output_budgets_apart(make_limiter: LimiterFactory) -> None:
+    """Input 1,000 and output 500 tokens a minute: (800, 200) passes; (100, 400) is refused
+    by the output budget and (300, 100) by the input one; reporting (100, 50) gives the
+    rest back, so (800, 400) then passes. A single number counts against each budget."""
+    lim = make_limiter(
+        {"ai": APILimits(input_tokens_per_minute=1000, output_tokens_per_minute=500)}
+    )
+    first = await lim.acquire("ai", timeout=0, tokens=(800, 200))
+    for tokens, reason in (((100, 400), "output_tokens"), ((300, 100), "input_tokens")):
+        with pytest.raises(AcquireTimeout) as info:
+            await lim.acquire("ai", timeout=0, tokens=tokens)
+        assert info.value.reason == reason
+    windows = (await lim.stats("ai"))["windows"]
+    assert windows["input_tokens"] == {"used": 800, "limit": 1000}
+    assert windows["output_tokens"] == {"used": 200, "limit": 500}
+    first.report_tokens((100, 50))
+    await first.release()
+    second = await lim.acquire("ai", timeout=0, tokens=(800, 400))
+    windows = (await lim.stats("ai"))["windows"]
+    assert (windows["input_tokens"]["used"], windows["output_tokens"]["used"]) == (900, 450)
+    await second.release()
+    with pytest.raises(AcquireTimeout) as info:
+        await lim.acquire("ai", timeout=0, tokens=60)  # 60 more output: 510 > 500
+    assert info.value.reason == "output_tokens"
+    with pytest.raises(ConfigError, match="output_tokens limit is 500"):
+        await lim.acquire("ai", tokens=(0, 600))
+    with pytest.raises(ConfigError, match="tokens="):
+        await lim.acquire("ai", tokens=(1, 2, 3))  # type: ignore[arg-type]
+
+
+async def test_a_deployments_output_budget_steers_the_choice(make_limiter: LimiterFactory) -> None:
+    """key-a has 500 output tokens a minute, key-b 1,000: 800 output tokens go to key-b;
+    a waiter queued with (input, output) tokens is admitted with them when room frees."""
+    lim = make_limiter(
+        {
+            "ai": APILimits(
+                deployments={
+                    "key-a": APILimits(output_tokens_per_minute=500, max_concurrent=1),
+                    "key-b": APILimits(output_tokens_per_minute=1000, max_concurrent=1),
+                }
+            )
+        }
+    )
+    big = await lim.acquire("ai", timeout=0, tokens=(10, 800))
+    assert big.deployment == "key-b"
+    small = await lim.acquire("ai", timeout=0, tokens=(10, 100))
+    assert small.deployment == "key-a"
+    waiter = asyncio.create_task(lim.acquire("ai", timeout=10, tokens=(5, 450)))
+    await wait_for_waiters(lim, "ai", 1)
+    small.report_tokens((10, 10))
+    await small.release()  # key-a: 10 of 500 output used, the slot free
+    got = await asyncio.wait_for(waiter, 10)
+    assert got.deployment == "key-a"
+    stats = await lim.stats("ai")
+    assert stats["deployments"]["key-a"]["windows"]["output_tokens"]["used"] == 460
+    assert stats["deployments"]["key-b"]["windows"]["output_tokens"]["used"] == 800
+    await release_all([big, got])

@@ -97,7 +97,7 @@ class LimiterModel(RuleBasedStateMachine):
         """Acquire in "try" mode: refused when surely full, admitted when surely free."""
         self.counter += 1
         slot = f"p1.{self.counter}"
-        t0, res, t1 = self._call("acquire", slot, 1, 0, b"try", 1, 0, "1.0", "", "")
+        t0, res, t1 = self._call("acquire", slot, 1, 0, b"try", 1, 0, "1.0", "", "", 0, 0)
         # The script's NOW lies in [t0, t1]. A lease is alive at NOW iff expiry > NOW;
         # an admission is in the window at NOW iff its time > NOW - period.
         # "Surely" = true for every NOW in [t0 - MARGIN, t1 + MARGIN].
@@ -125,7 +125,7 @@ class LimiterModel(RuleBasedStateMachine):
         """Release a held slot: held=1 when its lease is surely alive, 0 when surely expired."""
         slot = sorted(self.holders)[index % len(self.holders)]
         at, lo, hi = self.holders.pop(slot)
-        t0, res, t1 = self._call("release", slot, 1, at, 0, -1, 0, "", "", "")
+        t0, res, t1 = self._call("release", slot, 1, at, 0, -1, 0, "", "", "", 0, -1, 0, -1)
         held = int(res[0])
         if lo > t1 + MARGIN:
             assert held == 1, f"surely alive lease of {slot} reported lost"
@@ -433,7 +433,7 @@ class FairQueueModel(RuleBasedStateMachine):
         self.counter += 1
         w = _Waiter(f"p1.{self.counter:05d}", priority, tenant, self.weights[tenant])
         anyone_waits = bool(self.waiters)
-        res = self._call("acquire", w.slot, 1, 0, b"wait", 1, priority, w.weight, tenant, "")
+        res = self._call("acquire", w.slot, 1, 0, b"wait", 1, priority, w.weight, tenant, "", 0, 0)
         if not anyone_waits and len(self.holders) < self.max_c:
             self.holders[w.slot] = w
             self._check_admission(w, res, admitted=True)
@@ -456,7 +456,9 @@ class FairQueueModel(RuleBasedStateMachine):
         slot = slots[index % len(slots)]
         w = self.waiters.get(slot) or self.holders[slot]
         handed_at = self.client.hget(self._key("handed"), slot)
-        res = self._call("acquire", slot, 1, 0, b"wait", 0, w.priority, w.weight, w.tenant, "")
+        res = self._call(
+            "acquire", slot, 1, 0, b"wait", 0, w.priority, w.weight, w.tenant, "", 0, 0
+        )
         if slot in self.handed:
             assert handed_at is not None
             assert [int(x) for x in res] == [1, int(handed_at)], res
@@ -477,7 +479,20 @@ class FairQueueModel(RuleBasedStateMachine):
             handed = slot in self.handed
             self.handed.discard(slot)
             res = self._call(
-                "release", slot, 1, 0, 0, -1, int(handed), "1" if handed else "", "", ""
+                "release",
+                slot,
+                1,
+                0,
+                0,
+                -1,
+                int(handed),
+                "1" if handed else "",
+                "",
+                "",
+                0,
+                -1,
+                0,
+                -1,
             )
             assert [int(x) for x in res] == [1, self._drain()[1]], res
 

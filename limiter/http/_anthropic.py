@@ -16,7 +16,7 @@ import httpx2
 from .._call import display_name
 from .._errors import LimiterError, ProviderAuthError
 from ._transport import LimitedTransport, check_deployments, request_model
-from ._usage import anthropic_token_estimate
+from ._usage import anthropic_token_split
 
 if TYPE_CHECKING:  # pragma: no cover
     import anthropic
@@ -78,7 +78,7 @@ def anthropic_client(
         base_url = base_url or first.get("base_url")
         api_key = api_key or first.get("api_key")
     transport = LimitedTransport(
-        lim, api, inner, limit=anthropic_messages_only, tokens=anthropic_token_estimate,
+        lim, api, inner, limit=anthropic_messages_only, tokens=anthropic_token_split,
         deployments=deployments, model=request_model,
     )  # fmt: skip
     # The SDK's own default timeout keeps its behaviour (its guard against long

@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any
 import httpx2
 
 from .._call import Budget, display_name, pause_if_asked, retrying
-from .._config import check_model, show
+from .._config import check_model, show, uses_tokens
 from .._errors import AcquireTimeout, ConfigError, LimiterError, LimiterUnavailable
 from .._retry import Verdict, classify_exception, classify_response
 from ._headers import RateLimitHeaders, parse_rate_limit_headers
@@ -46,8 +46,8 @@ LEARN_TTL = 600.0
 
 #: Decides whether a request counts (``limit=``) or may be retried (``idempotent=``).
 RequestPredicate = Callable[[Any], bool]
-#: The tokens a request reserves (``tokens=``).
-TokenEstimator = Callable[[Any], int]
+#: The tokens a request reserves (``tokens=``): a number, or ``(input, output)``.
+TokenEstimator = Callable[[Any], "int | tuple[int, int]"]
 #: The model a request names (``model=``), or None.
 ModelReader = Callable[[Any], "str | None"]
 
@@ -137,9 +137,10 @@ class _SlotStream(httpx2.AsyncByteStream):
         finally:
             try:
                 if self._usage is not None and not self._slot.released:
-                    tokens = self._usage.finish()
-                    if tokens is not None:
-                        self._slot.report_tokens(tokens)
+                    self._usage.finish()
+                    used = self._usage.used()
+                    if used is not None:
+                        self._slot.report_tokens(used)
             finally:  # whatever the body held, the slot goes back
                 # Limiter.release finishes even when the SDK cancels the request's scope.
                 await self._limiter.release(self._slot, success=not self._failed)
@@ -318,7 +319,7 @@ class LimitedTransport(httpx2.AsyncBaseTransport):
         limits = self.limiter.limits[self.api]
         idempotent = self._idempotent(request) if callable(self._idempotent) else self._idempotent
         tokens = self._tokens(request) if self._tokens is not None else 0
-        if limits.tokens_per_minute is None:
+        if not uses_tokens(limits):
             tokens = 0
         budget = Budget(limits.acquire_timeout if self._timeout is None else self._timeout)
         label = f"{display_name(self.api)} {request.method} {request.url.path}"
@@ -340,7 +341,12 @@ class LimitedTransport(httpx2.AsyncBaseTransport):
         return response if lookup is None else await lookup.keep(response)
 
     async def _attempt(
-        self, inner: Any, request: Any, budget: Budget, tokens: int, idempotent: bool
+        self,
+        inner: Any,
+        request: Any,
+        budget: Budget,
+        tokens: int | tuple[int, int],
+        idempotent: bool,
     ) -> Any:
         model = self._model(request) if self._model is not None else None
         slot = await self.limiter.acquire(
@@ -359,14 +365,15 @@ class LimitedTransport(httpx2.AsyncBaseTransport):
         if status < 400:
             await self._learn_headers(response.headers, where)
             usage = None
-            if tokens or self.limiter.limits[self.api].tokens_per_minute is not None:
+            if tokens or uses_tokens(self.limiter.limits[self.api]):
                 usage = UsageReader(response.headers.get("content-type", ""))
             if hasattr(response, "_content"):
                 # Already read by the inner transport (a mock, a cache): nothing streams,
                 # nothing would close it, so the call is over now.
                 if usage is not None:
                     usage.feed(response.content)
-                    found = usage.finish()
+                    usage.finish()
+                    found = usage.used()
                     if found is not None:
                         slot.report_tokens(found)
                 await self._release(slot, success=True)
@@ -377,7 +384,7 @@ class LimitedTransport(httpx2.AsyncBaseTransport):
         # An error: read it whole (it is small), free the slot, then decide. The provider
         # processed nothing, so the reserved tokens come back.
         if tokens:
-            slot.report_tokens(0)
+            slot.report_tokens((0, 0) if isinstance(tokens, tuple) else 0)
         try:
             raw = b"".join([chunk async for chunk in response.stream])
         finally:

@@ -17,6 +17,7 @@ __all__ = [
     "USAGE_BUFFER",
     "UsageReader",
     "anthropic_token_estimate",
+    "anthropic_token_split",
     "json_body",
     "mcp_tools_call_only",
     "openai_token_estimate",
@@ -69,6 +70,21 @@ def openai_token_estimate(request: Any) -> int:
     return max(cap, estimate)
 
 
+def anthropic_token_split(request: Any) -> tuple[int, int]:
+    """:func:`anthropic_token_estimate` apart: ``(input estimate, max_tokens)``, for APIs
+    with input and output budgets (``tokens=(input, output)``)."""
+    body = json_body(request)
+    if not isinstance(body, dict):
+        return 0, 0
+    cap = body.get("max_tokens")
+    if not isinstance(cap, int) or isinstance(cap, bool) or cap < 0:
+        cap = 0
+    parts = [body.get(k) for k in ("system", "messages", "tools")]
+    text = json.dumps([p for p in parts if p is not None], separators=(",", ":"))
+    estimate = len(text.encode()) // 4 + 1 if text != "[]" else 0
+    return estimate, cap
+
+
 def anthropic_token_estimate(request: Any) -> int:
     """Tokens to reserve for an Anthropic Messages request: ``max_tokens`` plus the input.
 
@@ -78,16 +94,7 @@ def anthropic_token_estimate(request: Any) -> int:
     the tool definitions, as :func:`openai_token_estimate` counts). Requests without a
     JSON body reserve nothing.
     """
-    body = json_body(request)
-    if not isinstance(body, dict):
-        return 0
-    cap = body.get("max_tokens")
-    if not isinstance(cap, int) or isinstance(cap, bool) or cap < 0:
-        cap = 0
-    parts = [body.get(k) for k in ("system", "messages", "tools")]
-    text = json.dumps([p for p in parts if p is not None], separators=(",", ":"))
-    estimate = len(text.encode()) // 4 + 1 if text != "[]" else 0
-    return cap + estimate
+    return sum(anthropic_token_split(request))
 
 
 def usage_tokens(payload: Any) -> int | None:
@@ -150,6 +157,16 @@ class UsageReader:
         """The body is over: read what is left; the tokens found, or ``None``."""
         if self._buffer:
             self._read(bytes(self._buffer[5:] if self._sse else self._buffer))
+        return self.tokens
+
+    def used(self) -> int | tuple[int, int] | None:
+        """What to report after :meth:`finish`: Anthropic's ``(input, output)`` (for the
+        input and output budgets; input counts ``cache_creation_input_tokens``), else the
+        tokens found, or ``None``."""
+        parts = self._parts
+        if self.tokens is not None and {"input_tokens", "output_tokens"} <= parts.keys():
+            created = parts.get("cache_creation_input_tokens", 0)
+            return parts["input_tokens"] + created, parts["output_tokens"]
         return self.tokens
 
     def _read(self, data: bytes) -> None:

@@ -448,6 +448,9 @@ each_set = function(f)
 end
 
 -- The set named `id` as this call sees it, or false when the API has none such.
+-- s[21] says what its token windows weigh: "in" a request's input tokens, "out"
+-- its output tokens (the sets "<base>#in" and "<base>#out" of input and output
+-- token budgets), nil its tokens.
 local function set_of(id)
   local s = RUNTIME[id]
   if s ~= nil then return s end
@@ -460,26 +463,47 @@ local function set_of(id)
   local kr, kt = p .. 'requests', p .. 'tokens'
   local w, lr, lt = windows_of(spec.windows, spec.nreq, kr, kt)
   s = {w, spec.maxc, lr, lt, p .. 'holders', kr, kt, spec.windows, spec.nreq, id .. ':',
-       spec.maxc > 0, false, 0, nil, nil, nil, false, false, false, false}
+       spec.maxc > 0, false, 0, nil, nil, nil, false, false, false, false,
+       string.match(id, '#(%a+)$')}
   RUNTIME[id] = s
   TOUCHED[#TOUCHED + 1] = s
   return s
 end
 
--- The sets besides the API's that a slot of deployment `dep` (nil or "": none)
--- and `model` ("": none) counts in.
+-- Append to `list` the sets of `base` ("" the API, whose own set is API_SET and is
+-- not appended; "m:<model>", "d:<name>", "d:<name>:m:<model>"): the set itself and
+-- its input and output budgets, those that exist.
+local function group(base, list)
+  local s = base ~= '' and set_of(base)
+  if s then list[#list + 1] = s end
+  s = set_of(base .. '#in')
+  if s then list[#list + 1] = s end
+  s = set_of(base .. '#out')
+  if s then list[#list + 1] = s end
+  return list
+end
+
+-- The sets besides the API's own that a slot of deployment `dep` (nil or "":
+-- none) and `model` ("" or nil: none) counts in.
 local function sets_of(dep, model)
   local out = {}
   if not SETS then return out end
-  local s = model and model ~= '' and set_of('m:' .. model)
-  if s then out[#out + 1] = s end
+  group('', out)
+  local m = model and model ~= ''
+  if m then group('m:' .. model, out) end
   if dep and dep ~= '' then
-    s = set_of('d:' .. dep)
-    if s then out[#out + 1] = s end
-    s = model and model ~= '' and set_of('d:' .. dep .. ':m:' .. model)
-    if s then out[#out + 1] = s end
+    group('d:' .. dep, out)
+    if m then group('d:' .. dep .. ':m:' .. model, out) end
   end
   return out
+end
+
+-- What a request weighs in set s's token windows.
+local function weight_in(s, tokens, inp, outp)
+  local w = s[21]
+  if w == 'in' then return inp end
+  if w == 'out' then return outp end
+  return tokens
 end
 
 -- How full the current set would be with this request: the largest used
@@ -494,44 +518,49 @@ local function fullness(cost, tokens)
   return f
 end
 
--- check() across every set a request of `model` passes. Returns nil, nil, deployment
--- when it can be admitted now (deployment nil when the API has none): of the
--- deployments that admit it, the least full (fullness() of the deployment and of
--- its model set, the larger), ties to the first in DEPS from a start that
--- rotates with the clock. Else reason, wait: the API's or the model's refusal,
--- or, when every deployment refuses, the refusal that ends first.
-local function check_all(cost, tokens, model)
+-- check() in every set of `list`: reason, wait of the first that refuses, else
+-- nil and the largest fullness().
+local function check_list(list, cost, tokens, inp, outp)
+  local full = 0
+  for _, s in ipairs(list) do
+    use(s)
+    local t = weight_in(s, tokens, inp, outp)
+    local r, wt = check(cost, t)
+    if r then return r, wt end
+    full = math.max(full, fullness(cost, t))
+  end
+  return nil, full
+end
+
+-- check() across every set a request of `model` passes (with `inp` input and
+-- `outp` output tokens for the input and output budgets). Returns nil, nil,
+-- deployment when it can be admitted now (deployment nil when the API has none):
+-- of the deployments that admit it, the least full (the largest fullness() of the
+-- deployment's sets), ties to the first in DEPS from a start that rotates with the
+-- clock. Else reason, wait: the API's or the model's refusal, or, when every
+-- deployment refuses, the refusal that ends first.
+local function check_all(cost, tokens, model, inp, outp)
   local reason, wait = check(cost, tokens)
   if reason or not SETS then return reason, wait end
-  local ms = model and model ~= '' and set_of('m:' .. model)
-  if ms then
-    use(ms)
-    reason, wait = check(cost, tokens)
-    use(API_SET)
-    if reason then return reason, wait end
-  end
+  local common = group('', {})
+  if model and model ~= '' then group('m:' .. model, common) end
+  reason, wait = check_list(common, cost, tokens, inp, outp)
+  use(API_SET)
+  if reason then return reason, wait end
   if not DEPS then return nil end
   local n = #DEPS
   local start = NOW % n
   local best, least
+  reason, wait = nil, nil
   for i = 1, n do
     local dep = DEPS[(start + i - 1) % n + 1]
-    use(set_of('d:' .. dep))
-    local r, wt = check(cost, tokens)
-    local full
-    if not r then
-      full = fullness(cost, tokens)
-      local dm = model and model ~= '' and set_of('d:' .. dep .. ':m:' .. model)
-      if dm then
-        use(dm)
-        r, wt = check(cost, tokens)
-        if not r then full = math.max(full, fullness(cost, tokens)) end
-      end
-    end
+    local list = group('d:' .. dep, {})
+    if model and model ~= '' then group('d:' .. dep .. ':m:' .. model, list) end
+    local r, x = check_list(list, cost, tokens, inp, outp)
     if r then
-      if not reason or wt < wait then reason, wait = r, wt end
-    elseif not best or full < least then
-      best, least = dep, full
+      if not reason or x < wait then reason, wait = r, x end
+    elseif not best or x < least then
+      best, least = dep, x
     end
   end
   use(API_SET)
@@ -540,12 +569,12 @@ local function check_all(cost, tokens, model)
 end
 
 -- admit() in every set of the request (check_all() first: it measures).
-local function admit_all(slot, cost, tokens, lease, dep, model)
+local function admit_all(slot, cost, tokens, lease, dep, model, inp, outp)
   admit(slot, cost, tokens, lease)
   if not SETS then return end
   for _, s in ipairs(sets_of(dep, model)) do
     use(s)
-    admit(slot, cost, tokens, lease)
+    admit(slot, cost, weight_in(s, tokens, inp, outp), lease)
   end
   use(API_SET)
 end
@@ -563,28 +592,31 @@ local function extend(slot, dep, model)
   use(API_SET)
 end
 
+-- too_heavy() in every set of `list`: the first window found, or nil.
+local function heavy_in(list, cost, tokens, inp, outp)
+  for _, s in ipairs(list) do
+    use(s)
+    local h = too_heavy(cost, weight_in(s, tokens, inp, outp))
+    if h then return h end
+  end
+  return nil
+end
+
 -- too_heavy() across the sets: the API's, the model's, and every deployment (a
 -- request that one deployment can take is not too heavy).
-local function too_heavy_all(cost, tokens, model)
+local function too_heavy_all(cost, tokens, model, inp, outp)
   local heavy = too_heavy(cost, tokens)
   if heavy or not SETS then return heavy end
-  local ms = model and model ~= '' and set_of('m:' .. model)
-  if ms then
-    use(ms)
-    heavy = too_heavy(cost, tokens)
-    use(API_SET)
-    if heavy then return heavy end
-  end
-  if not DEPS then return nil end
+  local common = group('', {})
+  if model and model ~= '' then group('m:' .. model, common) end
+  heavy = heavy_in(common, cost, tokens, inp, outp)
+  use(API_SET)
+  if heavy or not DEPS then return heavy end
   local first
   for _, dep in ipairs(DEPS) do
-    use(set_of('d:' .. dep))
-    local h = too_heavy(cost, tokens)
-    local dm = model and model ~= '' and set_of('d:' .. dep .. ':m:' .. model)
-    if not h and dm then
-      use(dm)
-      h = too_heavy(cost, tokens)
-    end
+    local list = group('d:' .. dep, {})
+    if model and model ~= '' then group('d:' .. dep .. ':m:' .. model, list) end
+    local h = heavy_in(list, cost, tokens, inp, outp)
     if not h then
       use(API_SET)
       return nil
@@ -636,11 +668,19 @@ contended = function()
   -- PEXPIRE argument for something that lives `us` microseconds, plus a second.
   ttl_ms = function(us) return math.floor(us / 1000) + 1000 end
 
-  -- slot id, cost, tokens, priority (the class name), weight, tenant, model;
-  -- priority and tenant are nil for a ticket of another format, model "".
+  -- slot id, cost, tokens, priority (the class name), weight, tenant, model,
+  -- input tokens, output tokens; priority and tenant are nil for a ticket of
+  -- another format, model "". The tokens field is "<tokens>", or
+  -- "<tokens>/<input>/<output>" for a request that gave them apart (else both
+  -- are its tokens).
   parse_ticket = function(ticket)
     local slot, cost, tokens, prio, weight, model, tenant =
-      string.match(ticket, '^(.-)|(%d+)|(%d+)|(-?%d+)|([^|]*)|([^|]*)|(.*)$')
+      string.match(ticket, '^(.-)|(%d+)|([%d/]+)|(-?%d+)|([^|]*)|([^|]*)|(.*)$')
+    local inp, outp
+    if slot then
+      local t, i, o = string.match(tokens, '^(%d+)/(%d+)/(%d+)$')
+      if t then tokens, inp, outp = t, tonumber(i), tonumber(o) end
+    end
     if not slot then -- (a ticket of a version before models)
       slot, cost, tokens, prio, weight, tenant =
         string.match(ticket, '^(.-)|(%d+)|(%d+)|(-?%d+)|([^|]*)|(.*)$')
@@ -648,8 +688,9 @@ contended = function()
     if not slot then
       slot, cost, tokens = string.match(ticket, '^(.-)|(%d+)|(%d+)$')
     end
-    return slot, tonumber(cost), tonumber(tokens), prio, tonumber(weight) or 1, tenant,
-           model or ''
+    tokens = tonumber(tokens)
+    return slot, tonumber(cost), tokens, prio, tonumber(weight) or 1, tenant, model or '',
+           inp or tokens, outp or tokens
   end
 
   -- The lease expiry of `slot` when it is still live, else nil.
@@ -1018,14 +1059,14 @@ contended = function()
     while true do
       local ticket, class, tenant, member = next_ticket()
       if not ticket then return own_admitted, nil, nil, -1, woken, own_dep end
-      local slot, cost, tokens, _, weight, _, model = parse_ticket(ticket)
-      if too_heavy_all(cost, tokens, model) then
+      local slot, cost, tokens, _, weight, _, model, inp, outp = parse_ticket(ticket)
+      if too_heavy_all(cost, tokens, model, inp, outp) then
         -- A limit was lowered under it: it would block the queue for ever. Drop it;
         -- its waiter asks again at once and is told it can never pass.
         drop_ticket(ticket)
         if ticket ~= own then tell(slot, 'H ' .. slot .. ' 0') end
       else
-        local reason, wait, dep = check_all(cost, tokens, model)
+        local reason, wait, dep = check_all(cost, tokens, model, inp, outp)
         if reason then return own_admitted, ticket, reason, wait, woken, own_dep end
         -- A slot handed to another process is leased only until its ticket would
         -- have expired, until that process renews it: a process that died while
@@ -1035,7 +1076,7 @@ contended = function()
           local expires = tonumber(redis.call('ZSCORE', K_QEXP, ticket) or NOW)
           lease = math.max(1, math.min(LEASE_US, expires - NOW))
         end
-        admit_all(slot, cost, tokens, lease, dep, model)
+        admit_all(slot, cost, tokens, lease, dep, model, inp, outp)
         served(ticket, slot, class, tenant, member, cost, tokens, weight)
         if ticket == own then
           own_admitted, own_dep = true, dep

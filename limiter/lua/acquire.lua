@@ -13,6 +13,9 @@
 --   TENANT    its tenant ("" when none was given)
 --   MODEL     the model it asks for ("" when none): with limit sets, the model's
 --             set and the chosen deployment's model set apply (_common.lua)
+--   IN_TOKENS, OUT_TOKENS  its input and output tokens, for the input and output
+--             budgets ("#in" and "#out" sets); both equal TOKENS when the caller
+--             did not give them apart
 --
 -- Waiting is fair (see "Fair queue" in _common.lua): the highest priority
 -- first, a ticket that waited AGING_US above every priority, then within one
@@ -38,7 +41,11 @@
 
 -- This request's ticket; made only when needed (the common case needs none).
 local function own_ticket()
-  return SLOT .. '|' .. int(COST) .. '|' .. int(TOKENS) .. '|' .. PRIORITY .. '|' ..
+  local tokens = int(TOKENS)
+  if IN_TOKENS ~= TOKENS or OUT_TOKENS ~= TOKENS then
+    tokens = tokens .. '/' .. int(IN_TOKENS) .. '/' .. int(OUT_TOKENS)
+  end
+  return SLOT .. '|' .. int(COST) .. '|' .. tokens .. '|' .. PRIORITY .. '|' ..
          WEIGHT .. '|' .. MODEL .. '|' .. TENANT
 end
 
@@ -75,7 +82,7 @@ local function acquire_now()
     return {1, at, 1, dep}
   end
 
-  local heavy = too_heavy_all(COST, TOKENS, MODEL)
+  local heavy = too_heavy_all(COST, TOKENS, MODEL, IN_TOKENS, OUT_TOKENS)
   if heavy then
     contended()
     -- Heavier than a limit an override lowered: it can never pass (nor wait).
@@ -85,9 +92,9 @@ local function acquire_now()
 
   if waiting == 0 or redis.call('ZCARD', K_QEXP) == 0 then
     -- Nobody waits: the common, fast case.
-    local reason, wait, dep = check_all(COST, TOKENS, MODEL)
+    local reason, wait, dep = check_all(COST, TOKENS, MODEL, IN_TOKENS, OUT_TOKENS)
     if not reason then
-      admit_all(SLOT, COST, TOKENS, nil, dep, MODEL)
+      admit_all(SLOT, COST, TOKENS, nil, dep, MODEL, IN_TOKENS, OUT_TOKENS)
       if dep then return {1, NOW, 0, dep} end
       return {1, NOW}
     end
@@ -104,9 +111,9 @@ local function acquire_now()
       count_refusal(reason)
       return {0, reason, -1, 0}
     end
-    local r, w, dep = check_all(COST, TOKENS, MODEL)
+    local r, w, dep = check_all(COST, TOKENS, MODEL, IN_TOKENS, OUT_TOKENS)
     if not r then
-      admit_all(SLOT, COST, TOKENS, nil, dep, MODEL)
+      admit_all(SLOT, COST, TOKENS, nil, dep, MODEL, IN_TOKENS, OUT_TOKENS)
       if dep then return {1, NOW, 0, dep} end
       return {1, NOW}
     end

@@ -21,6 +21,8 @@
 --   DEPLOYMENT   the deployment the slot was admitted to ("" when none)
 --   MODEL        the model it asked for ("" when none): the slot is released
 --                and its tokens reconciled in those limit sets too
+--   RESERVED_IN, ACTUAL_IN, RESERVED_OUT, ACTUAL_OUT  the same as RESERVED and
+--                ACTUAL for the input and output budgets ("#in", "#out" sets)
 --
 -- Returns {held, woken}: held is 1 when the slot's lease was there and is now
 -- released, 0 when it was already gone (expired or lost: the caller raises
@@ -31,31 +33,31 @@
 
 -- Correct the token window entry of the current set (the API's, or one of its
 -- limit sets) from the tokens reserved to those used.
-local function reconcile()
-  if ACTUAL >= 0 and ACTUAL ~= RESERVED and LONGEST_T then
+local function reconcile(reserved, actual)
+  if actual >= 0 and actual ~= reserved and LONGEST_T then
     measure('t')
-    local member = SLOT .. '|' .. int(RESERVED)
-    local at = RESERVED > 0 and tonumber(redis.call('ZSCORE', K_TOKENS, member))
+    local member = SLOT .. '|' .. int(reserved)
+    local at = reserved > 0 and tonumber(redis.call('ZSCORE', K_TOKENS, member))
     if at and at <= LONGEST_T.cut then at = nil end -- left the window, not trimmed yet
     if at then
       -- The reservation is still in the window: replace it by what was used.
       redis.call('ZREM', K_TOKENS, member)
       contended()
-      remove_weight('t', RESERVED, at)
-      if ACTUAL > 0 then
-        redis.call('ZADD', K_TOKENS, int(at), SLOT .. '|' .. int(ACTUAL))
-        add_weight('t', ACTUAL, at)
+      remove_weight('t', reserved, at)
+      if actual > 0 then
+        redis.call('ZADD', K_TOKENS, int(at), SLOT .. '|' .. int(actual))
+        add_weight('t', actual, at)
       end
-    elseif ACTUAL > RESERVED then
+    elseif actual > reserved then
       -- Nothing reserved, or the reservation already left the window: charge
       -- the excess now.
-      redis.call('ZADD', K_TOKENS, int(NOW), SLOT .. '+|' .. int(ACTUAL - RESERVED))
-      add_weight('t', ACTUAL - RESERVED)
+      redis.call('ZADD', K_TOKENS, int(NOW), SLOT .. '+|' .. int(actual - reserved))
+      add_weight('t', actual - reserved)
     end
     redis.call('PEXPIRE', K_TOKENS, ttl(LONGEST_T.period))
     -- The correction may have emptied the log (Redis then drops the key): an
     -- admission made by this call must give it a TTL again.
-    if ACTUAL == 0 then FRESH_T = redis.call('EXISTS', K_TOKENS) == 0 end
+    if actual == 0 then FRESH_T = redis.call('EXISTS', K_TOKENS) == 0 end
   end
 end
 
@@ -67,12 +69,18 @@ OPS.release = function()
     if tonumber(lease) > NOW then held = 1 end
   end
   if HANDED == 1 then redis.call('HDEL', K_HANDED, SLOT) end
-  reconcile()
+  reconcile(RESERVED, ACTUAL)
   if SETS then
     for _, s in ipairs(sets_of(DEPLOYMENT, MODEL)) do
       use(s)
       if HOLD then redis.call('ZREM', K_HOLDERS, SLOT) end
-      reconcile()
+      if s[21] == 'in' then
+        reconcile(RESERVED_IN, ACTUAL_IN)
+      elseif s[21] == 'out' then
+        reconcile(RESERVED_OUT, ACTUAL_OUT)
+      else
+        reconcile(RESERVED, ACTUAL)
+      end
     end
     use(API_SET)
   end

@@ -21,9 +21,9 @@ OPS.withdraw = function()
   local held = 0
   if lease_of(SLOT) then
     held = 1
-    local _, cost, tokens, _, _, _, model = parse_ticket(TICKET)
+    local _, cost, all, _, _, _, model, inp, outp = parse_ticket(TICKET)
     -- Take the slot's lease and entries out of the current set's keys.
-    local function take_back()
+    local function take_back(tokens)
       if HOLD then redis.call('ZREM', K_HOLDERS, SLOT) end
       for kind, n in pairs({r = cost, t = tokens}) do
         local longest = (kind == 'r') and LONGEST_R or LONGEST_T
@@ -39,18 +39,16 @@ OPS.withdraw = function()
         end
       end
     end
-    take_back()
+    take_back(all)
     if SETS then
       local sets = sets_of(nil, model)
       for _, dep in ipairs(DEPS or {}) do
-        sets[#sets + 1] = set_of('d:' .. dep)
-        sets[#sets + 1] = model ~= '' and set_of('d:' .. dep .. ':m:' .. model)
+        group('d:' .. dep, sets)
+        if model ~= '' then group('d:' .. dep .. ':m:' .. model, sets) end
       end
-      for _, s in pairs(sets) do
-        if s then
-          use(s)
-          take_back()
-        end
+      for _, s in ipairs(sets) do
+        use(s)
+        take_back(weight_in(s, all, inp, outp))
       end
       use(API_SET)
     end
