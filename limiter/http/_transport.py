@@ -179,6 +179,22 @@ def _jsonrpc_refusal(mod: ModuleType, request: Any, exc: LimiterError) -> Any:
     return mod.Response(status, headers=headers, content=json.dumps(payload).encode())
 
 
+def _windows_of(stats: dict[str, Any], deployment: str | None, model: str | None) -> Any:
+    """The windows an answer through ``deployment`` for ``model`` was admitted by: the
+    API's, its model's and its deployment's (with that deployment's model's), by name;
+    where two have one name, the fuller counts."""
+    views = [stats, stats.get("models", {}).get(model or "", {})]
+    dep = stats.get("deployments", {}).get(deployment or "", {})
+    views += [dep, dep.get("models", {}).get(model or "", {})]
+    out: dict[str, Any] = {}
+    for view in views:
+        for name, use in view.get("windows", {}).items():
+            known = out.get(name)
+            if known is None or use["used"] / use["limit"] > known["used"] / known["limit"]:
+                out[name] = use
+    return out
+
+
 class _RetryableResponse(Exception):
     """A provider answer worth retrying, carried through tenacity as an exception."""
 
@@ -436,9 +452,9 @@ class LimitedTransport(httpx2.AsyncBaseTransport):
             if said.remaining != 0 or not said.reset:
                 continue
             if windows is None:
-                windows = (await self.limiter.stats(self.api))["windows"]
+                windows = _windows_of(await self.limiter.stats(self.api), *where)
             tokens = kind != "requests"
-            ours = [use for name, use in windows.items() if (name == "tokens") == tokens]
+            ours = [use for name, use in windows.items() if name.startswith("rate:") != tokens]
             if any(use["used"] >= use["limit"] for use in ours):
                 continue
             # ``reset`` is the time until the provider's budget is whole again; one
