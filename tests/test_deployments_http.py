@@ -161,3 +161,42 @@ async def test_bad_deployment_credentials_are_named_without_the_key(
     with pytest.raises(ConfigError, match="'key'") as info:
         openai_client(lim, "ai", deployments={"key-a": {"key": KA}, "key-b": {}})
     assert KA not in str(info.value)
+
+
+async def test_a_keywide_429_pauses_the_whole_key_not_only_the_model(
+    make_limiter: LimiterFactory,
+) -> None:
+    """key-a's limit as a whole drops to 1 a minute while its gpt-4o budget still has room
+    (the 429's headers say so): the 429 pauses all of key-a, so the gpt-4o-mini calls that
+    follow go to key-b instead of meeting the same 429. Exactly one 429 in all."""
+    each = APILimits(requests_per_minute=50, models={"gpt-4o": APILimits(requests_per_minute=50)})
+    limits = APILimits(
+        backoff_min=0.01, backoff_max=0.05, deployments={"key-a": each, "key-b": each}
+    )
+    lim = make_limiter({"ai": limits})
+    model_limits = {"gpt-4o": {"rpm": 100}}
+    async with (
+        serve_fake_openai(
+            FakeOpenAIConfig(api_keys=(KA,), rpm=100, model_limits=model_limits)
+        ) as a,
+        serve_fake_openai(FakeOpenAIConfig(api_keys=(KB,), rpm=100)) as b,
+    ):
+        client = openai_client(
+            lim,
+            "ai",
+            deployments={
+                "key-a": {"api_key": KA, "base_url": f"{a.url}/v1"},
+                "key-b": {"api_key": KB, "base_url": f"{b.url}/v1"},
+            },
+        )
+        async with client:
+            for _ in range(2):  # one on each key
+                await ask(client, "gpt-4o")
+            assert (await a.admin("POST", "/admin/config", {"rpm": 1}))[0] == 200
+            for _ in range(2):  # the second at the latest goes to key-a: its 429
+                await ask(client, "gpt-4o")
+            for _ in range(3):
+                await ask(client, "gpt-4o-mini")
+        ra, rb = await a.record(), await b.record()
+    assert (ra["admitted"], ra["rejected_total"]) == (1, 1)
+    assert (rb["admitted"], rb["rejected_total"]) == (6, 0)

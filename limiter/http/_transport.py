@@ -179,6 +179,22 @@ def _jsonrpc_refusal(mod: ModuleType, request: Any, exc: LimiterError) -> Any:
     return mod.Response(status, headers=headers, content=json.dumps(payload).encode())
 
 
+def _paused(
+    where: tuple[str | None, str | None], status: int, response: Any
+) -> tuple[str | None, str | None]:
+    """Where a provider's refusal through ``where`` (deployment, model) pauses: there, but
+    a 429 whose headers say the model's own budget still has room (every ``remaining`` it
+    reports above 0) hit a limit of the key as a whole: the whole deployment pauses."""
+    deployment, model = where
+    if status != 429 or deployment is None or model is None:
+        return where
+    left = [k.remaining for _, k in parse_rate_limit_headers(response.headers).kinds()]
+    known = [n for n in left if n is not None]
+    if known and all(n > 0 for n in known):
+        return deployment, None
+    return where
+
+
 def _windows_of(stats: dict[str, Any], deployment: str | None, model: str | None) -> Any:
     """The windows an answer through ``deployment`` for ``model`` was admitted by: the
     API's, its model's and its deployment's (with that deployment's model's), by name;
@@ -416,7 +432,7 @@ class LimitedTransport(httpx2.AsyncBaseTransport):
             await self._learn_limits(parse_rate_limit_headers(response.headers), where)
         if status in (401, 403):
             self._auth_refused(status)
-        await pause_if_asked(self.limiter, self.api, verdict, *where)
+        await pause_if_asked(self.limiter, self.api, verdict, *_paused(where, status, response))
         fresh = mod.Response(
             status,
             headers=response.headers,
