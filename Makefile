@@ -9,9 +9,11 @@ export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
 help:
 	@echo "make test   - install into .venv, then ruff + mypy --strict + the whole test suite"
-	@echo "make demo   - Redis, fake OpenAI and Zapier, 3 chatbot replicas, load, report, then"
-	@echo "              8 s of the same load without the shared limiter (about 1 min); to leave"
-	@echo "              the cluster running: .venv/bin/python -m chatbot cluster --keep"
+	@echo "make demo   - Redis, fake OpenAI (2 keys, 2 models) and Zapier, 3 chatbot replicas, load,"
+	@echo "              report per key and model, then 8 s of the same load without the shared"
+	@echo "              limiter (about 1 min); to leave the cluster running:"
+	@echo "              .venv/bin/python -m chatbot cluster --keep; a key's limit lowered"
+	@echo "              mid-run: .venv/bin/python -m chatbot cluster --tier-change (~30 s)"
 	@echo "make demo-limiter - 4 processes: the old per-process semaphore vs. the Redis limiter"
 	@echo "make bench  - benchmarks side by side; figures go to benchmarks/results/"
 	@echo "make fuzz   - the hypothesis tests 5 times with new random examples each time"

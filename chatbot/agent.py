@@ -8,6 +8,13 @@ would change what users see. At 0, an exact repeat (same system prompt, history,
 tools: in practice a conversation's first message, such as a common question) is answered
 from Redis by whichever replica gets it. An answer that asks for a tool is never cached,
 so every Zapier action runs every time. Without ``CACHE_TTL`` nothing is sent differently.
+
+With several OpenAI keys (``OPENAI_API_KEYS``: the limiter's deployments of ``openai``),
+each request goes out with the key of the deployment its slot was admitted to
+(``openai_client(deployments=...)``); a 429 or "0 remaining" on one key pauses that key
+only. A message containing ``OPENAI_LARGE_MODEL_KEYWORD`` is answered with
+``OPENAI_LARGE_MODEL``, the others with ``OPENAI_MODEL`` (:meth:`Settings.model_for`); the
+limiter reads the model from each request, for its per-model limits.
 """
 
 from __future__ import annotations
@@ -130,11 +137,13 @@ class Agent:
         self.settings = settings
         self.limiter = lim
         cache = None if settings.cache_ttl is None else ResponseCache(ttl=settings.cache_ttl)
+        deployments = {name: {"api_key": key} for name, key in settings.openai_api_keys.items()}
         self.openai = openai_client(
             lim,
             base_url=settings.openai_base_url,
             api_key=settings.openai_api_key,
             cache=cache,
+            deployments=deployments or None,
         )
         #: What every chat completion adds: with a cache, ``temperature=0``, which makes it
         #: deterministic and so cacheable (see the module's docstring); else nothing.
@@ -172,8 +181,9 @@ class Agent:
             ]
         messages: list[Any] = [{"role": "system", "content": SYSTEM}, *history]
         messages.append({"role": "user", "content": content})
+        model = self.settings.model_for(text)
         first = await self.openai.chat.completions.create(
-            model=self.settings.openai_model,
+            model=model,
             messages=messages,
             tools=tools,
             max_tokens=300,
@@ -198,20 +208,27 @@ class Agent:
             calls.append({"tool": call.function.name, "arguments": args, "ok": not result.is_error})
             messages.append({"role": "tool", "tool_call_id": call.id, "content": output})
         second = await self.openai.chat.completions.create(
-            model=self.settings.openai_model, messages=messages, max_tokens=300, **self.sampling
+            model=model, messages=messages, max_tokens=300, **self.sampling
         )
         return AgentReply(second.choices[0].message.content or "", calls)
 
     async def check(self) -> dict[str, str]:
-        """Reachability of both providers, for /health (outside the limiter: no slot used)."""
-        out: dict[str, str] = {}
-        headers = {"Authorization": f"Bearer {self.settings.openai_api_key}"}
+        """Reachability of both providers, for /health (outside the limiter: no slot used).
+        With several OpenAI keys, each is tried; the first that fails is named by its
+        deployment (never by the key)."""
+        out: dict[str, str] = {"openai": "ok"}
+        keys = dict(self.settings.openai_api_keys) or {"": self.settings.openai_api_key}
         async with httpx2.AsyncClient(timeout=2.0) as client:
-            try:
-                r = await client.get(f"{self.settings.openai_base_url}/models", headers=headers)
-                out["openai"] = "ok" if r.status_code == 200 else f"HTTP {r.status_code}"
-            except httpx2.HTTPError as exc:
-                out["openai"] = f"unreachable ({type(exc).__name__})"
+            for name, key in keys.items():
+                headers = {"Authorization": f"Bearer {key}"}
+                try:
+                    r = await client.get(f"{self.settings.openai_base_url}/models", headers=headers)
+                    status = "ok" if r.status_code == 200 else f"HTTP {r.status_code}"
+                except httpx2.HTTPError as exc:
+                    status = f"unreachable ({type(exc).__name__})"
+                if status != "ok":
+                    out["openai"] = f"{status} (deployment {name!r})" if name else status
+                    break
         try:
             await asyncio.wait_for(self._zapier.get(), 5)
             out["zapier"] = "ok"

@@ -27,11 +27,29 @@ replica's ``/stats``), and counts the OpenAI requests as messages + tool message
 (:func:`_requests_line`, :func:`_cache_line`). Without it, the replicas have no cache
 (``CACHE_TTL`` empty, whatever this process's environment holds) and the report says
 nothing of one.
+
+Two OpenAI keys and two models (:func:`demo_config`, what the command line runs unless
+``--one-key``): the fake OpenAI limits each key on its own (scope "key": in flight and per
+window) and the larger model on each key (``model_limits``); the replicas get both keys
+(``OPENAI_API_KEYS``) as the limiter's deployments of ``openai``, with the same limits,
+and answer the messages that ask for an answer "in detail" (every 4th) with
+``OPENAI_LARGE_MODEL``. The report gives, per key and per model, the fake's own count of
+the requests, the most in any window against the limit, and each one's share.
+
+``--tier-change`` lowers the first key's limit at the fake (``POST /admin/config``) once
+a sixth of the messages are answered, to a fifth of what the limiter was configured with;
+the replicas learn it from the fake's rate-limit headers (``learn_from_headers``, per
+deployment). The limiter learns only per-minute limits (``x-ratelimit-limit-requests`` is
+per minute), so that run keeps OpenAI's windows a real minute long. The report gives the
+limit the limiter learned (a replica's ``/stats``), the fake's 429s on that key against
+the requests in flight at the change, and that key's and the other's use after it
+(:class:`TierChange`, :meth:`ClusterReport.tier_view`).
 """
 
 from __future__ import annotations
 
 import asyncio
+import bisect
 import contextlib
 import json
 import math
@@ -59,12 +77,16 @@ from limiter.http import ResponseCache
 from limiter.testing import RedisServer, free_port
 
 from .fakes._common import max_in_window
-from .load import BATCH_JOB, FAQ_TEXTS, NOISY_USER, LoadResult, run_load
+from .fakes.openai_server import mask_key
+from .load import BATCH_JOB, FAQ_TEXTS, LARGE_KEYWORD, NOISY_USER, LoadResult, run_load
 
 __all__ = [
     "ClusterConfig",
     "ClusterReport",
     "NoisyReport",
+    "OpenAIKey",
+    "TierChange",
+    "demo_config",
     "keep_running",
     "run_cluster",
     "run_noisy",
@@ -74,6 +96,32 @@ __all__ = [
 
 OPENAI_KEY = "sk-fake-openai-key"
 ZAPIER_TOKEN = "fake-zapier-token"
+#: The demo's two OpenAI keys: values only the fake accepts. Printed masked, as the real
+#: API prints keys (``mask_key``: ``sk-f**********0001``), never whole.
+KEY_A = "sk-fake-key-a-0001"
+KEY_B = "sk-fake-key-b-0002"
+SMALL_MODEL = "gpt-4o-mini"
+LARGE_MODEL = "gpt-4o"
+
+
+@dataclass(frozen=True)
+class OpenAIKey:
+    """One OpenAI key: its deployment's name in the limiter, the key (never printed) and its
+    limits, the same at the fake and in the limiter: in flight, and per OpenAI window."""
+
+    name: str
+    key: str = field(repr=False)
+    concurrent: int
+    per_window: int
+
+    @property
+    def masked(self) -> str:
+        """The key as the fake's record (and the real API) shows it."""
+        return mask_key(self.key)
+
+
+#: ``make demo``'s keys: 5 + 3 in flight, 50 + 30 per 10 s (the one-key demo's 8 and 80).
+DEMO_KEYS = (OpenAIKey("key-a", KEY_A, 5, 50), OpenAIKey("key-b", KEY_B, 3, 30))
 
 
 @dataclass(frozen=True)
@@ -113,18 +161,90 @@ class ClusterConfig:
     cache_ttl: float = 0.0
     #: Every ``faq_every``-th user opens with one of ``FAQ_TEXTS`` (``run_load``); 0: none.
     faq_every: int = 0
+    #: Several OpenAI keys, the limiter's deployments of ``openai``: the fake limits each
+    #: on its own (scope "key") and the limiter each deployment alike, and the API's
+    #: in-flight limit is their sum (``openai_concurrent`` and ``openai_per_window`` are
+    #: then unused). Empty: one key, ``OPENAI_KEY``, with those two limits.
+    openai_keys: tuple[OpenAIKey, ...] = ()
+    #: The larger model (``OPENAI_LARGE_MODEL``), for the messages that ask for an answer
+    #: "in detail" (``large_every``, see ``run_load``); "": one model for all.
+    large_model: str = ""
+    large_every: int = 0
+    #: The larger model's limit per OpenAI window, on each key (the fake's
+    #: ``model_limits``, per key with several keys); None: none of its own.
+    large_per_window: int | None = None
+    #: ``APILimits.learn_from_headers`` of ``openai``: limits learned per minute only.
+    learn_from_headers: bool = False
+    #: After this many answers, the first key's limit per window at the fake drops to
+    #: ``tier_change_per_window`` (``POST /admin/config``); 0: no change.
+    tier_change_after: int = 0
+    tier_change_per_window: int = 0
+
+    @property
+    def openai_in_flight_limit(self) -> int:
+        """OpenAI's requests in flight at most: the keys' sum, or ``openai_concurrent``."""
+        if self.openai_keys:
+            return sum(k.concurrent for k in self.openai_keys)
+        return self.openai_concurrent
+
+    @property
+    def openai_window_limit(self) -> int:
+        """OpenAI's requests per window at most: the keys' sum, or ``openai_per_window``."""
+        if self.openai_keys:
+            return sum(k.per_window for k in self.openai_keys)
+        return self.openai_per_window
+
+    @property
+    def large_window_limit(self) -> int | None:
+        """The larger model's requests per window at most, all keys together."""
+        if self.large_per_window is None:
+            return None
+        return self.large_per_window * max(1, len(self.openai_keys))
+
+    def openai_key_limits(
+        self, per_window: dict[str, int] | None = None
+    ) -> dict[str, dict[str, int | None]]:
+        """The fake's ``key_limits`` (by key: sent to the fake only, never printed), with
+        ``per_window`` (deployment name -> limit) replacing some keys' limit per window."""
+        new = per_window or {}
+        return {
+            k.key: {"rpm": new.get(k.name, k.per_window), "max_in_flight": k.concurrent}
+            for k in self.openai_keys
+        }
+
+    def _openai_json(self) -> dict[str, Any]:
+        window = self.openai_window
+        models: dict[str, Any] = {}
+        if self.large_model and self.large_per_window is not None:
+            models[self.large_model] = {"rates": [[self.large_per_window, window]]}
+        spec: dict[str, Any] = {"max_concurrent": self.openai_in_flight_limit}
+        if self.openai_keys:
+            spec["deployments"] = {
+                k.name: {
+                    "max_concurrent": k.concurrent,
+                    "rates": [[k.per_window, window]],
+                    **({"models": models} if models else {}),
+                }
+                for k in self.openai_keys
+            }
+        else:
+            spec["rates"] = [[self.openai_per_window, window]]
+            if models:
+                spec["models"] = models
+        if self.learn_from_headers:
+            spec["learn_from_headers"] = True
+        return {
+            **spec,
+            "window_margin": self.window_margin,
+            "backoff_min": 0.2,
+            "backoff_max": 2.0,
+            "lease_ttl": self.lease_ttl,
+        }
 
     def limits_json(self) -> str:
         return json.dumps(
             {
-                "openai": {
-                    "max_concurrent": self.openai_concurrent,
-                    "rates": [[self.openai_per_window, self.openai_window]],
-                    "window_margin": self.window_margin,
-                    "backoff_min": 0.2,
-                    "backoff_max": 2.0,
-                    "lease_ttl": self.lease_ttl,
-                },
+                "openai": self._openai_json(),
                 "zapier": {
                     "max_concurrent": self.zapier_concurrent,
                     "rates": [
@@ -138,6 +258,64 @@ class ClusterConfig:
                 },
             }
         )
+
+
+def demo_config(
+    replicas: int = 3, users: int = 30, messages: int = 8, *, tier_change: bool = False
+) -> ClusterConfig:
+    """The demo: two OpenAI keys (:data:`DEMO_KEYS`) and two models, gpt-4o-mini and, for
+    every 4th message (it asks for an answer "in detail"), gpt-4o at 10 per 10 s on each
+    key.
+
+    ``tier_change``: OpenAI's windows a real minute long (the limiter learns per-minute
+    limits only), the keys at 300 a minute each and gpt-4o at 60 a minute on each (room
+    for the whole load: the keys' in-flight limits pace it), the limiter learning from
+    the headers, and, once a sixth of the messages are answered, key-a lowered to 60 a
+    minute at the fake.
+    """
+    config = ClusterConfig(
+        replicas=replicas,
+        users=users,
+        messages=messages,
+        openai_keys=DEMO_KEYS,
+        large_model=LARGE_MODEL,
+        large_every=4,
+        large_per_window=10,
+    )
+    if not tier_change:
+        return config
+    return replace(
+        config,
+        openai_window=60.0,
+        openai_keys=tuple(replace(k, per_window=300) for k in DEMO_KEYS),
+        large_per_window=60,
+        learn_from_headers=True,
+        tier_change_after=max(1, users * messages // 6),
+        tier_change_per_window=60,
+    )
+
+
+@dataclass(frozen=True)
+class TierChange:
+    """The first key's limit lowered at the fake mid-run (``--tier-change``), as it stood
+    right after the fake took it."""
+
+    #: The key (its deployment's name), and its limit per window before and after.
+    key: str
+    configured: int
+    new_limit: int
+    #: Answers when the change was sent.
+    after: int
+    #: ``time.monotonic()`` when the change was sent and when the fake had taken it (the
+    #: fake's record uses the same clock).
+    sent: float
+    at: float
+    #: The key's requests in flight right then: the limiter's slots (a replica's
+    #: ``/stats``), and at the fake.
+    in_flight: int
+    in_flight_at_fake: int
+    #: The key's requests in the fake's window right then (its own record).
+    in_window: int
 
 
 @dataclass
@@ -159,6 +337,120 @@ class ClusterReport:
     waited: dict[str, float] = field(default_factory=dict)
     #: The same users on replicas without a shared limiter, for ``without_seconds``.
     without: ClusterReport | None = None
+    #: The first key's limit lowered mid-run (``config.tier_change_after``).
+    tier: TierChange | None = None
+
+    @property
+    def by_key(self) -> dict[str, dict[str, Any]]:
+        """Per OpenAI key (by deployment name), from the fake's own record: requests
+        admitted and their share of all, the key's share of the capacity (its limit per
+        window over all keys'), the most in flight and in any window with the limits, and
+        the 429s it got. Empty with one key."""
+        c, o = self.config, self.openai
+        total = int(o.get("admitted", 0))
+        out: dict[str, dict[str, Any]] = {}
+        for k in c.openai_keys:
+            rec = o.get("by_key", {}).get(k.masked, {})
+            admitted = int(rec.get("admitted", 0))
+            out[k.name] = {
+                "key": k.masked,
+                "admitted": admitted,
+                "share": admitted / total if total else 0.0,
+                "capacity_share": k.per_window / c.openai_window_limit,
+                "max_in_flight": int(rec.get("max_in_flight", 0)),
+                "in_flight_limit": k.concurrent,
+                "max_requests_in_window": int(rec.get("max_requests_in_window", 0)),
+                "limit": k.per_window,
+                "rejected": sum(int(n) for n in rec.get("rejected", {}).values()),
+            }
+        return out
+
+    @property
+    def by_model(self) -> dict[str, dict[str, Any]]:
+        """Per model, from the fake's own record: requests admitted and their share, the
+        most in any window with the model's own limit (all keys together; None: it has
+        none, its keys' limits apply), the 429s, and with several keys the same per key
+        (``"keys"``). Empty with one model."""
+        c, o = self.config, self.openai
+        if not c.large_model:
+            return {}
+        total = int(o.get("admitted", 0))
+        out: dict[str, dict[str, Any]] = {}
+        for model in (SMALL_MODEL, c.large_model):
+            rec = o.get("by_model", {}).get(model, {})
+            admitted = int(rec.get("admitted", 0))
+            own = model == c.large_model
+            row: dict[str, Any] = {
+                "admitted": admitted,
+                "share": admitted / total if total else 0.0,
+                "max_requests_in_window": int(rec.get("max_requests_in_window", 0)),
+                "limit": c.large_window_limit if own else None,
+                "rejected": sum(int(n) for n in rec.get("rejected", {}).values()),
+            }
+            if c.openai_keys:
+                row["keys"] = {}
+                for k in c.openai_keys:
+                    kr = o.get("by_key_model", {}).get(f"{k.masked}|{model}", {})
+                    row["keys"][k.name] = {
+                        "admitted": int(kr.get("admitted", 0)),
+                        "max_requests_in_window": int(kr.get("max_requests_in_window", 0)),
+                        "limit": c.large_per_window if own else None,
+                        "rejected": sum(int(n) for n in kr.get("rejected", {}).values()),
+                    }
+            out[model] = row
+        return out
+
+    def tier_view(self) -> dict[str, Any] | None:
+        """What followed the tier change, from the fake's own record (admission and 429
+        times) and the limiter's stats at the end: the limit the limiter learned for the
+        key, the fake's 429s on it since the change was sent, its requests admitted since
+        the fake took it and the most in any window that ends at one of those, and each
+        other key's requests admitted since. None without a change."""
+        t = self.tier
+        if t is None:
+            return None
+        c, o = self.config, self.openai
+        label = {k.name: k.masked for k in c.openai_keys}
+        window = c.openai_window
+        times: dict[str, list[float]] = {name: [] for name in label}
+        by_label = {v: k for k, v in label.items()}
+        for adm in o.get("admissions", []):
+            name = by_label.get(adm["key"])
+            if name is not None:
+                times[name].append(float(adm["t"]))
+        mine = sorted(times[t.key])
+        after = [x for x in mine if x >= t.at]
+        # For each admission since: the key's admissions in the window that ends there.
+        most = max(
+            (
+                i + 1 - bisect.bisect_right(mine, x - window)
+                for i, x in enumerate(mine)
+                if x >= t.at
+            ),
+            default=0,
+        )
+        rejected = [
+            r for r in o.get("rejections", []) if r["key"] == label[t.key] and r["t"] >= t.sent
+        ]
+        deployment = self.stats.get("openai", {}).get("deployments", {}).get(t.key, {})
+        return {
+            "key": t.key,
+            "masked": label[t.key],
+            "after_answers": t.after,
+            "configured": t.configured,
+            "new_limit": t.new_limit,
+            "in_flight_at_change": t.in_flight,
+            "in_flight_at_fake": t.in_flight_at_fake,
+            "in_window_at_change": t.in_window,
+            "learned": deployment.get("learned", {}),
+            "window_at_end": deployment.get("windows", {}).get(f"rate:{window:g}s", {}),
+            "rejected_after": len(rejected),
+            "admitted_after": len(after),
+            "max_in_window_after": most,
+            "others_admitted_after": {
+                name: sum(1 for x in ts if x >= t.at) for name, ts in times.items() if name != t.key
+            },
+        }
 
     @property
     def cache(self) -> dict[str, int] | None:
@@ -183,15 +475,36 @@ class ClusterReport:
     def excess(self) -> dict[str, int]:
         """How far each provider's record went past each limit (0 everywhere is the goal)."""
         c, o, z = self.config, self.openai, self.zapier
-        return {
-            "openai in flight": max(0, o["max_in_flight"] - c.openai_concurrent),
-            "openai per window": max(0, o["max_requests_in_window"] - c.openai_per_window),
+        out = {
+            "openai in flight": max(0, o["max_in_flight"] - c.openai_in_flight_limit),
+            "openai per window": max(0, o["max_requests_in_window"] - c.openai_window_limit),
             "openai 429s": o["rejected_total"],
             "zapier in flight": max(0, z["max_concurrent"] - c.zapier_concurrent),
             "zapier per minute": max(0, z["max_starts_in_minute_window"] - c.zapier_per_minute),
             "zapier per hour": max(0, z["max_starts_in_hour_window"] - c.zapier_per_hour),
             "zapier 429s": z["rejected_429"],
         }
+        for name, row in self.by_key.items():
+            out[f"openai {name} in flight"] = max(0, row["max_in_flight"] - row["in_flight_limit"])
+            out[f"openai {name} per window"] = max(0, row["max_requests_in_window"] - row["limit"])
+        for model, row in self.by_model.items():
+            if row["limit"] is None:
+                continue
+            for name, per_key in row.get("keys", {}).items():
+                most, limit = per_key["max_requests_in_window"], per_key["limit"]
+                out[f"openai {model} on {name} per window"] = max(0, most - limit)
+            if "keys" not in row:
+                out[f"openai {model} per window"] = max(
+                    0, row["max_requests_in_window"] - row["limit"]
+                )
+        tier = self.tier_view()
+        if tier is not None:
+            # The requests in flight at the change could not know of it: their 429s are the
+            # price of the provider's change, not the limiter's excess.
+            out["openai 429s"] -= min(tier["rejected_after"], tier["in_flight_at_change"])
+            key = f"openai {tier['key']} per window after the tier change"
+            out[key] = max(0, tier["max_in_window_after"] - tier["new_limit"])
+        return out
 
     @property
     def openai_utilisation(self) -> float:
@@ -211,7 +524,7 @@ class ClusterReport:
             return 0.0
         end = arrivals[0] + windows * period
         counted = [t for t in arrivals if t < end]
-        return len(counted) / (self.config.openai_per_window * windows)
+        return len(counted) / (self.config.openai_window_limit * windows)
 
 
 class _Proc:
@@ -294,21 +607,30 @@ class Cluster:
         c = self.config
         py = sys.executable
         self.redis = RedisServer().start()
-        fake_openai = _Proc(
-            "fake-openai",
-            self.logdir,
-            [
-                py, "-m", "chatbot.fakes.openai_server", "--port", "0",
+        argv = [
+            py, "-m", "chatbot.fakes.openai_server", "--port", "0",
+            "--window-seconds", str(c.openai_window),
+            "--latency", str(c.openai_latency),
+        ]  # fmt: skip
+        if c.openai_keys:
+            # One set of limits per key; each key's own (in flight included) come below.
+            argv += ["--scope", "key"]
+            for k in c.openai_keys:
+                argv += ["--api-key", k.key]
+        else:
+            argv += [
                 "--max-in-flight", str(c.openai_concurrent),
                 "--rpm", str(c.openai_per_window),
-                "--window-seconds", str(c.openai_window),
-                "--latency", str(c.openai_latency),
                 "--api-key", OPENAI_KEY,
-            ],
-        )  # fmt: skip
+            ]  # fmt: skip
+        if c.large_model and c.large_per_window is not None:
+            argv += ["--model-limit", f"{c.large_model}={c.large_per_window}"]
+        fake_openai = _Proc("fake-openai", self.logdir, argv)
         self.procs.append(fake_openai)
         port = fake_openai.wait_for_line(r"listening on http://127\.0\.0\.1:(\d+)").group(1)
         self.openai_url = f"http://127.0.0.1:{port}"
+        if c.openai_keys:
+            self.set_openai_key_limits(c.openai_key_limits())
         fake_zapier = _Proc(
             "fake-zapier",
             self.logdir,
@@ -336,6 +658,13 @@ class Cluster:
         for proc, url in [*self.replicas, *self.alone]:
             _wait_healthy(proc, url)
 
+    def set_openai_key_limits(self, table: dict[str, dict[str, int | None]]) -> None:
+        """The fake OpenAI's limits per key from now on (``POST /admin/config``; the
+        command line sets no key's in-flight limit)."""
+        with httpx2.Client(timeout=10) as client:
+            response = client.post(f"{self.openai_url}/admin/config", json={"key_limits": table})
+            response.raise_for_status()
+
     def add_replica(self, name: str) -> str:
         proc, url = self._spawn_replica(name)
         self.replicas.append((proc, url))
@@ -344,10 +673,16 @@ class Cluster:
     def _spawn_replica(self, name: str, namespace: str | None = None) -> tuple[_Proc, str]:
         assert self.redis is not None
         port = free_port()
+        keys = self.config.openai_keys
         env = {
             "REDIS_URL": self.redis.url,
             "OPENAI_BASE_URL": f"{self.openai_url}/v1",
-            "OPENAI_API_KEY": OPENAI_KEY,
+            "OPENAI_API_KEY": keys[0].key if keys else OPENAI_KEY,
+            # Set either way (empty: none), like CACHE_TTL below.
+            "OPENAI_API_KEYS": ",".join(f"{k.name}={k.key}" for k in keys),
+            "OPENAI_MODEL": SMALL_MODEL,
+            "OPENAI_LARGE_MODEL": self.config.large_model,
+            "OPENAI_LARGE_MODEL_KEYWORD": LARGE_KEYWORD,
             "ZAPIER_MCP_URL": f"{self.zapier_url}/mcp",
             "ZAPIER_MCP_TOKEN": ZAPIER_TOKEN,
             "LIMITS_JSON": self.config.limits_json(),
@@ -485,19 +820,33 @@ def _progress(console: Console, total: int) -> Iterator[Progress]:
 
 async def _drive(
     cluster: Cluster, console: Console, kill_one: bool
-) -> tuple[LoadResult, str | None, float | None]:
+) -> tuple[LoadResult, str | None, float | None, TierChange | None]:
     c = cluster.config
     total = c.users * c.messages
     killed: str | None = None
     saturated: list[float | None] = [None]
     held_back = [0]
     window_reason = f"rate:{c.openai_window:g}s"
+    tier_task: list[asyncio.Future[TierChange]] = []
     with _progress(console, total) as progress:
         task = progress.add_task("load", total=total, status="")
 
         def on_progress(result: LoadResult) -> None:
             done = result.answered + sum(result.errors.values())
             progress.update(task, completed=done)
+            if c.tier_change_after and not tier_task and result.answered >= c.tier_change_after:
+                changing = _change_tier(cluster, console, result.answered)
+                tier_task.append(asyncio.ensure_future(changing))
+
+        def openai_status(o: dict[str, Any]) -> str:
+            if not c.openai_keys:
+                return f"openai {o['concurrent_requests']}/{c.openai_concurrent}"
+            deployments = o.get("deployments", {})
+            return "openai " + " ".join(
+                f"{k.name} {deployments.get(k.name, {}).get('concurrent_requests', 0)}"
+                f"/{k.concurrent}"
+                for k in c.openai_keys
+            )
 
         async def poll() -> None:
             async with httpx2.AsyncClient(timeout=5) as client:
@@ -512,8 +861,7 @@ async def _drive(
                             held_back[0] = held
                             saturated[0] = time.monotonic()
                         status = (
-                            f"openai {o['concurrent_requests']}/{c.openai_concurrent} "
-                            f"(waiting {o['waiting']})  zapier "
+                            f"{openai_status(o)} (waiting {o['waiting']})  zapier "
                             f"{z['concurrent_requests']}/{c.zapier_concurrent} "
                             f"(waiting {z['waiting']})"
                         )
@@ -540,12 +888,58 @@ async def _drive(
                 noisy_in_flight=c.noisy_in_flight,
                 batch_workers=c.batch_workers,
                 faq_every=c.faq_every,
+                large_every=c.large_every,
             )
+            tier = await tier_task[0] if tier_task else None
         finally:
             poller.cancel()
             if chaos is not None:
                 chaos.cancel()
-    return result, killed, saturated[0]
+            for pending in tier_task:
+                pending.cancel()
+    return result, killed, saturated[0], tier
+
+
+async def _change_tier(cluster: Cluster, console: Console, answered: int) -> TierChange:
+    """Lower the first key's limit per window at the fake to ``tier_change_per_window``
+    (``POST /admin/config``: the whole table, the other keys' limits as they were), then
+    read what that key had in flight (the limiter's count, a replica's ``/stats``, and the
+    fake's) and in the fake's window."""
+    c = cluster.config
+    key, new = c.openai_keys[0], c.tier_change_per_window
+    table = c.openai_key_limits({key.name: new})
+    async with httpx2.AsyncClient(timeout=10) as client:
+        sent = time.monotonic()
+        changed = await client.post(
+            f"{cluster.openai_url}/admin/config", json={"key_limits": table}
+        )
+        changed.raise_for_status()
+        at = time.monotonic()
+        stats = (await client.get(f"{cluster.urls[-1]}/stats")).json()["apis"]["openai"]
+        record = (await client.get(f"{cluster.openai_url}/admin/record")).json()
+    in_flight = stats.get("deployments", {}).get(key.name, {}).get("concurrent_requests")
+    at_fake = record.get("by_key", {}).get(key.masked, {}).get("in_flight", 0)
+    in_window = sum(
+        1
+        for adm in record.get("admissions", [])
+        if adm["key"] == key.masked and adm["t"] > at - c.openai_window
+    )
+    console.print(
+        f"[yellow]tier change after {answered} answers: OpenAI now allows {key.name} "
+        f"({key.masked}) {new} requests per {c.openai_window:g}s, down from {key.per_window}; "
+        f"{in_flight or 0} of its requests were in flight"
+    )
+    return TierChange(
+        key=key.name,
+        configured=key.per_window,
+        new_limit=new,
+        after=answered,
+        sent=sent,
+        at=at,
+        in_flight=int(in_flight or 0),
+        in_flight_at_fake=int(at_fake),
+        in_window=in_window,
+    )
 
 
 def run_cluster(
@@ -574,12 +968,13 @@ def run_on(
     )
     if cluster.alone:
         console.rule(f"1/2: {config.replicas} replicas sharing the limiter")
-    load, killed, saturated_until = asyncio.run(_drive(cluster, console, kill_one))
+    load, killed, saturated_until, tier = asyncio.run(_drive(cluster, console, kill_one))
     openai_record, zapier_record = cluster.records()
     stats, waited = cluster.limiter_view()
     report = ClusterReport(
         config, load, openai_record, zapier_record, killed, saturated_until, stats, waited
     )
+    report.tier = tier
     if cluster.alone:
         report.without = run_without(cluster, console)
     return report
@@ -633,6 +1028,7 @@ async def _drive_without(urls: list[str], config: ClusterConfig, console: Consol
             progress=on_progress,
             duration=seconds,
             faq_every=config.faq_every,
+            large_every=config.large_every,
         )
         progress.update(task, completed=seconds)
     return result
@@ -671,7 +1067,7 @@ def run_noisy(
     messages of the others and a batch job keeping ``batch_workers`` items in flight at
     priority 0 (default: twice OpenAI's concurrency)."""
     console = console or Console()
-    workers = 2 * config.openai_concurrent if batch_workers is None else batch_workers
+    workers = 2 * config.openai_in_flight_limit if batch_workers is None else batch_workers
     console.rule("1/2: the users alone")
     quiet = run_cluster(replace(config, noisy=0, batch_workers=0), console=console)
     console.rule(f"2/2: the same users, with a noisy user (x{noisy}) and a batch job")
@@ -756,7 +1152,14 @@ def _summary(report: ClusterReport) -> dict[str, Any]:
         "zapier_actions": report.zapier["executed"],
         "limiter_waited": report.waited,
         "openai_sent_in_window": report.openai_sent_in_window,
+        "openai_rejected": report.openai["rejected"],
+        "openai_keys": report.by_key,
+        "openai_models": report.by_model,
+        "large_messages": sum(x.large_messages for x in _loads(load)),
     }
+    tier = report.tier_view()
+    if tier is not None:
+        out["tier_change"] = tier
     cache = report.cache
     if cache is not None:
         lookups = cache["hits"] + cache["misses"]
@@ -882,6 +1285,20 @@ def _cache_line(report: ClusterReport) -> str | None:
     return line
 
 
+def _openai_limits(c: ClusterConfig) -> tuple[str, str]:
+    """OpenAI's window and slots as the report names them: ``("the 80 per 10s window",
+    "one of the 8 slots")``, or with several keys ``("a key's 10s window (key-a 50, key-b
+    30)", "a slot of a key (key-a 5, key-b 3)")``."""
+    if not c.openai_keys:
+        return (
+            f"the {c.openai_per_window} per {c.openai_window:g}s window",
+            f"one of the {c.openai_concurrent} slots",
+        )
+    windows = ", ".join(f"{k.name} {k.per_window}" for k in c.openai_keys)
+    slots = ", ".join(f"{k.name} {k.concurrent}" for k in c.openai_keys)
+    return f"a key's {c.openai_window:g}s window ({windows})", f"a slot of a key ({slots})"
+
+
 def _print_time(report: ClusterReport, console: Console) -> None:
     """Time to answer next to the part of it spent waiting in the limiter, and why."""
     c, load = report.config, report.load
@@ -913,11 +1330,12 @@ def _print_time(report: ClusterReport, console: Console) -> None:
     held = o.get("refusals", {})
     if report.waited:
         waited = ", ".join(f"{api} {s:.1f}s" for api, s in sorted(report.waited.items()))
+        in_window, in_slot = _openai_limits(c)
         console.print(
             f"Waiting in the limiter, all replicas summed (limiter_wait_seconds): {waited}. "
             f"Of the {o.get('total_requests', 0)} OpenAI requests, {held.get(window, 0)} "
-            f"first waited for room in the {c.openai_per_window} per {c.openai_window:g}s "
-            f"window, {held.get('concurrency', 0)} for one of the {c.openai_concurrent} slots."
+            f"first waited for room in {in_window}, {held.get('concurrency', 0)} for "
+            f"{in_slot}."
         )
     share = slow_w / slow_t if slow_t > 0 else 0.0
     calls = (
@@ -961,8 +1379,8 @@ def _print_without(report: ClusterReport, without: ClusterReport, console: Conso
         ("messages failed", "", [str(sum(r.load.errors.values())) for r in runs]),
         (
             f"OpenAI requests sent in a {ow} window",
-            str(c.openai_per_window),
-            [cell(r.openai_sent_in_window, c.openai_per_window) for r in runs],
+            str(c.openai_window_limit),
+            [cell(r.openai_sent_in_window, c.openai_window_limit) for r in runs],
         ),
         (
             "OpenAI 429s, in flight full",
@@ -986,16 +1404,143 @@ def _print_without(report: ClusterReport, without: ClusterReport, console: Conso
         failed += f" ({', '.join(f'{k}: {v}' for k, v in sorted(errors.items()))})"
     if without.load.cut_off:
         failed += f", {without.load.cut_off} unanswered at the end"
+    own = f"{c.openai_concurrent} in flight and {c.openai_per_window} per {ow}"
+    if c.openai_keys:
+        own = "the keys' limits"
     console.print(
         f"[bold]Without a shared limiter[/] (each replica with a limiter of its own, like the "
-        f"original per-process asyncio.Semaphore: {c.openai_concurrent} in flight and "
-        f"{c.openai_per_window} per {ow} each), the {c.replicas} replicas together sent "
-        f"OpenAI {sent} requests in one {ow} window (limit {c.openai_per_window}, the "
-        "refused ones included) and got "
+        f"original per-process asyncio.Semaphore: {own} each), the {c.replicas} replicas "
+        f"together sent OpenAI {sent} requests in one {ow} window (limit "
+        f"{c.openai_window_limit}, the refused ones included) and got "
         f"{o429} 429s in {c.without_seconds:g}s (Zapier: {without.zapier['rejected_429']}); "
         f"{failed}. With the shared limiter: "
         f"{report.openai_sent_in_window} requests, "
         f"{report.openai['rejected_total'] + report.zapier['rejected_429']} 429s."
+    )
+
+
+def _print_keys_and_models(report: ClusterReport, console: Console) -> None:
+    """Per OpenAI key and per model, the fake's own count against each limit, and shares."""
+    c, keys, models = report.config, report.by_key, report.by_model
+    if not keys and not models:
+        return
+    ow = f"{c.openai_window:g}s"
+    table = Table(title="OpenAI by key and by model (its own record): most seen/limit")
+    table.add_column("", no_wrap=True)
+    for col in ("admitted", "share", "in flight", f"per {ow}", "excess", "429s"):
+        table.add_column(col, justify="right")
+
+    def excess(*seen_and_limits: tuple[int, int | None]) -> str:
+        """The sum of how far each value went past its limit, green when 0."""
+        over = sum(max(0, seen - limit) for seen, limit in seen_and_limits if limit is not None)
+        return f"[{'green' if over == 0 else 'red'}]{over}[/]"
+
+    for name, row in keys.items():
+        most, limit = row["max_requests_in_window"], row["limit"]
+        flight, slots = row["max_in_flight"], row["in_flight_limit"]
+        table.add_row(
+            name,
+            str(row["admitted"]),
+            f"{row['share']:.1%}",
+            f"{flight}/{slots}",
+            f"{most}/{limit}",
+            excess((most, limit), (flight, slots)),
+            str(row["rejected"]),
+        )
+    for model, row in models.items():
+        most, limit = row["max_requests_in_window"], row["limit"]
+        table.add_row(
+            model,
+            str(row["admitted"]),
+            f"{row['share']:.1%}",
+            "",
+            f"{most}/{'-' if limit is None else limit}",
+            excess((most, limit)),
+            str(row["rejected"]),
+        )
+        if limit is None:
+            continue
+        for name, per_key in row.get("keys", {}).items():
+            most, limit = per_key["max_requests_in_window"], per_key["limit"]
+            table.add_row(
+                f"  on {name}",
+                str(per_key["admitted"]),
+                "",
+                "",
+                f"{most}/{limit}",
+                excess((most, limit)),
+                str(per_key["rejected"]),
+            )
+    console.print(table)
+    if keys:
+        shares = "; ".join(
+            f"{name} ({row['key']}) has {row['capacity_share']:.1%} of the capacity "
+            f"({row['limit']} of {c.openai_window_limit} per {ow}) and carried "
+            f"{row['share']:.1%} of the requests"
+            for name, row in keys.items()
+        )
+        lowered = ""
+        if report.tier is not None:
+            lowered = f" ({report.tier.key}'s limit was lowered mid-run: below)"
+        console.print(
+            f"Each request goes out with the key of the deployment the limiter admitted it "
+            f"to, the one with the most headroom: {shares}{lowered}."
+        )
+    if models:
+        large = models[c.large_model]
+        console.print(
+            f"{c.large_model} answers the messages that ask for an answer "
+            f'"{LARGE_KEYWORD}" ({report.load.large_messages} answered), {SMALL_MODEL} '
+            f"the others (no limit of its own); {c.large_model} has its own, "
+            f"{c.large_per_window} per {ow}{' on each key' if keys else ''}, and carried "
+            f"{large['share']:.1%} of the requests."
+        )
+
+
+def _print_tier_change(report: ClusterReport, console: Console) -> None:
+    """The first key's limit lowered at the fake mid-run, and what followed."""
+    tier = report.tier_view()
+    if tier is None:
+        return
+    c = report.config
+    ow = f"{c.openai_window:g}s"
+    key, new = tier["key"], tier["new_limit"]
+    learned = tier["learned"]
+    if learned.get(f"rate:{ow}") is not None:
+        expires = learned.get("expires_in")
+        seen = (
+            f"learned {learned[f'rate:{ow}']} per {ow} for {key} from OpenAI's rate-limit "
+            f"headers (source: {learned.get('source', '?')}"
+            + (f", {expires:.0f}s to live" if isinstance(expires, int | float) else "")
+            + ")"
+        )
+    else:
+        seen = f"[red]learned no limit for {key}[/] ({learned or 'nothing'})"
+    window = tier["window_at_end"]
+    in_force = f"; its {ow} window at the end: {window.get('used')}/{window.get('limit')}"
+    others = ", ".join(f"{n} {v}" for n, v in tier["others_admitted_after"].items())
+    rejected, in_flight = tier["rejected_after"], tier["in_flight_at_change"]
+    style = "green" if rejected <= in_flight else "red"
+    if tier["admitted_after"]:
+        since = (
+            f"OpenAI admitted {tier['admitted_after']} more {key} requests, at most "
+            f"{tier['max_in_window_after']} in any {ow} window ending after the change "
+            f"(new limit {new})"
+        )
+    else:
+        since = (
+            f"OpenAI admitted no more {key} request (its window still held "
+            f"{tier['in_window_at_change']} of them, more than the new limit {new})"
+        )
+    console.print(
+        f"[bold]Tier change[/] after {tier['after_answers']} answers: OpenAI lowered {key} "
+        f"({tier['masked']}) from {tier['configured']} to {new} requests per {ow}, when it "
+        f"had {tier['in_window_at_change']} in its window and {in_flight} in flight (the "
+        f"limiter's count; {tier['in_flight_at_fake']} at OpenAI). The limiter {seen}"
+        f"{in_force}. OpenAI refused [{style}]{rejected}[/] {key} requests after the change "
+        f"(at most the {in_flight} in flight then). Since the change, {since}, while the "
+        f"other key{'s' if len(tier['others_admitted_after']) > 1 else ''} kept serving: "
+        f"{others} requests."
     )
 
 
@@ -1035,9 +1580,10 @@ def print_report(report: ClusterReport, console: Console) -> None:
     for col in ("limit", "allowed", "max seen", "excess"):
         referee.add_column(col, justify="right")
     ow, zm, zh = f"{c.openai_window:g}s", f"{c.zapier_minute:g}s", f"{c.zapier_hour:g}s"
+    every = ", all keys" if c.openai_keys else ""
     rows = [
-        ("OpenAI in flight", c.openai_concurrent, o["max_in_flight"]),
-        (f"OpenAI per {ow} window", c.openai_per_window, o["max_requests_in_window"]),
+        (f"OpenAI in flight{every}", c.openai_in_flight_limit, o["max_in_flight"]),
+        (f"OpenAI per {ow} window{every}", c.openai_window_limit, o["max_requests_in_window"]),
         ("Zapier in flight", c.zapier_concurrent, z["max_concurrent"]),
         (f"Zapier per {zm} window", c.zapier_per_minute, z["max_starts_in_minute_window"]),
         (f"Zapier per {zh} window", c.zapier_per_hour, z["max_starts_in_hour_window"]),
@@ -1049,11 +1595,20 @@ def print_report(report: ClusterReport, console: Console) -> None:
     referee.add_row("OpenAI 429s", "0", str(o["rejected_total"]), str(o["rejected_total"]))
     referee.add_row("Zapier 429s", "0", str(z["rejected_429"]), str(z["rejected_429"]))
     console.print(referee)
+    whose = "its keys' windows allow" if c.openai_keys else "its window allows"
+    if report.saturated_until is not None:
+        used = (
+            f"while its window held requests back, that was {report.openai_utilisation:.1%} "
+            f"of what {whose} ({c.openai_window_limit} per {c.openai_window:g}s)"
+        )
+    else:
+        used = "its windows never held one back"
     console.print(
-        f"OpenAI admitted {o['admitted']} requests; while its window held requests back, "
-        f"that was {report.openai_utilisation:.1%} of what its {c.openai_per_window} per "
-        f"{c.openai_window:g}s window allows. Zapier executed {z['executed']} actions."
+        f"OpenAI admitted {o['admitted']} requests; {used}. Zapier executed "
+        f"{z['executed']} actions."
     )
+    _print_keys_and_models(report, console)
+    _print_tier_change(report, console)
     if report.killed:
         console.print(
             f"{report.killed} was SIGKILLed mid-run; its slots came back by lease; "
@@ -1130,10 +1685,22 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument(
         "--without-seconds",
         type=float,
-        default=8.0,
+        default=None,
         help="after the run, the same users for this long on as many replicas that each "
         "keep the limits alone (no shared limiter), to compare what the providers saw; "
-        "0: skip (default: 8)",
+        "0: skip (default: 8; 0 with --tier-change)",
+    )
+    parser.add_argument(
+        "--one-key",
+        action="store_true",
+        help="one OpenAI key and one model (8 in flight, 80 per 10s), as before deployments",
+    )
+    parser.add_argument(
+        "--tier-change",
+        action="store_true",
+        help="OpenAI windows of a real minute, and once a sixth of the messages are answered, "
+        "key-a's limit at the fake lowered from 300 to 60 a minute: the limiter learns it "
+        "from the headers; the report shows what followed",
     )
     parser.add_argument(
         "--keep",
@@ -1170,6 +1737,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.noisy_user and args.kill_one:
         parser.error("--noisy-user and --kill-one do not go together")
+    if args.tier_change and (args.noisy_user or args.kill_one or args.one_key):
+        parser.error("--tier-change goes with neither --noisy-user, --kill-one nor --one-key")
+    if args.tier_change and args.without_seconds:
+        parser.error("--tier-change runs no phase without a shared limiter (--without-seconds)")
+    if args.without_seconds is None:
+        args.without_seconds = 0.0 if args.tier_change else 8.0
     if args.noisy_user and args.keep:
         parser.error("--noisy-user runs two clusters: --keep does not go with it")
     if not (math.isfinite(args.without_seconds) and args.without_seconds >= 0):
@@ -1179,7 +1752,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             ResponseCache(ttl=args.cache)  # the replicas' CACHE_TTL: the same bounds
         except ConfigError:
             parser.error("--cache must be a number of seconds from 0.001 to 366 days")
-    config = ClusterConfig(replicas=args.replicas, users=args.users, messages=args.messages)
+    if args.one_key:
+        config = ClusterConfig(replicas=args.replicas, users=args.users, messages=args.messages)
+    else:
+        config = demo_config(args.replicas, args.users, args.messages, tier_change=args.tier_change)
     if args.cache is not None:
         config = replace(config, cache_ttl=args.cache, faq_every=3)
     console = Console()

@@ -7,6 +7,9 @@ limits: ``python -m chatbot cluster --noisy-user`` compares what the others see.
 Optionally too (``faq_every``), some users open with a question many ask alike
 (:data:`FAQ_TEXTS`): identical requests across users and replicas, what the replicas'
 response cache answers (``python -m chatbot cluster --cache``).
+
+And (``large_every``) some messages ask for an answer :data:`LARGE_KEYWORD`, which a
+replica with ``OPENAI_LARGE_MODEL`` answers with that model (``chatbot.settings``).
 """
 
 from __future__ import annotations
@@ -21,7 +24,15 @@ from typing import Any
 
 import httpx2
 
-__all__ = ["BATCH_JOB", "FAQ_TEXTS", "NOISY_USER", "LoadResult", "percentile", "run_load"]
+__all__ = [
+    "BATCH_JOB",
+    "FAQ_TEXTS",
+    "LARGE_KEYWORD",
+    "NOISY_USER",
+    "LoadResult",
+    "percentile",
+    "run_load",
+]
 
 TOOL_TEXTS = (
     "Please send an email to ana@example.com saying the order shipped",
@@ -40,6 +51,9 @@ FAQ_TEXTS = (
 NOISY_USER = "noisy-user"
 #: The batch job's name: its tenant in the limiter's fair queue.
 BATCH_JOB = "batch-jobs"
+#: What a message asks for when it wants the larger model (``large_every``): the chatbot's
+#: default ``OPENAI_LARGE_MODEL_KEYWORD``.
+LARGE_KEYWORD = "in detail"
 
 
 def percentile(data: Sequence[float], q: float) -> float:
@@ -62,6 +76,8 @@ class LoadResult:
     #: ``limiter_wait``: every OpenAI and Zapier admission of the message, summed).
     waits: list[float] = field(default_factory=list)
     tool_calls: int = 0
+    #: Answered messages that asked for an answer :data:`LARGE_KEYWORD` (``large_every``).
+    large_messages: int = 0
     #: Answered messages whose answer ran at least one Zapier tool (each of those takes a
     #: second OpenAI completion: the model asks for the tool, then answers with its result).
     tool_messages: int = 0
@@ -117,6 +133,7 @@ async def run_load(
     batch_workers: int = 0,
     duration: float | None = None,
     faq_every: int = 0,
+    large_every: int = 0,
 ) -> LoadResult:
     """``users`` users each send ``messages`` messages, one after the other, to replicas
     taken in turn; every ``tool_every``-th message asks for a Zapier action.
@@ -138,6 +155,10 @@ async def run_load(
     ask a question sends it at once; the others who open with it arrive later, once that
     first one has its answer (identical requests sent at the same moment would all miss a
     cache: an answer is stored when it comes back). Counted in ``faq`` and ``faq_repeats``.
+
+    With ``large_every``, message ``m`` of user ``u`` asks for an answer
+    :data:`LARGE_KEYWORD` when ``(u + m) % large_every == 0`` and it is not a tool message
+    (nor a common question). Counted in ``large_messages``.
     """
     rng = random.Random(seed)
     result = LoadResult(started=time.monotonic())
@@ -182,6 +203,8 @@ async def run_load(
             out.answered += 1
             out.latencies.append(time.monotonic() - began)
             out.waits.append(float(answer.get("limiter_wait", 0.0)))
+            if LARGE_KEYWORD in str(body.get("text", "")):
+                out.large_messages += 1
             calls = len(answer.get("tool_calls", []))
             out.tool_calls += calls
             out.tool_messages += 1 if calls else 0
@@ -190,6 +213,11 @@ async def run_load(
         def text_of(name: str, u: int, m: int) -> str:
             if tool_every and (u + m) % tool_every == tool_every - 1:
                 return f"{TOOL_TEXTS[(u + m) % len(TOOL_TEXTS)]} (message {m})"
+            if large_every and (u + m) % large_every == 0:
+                return (
+                    f"Hello, this is {name}, message {m}: please explain your opening hours "
+                    f"{LARGE_KEYWORD}."
+                )
             return f"Hello, this is {name}, message {m}: what are your opening hours?"
 
         def faq_of(u: int) -> int | None:

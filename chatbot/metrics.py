@@ -245,7 +245,10 @@ class Metrics:
         windows = [rate.reason for rate in limits.windows]
         if limits.tokens_per_minute is not None:
             windows.append("tokens")
-        series = [(self.cluster_in_flight, (api,)), (self.cooldown, (api,))]
+        series: list[tuple[Any, tuple[str, ...]]] = [
+            (self.cluster_in_flight, (api,)),
+            (self.cooldown, (api,)),
+        ]
         series.append((self.limit_in_force, (api, "max_concurrent")))
         series += [
             (gauge, (api, w)) for w in windows for gauge in (self.window_used, self.limit_in_force)

@@ -53,6 +53,10 @@ _GAUGES = {
     "limiter_cooldown_seconds": {"api"},
     "limiter_redis_up": {"api"},
     "limiter_fail_open": {"api"},
+    "limiter_deployment_in_flight": {"api", "deployment", "model"},
+    "limiter_deployment_window_used": {"api", "deployment", "model", "window"},
+    "limiter_deployment_limit_in_force": {"api", "deployment", "model", "limit"},
+    "limiter_deployment_cooldown_seconds": {"api", "deployment", "model"},
 }
 _HISTOGRAMS = {"limiter_wait_seconds": {"api", "priority"}, "chatbot_message_seconds": set()}
 #: Every series name a dashboard may query, with the labels it may use.
@@ -631,7 +635,9 @@ async def _exported_metrics() -> dict[str, set[str]]:
     from limiter import APILimits, Limiter
 
     redis = fakeredis.FakeAsyncRedis(server=fakeredis.FakeServer())
-    lim = Limiter(redis, {"openai": APILimits(max_concurrent=2, requests_per_minute=5)})
+    key = APILimits(max_concurrent=2, requests_per_minute=5)  # each deployment's own
+    limits = APILimits(max_concurrent=2, requests_per_minute=5, deployments={"key-a": key})
+    lim = Limiter(redis, {"openai": limits})
     try:
         metrics = Metrics(lim)
         for event, fields in [

@@ -6,11 +6,15 @@ providers saw when the same users ran for a few seconds on replicas that each ke
 limits alone (no shared limiter); ``--keep`` leaves the cluster running until Ctrl-C, and
 then nothing it started is left. With ``--cache``, the replicas have a response cache and
 the report gives its hit rate from the cluster's counters; the OpenAI requests still add
-up (messages + tool messages - hits).
+up (messages + tool messages - hits). The demo runs with two OpenAI keys and two models:
+its JSON gives, per key and per model, the fake's own counts against each limit (0 excess,
+0 rejections); ``--tier-change`` lowers a key's limit at the fake mid-run and the limiter
+learns it from the headers, and no whole key is ever printed or logged.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shlex
@@ -31,8 +35,20 @@ import redis
 from rich.console import Console
 
 import chatbot.cluster
-from chatbot.cluster import ClusterConfig, print_report, run_cluster
+from chatbot.cluster import (
+    KEY_A,
+    KEY_B,
+    Cluster,
+    ClusterConfig,
+    ClusterReport,
+    OpenAIKey,
+    print_report,
+    run_cluster,
+    run_on,
+)
 from chatbot.load import FAQ_TEXTS
+from chatbot.settings import Settings
+from limiter import ConfigError
 
 pytestmark = [pytest.mark.redis, pytest.mark.multiprocess, pytest.mark.slow]
 
@@ -40,14 +56,19 @@ ROOT = Path(__file__).resolve().parent.parent
 
 #: 12 users x 3 messages, every 3rd asking for a Zapier action: each user has exactly one
 #: such message ((user + message) % 3 == 2), so 12 tool messages and 36 + 12 = 48 OpenAI
-#: requests, at 16 per 2 s and 4 in flight: the window holds the load back for seconds.
+#: requests, at 16 per 2 s and 4 in flight (two keys: key-a 2 and 10 per 2 s, key-b 2 and
+#: 6): the windows hold the load back for seconds. Each user also has one message asking
+#: for an answer "in detail" ((user + message) % 3 == 0): 12 gpt-4o requests, at 3 per 2 s
+#: on each key, and 36 gpt-4o-mini.
 CONFIG = ClusterConfig(
     replicas=3,
     users=12,
     messages=3,
     tool_every=3,
-    openai_concurrent=4,
-    openai_per_window=16,
+    openai_keys=(OpenAIKey("key-a", KEY_A, 2, 10), OpenAIKey("key-b", KEY_B, 2, 6)),
+    large_model="gpt-4o",
+    large_every=3,
+    large_per_window=3,
     openai_window=2.0,
     openai_latency=0.2,
     zapier_concurrent=2,
@@ -61,6 +82,19 @@ CONFIG = ClusterConfig(
     window_margin=0.3,
     without_seconds=3.0,
 )
+
+
+def _summary(report: ClusterReport) -> dict[str, Any]:
+    """The report's JSON (``--json``), as a file would hold it."""
+    return dict(json.loads(json.dumps(chatbot.cluster._summary(report))))
+
+
+def _no_key_in(*texts: str) -> None:
+    """No whole OpenAI key of the demo (nor its last 12 characters) in any of ``texts``."""
+    for text in texts:
+        for key in (KEY_A, KEY_B):
+            assert key not in text
+            assert key[-12:] not in text
 
 
 def _line(text: str, start: str) -> str:
@@ -83,9 +117,11 @@ def test_report_explains_requests_waits_and_what_the_providers_saw_without_the_l
     environment has a CACHE_TTL, and the report says nothing of one."""
     monkeypatch.setenv("CACHE_TTL", "300")
     out = StringIO()
-    console = Console(file=out, width=400)
+    console = Console(file=out, width=1000)  # a paragraph per line: no wrap in a sentence
     started = time.monotonic()
-    report = run_cluster(CONFIG, console=console)
+    with Cluster(CONFIG) as cluster:
+        report = run_on(cluster, console=console)
+        logs = [proc.output() for proc in cluster.procs]
     print_report(report, console)
     took = time.monotonic() - started
     text = out.getvalue()
@@ -96,7 +132,50 @@ def test_report_explains_requests_waits_and_what_the_providers_saw_without_the_l
     assert (load.sent, load.answered, load.errors) == (total, total, {})
     assert set(report.excess.values()) == {0}, report.excess
     assert report.openai_sent_in_window == report.openai["max_requests_in_window"]
-    assert report.openai_sent_in_window <= c.openai_per_window
+    assert report.openai_sent_in_window <= c.openai_window_limit == 16
+
+    # Per key and per model, from the report's JSON (the fake's own record): each within
+    # its limits, 0 excess, 0 rejections; the keys' shares add up to all requests.
+    summary = _summary(report)
+    assert set(summary["excess"].values()) == {0}, summary["excess"]
+    for name in ("key-a in flight", "key-b per window", "gpt-4o on key-a per window"):
+        assert summary["excess"][f"openai {name}"] == 0
+    assert set(summary["openai_rejected"].values()) == {0}, summary["openai_rejected"]
+    keys = summary["openai_keys"]
+    assert set(keys) == {"key-a", "key-b"}
+    for name, limits in (("key-a", (2, 10)), ("key-b", (2, 6))):
+        row = keys[name]
+        assert (row["in_flight_limit"], row["limit"]) == limits
+        assert 1 <= row["max_in_flight"] <= row["in_flight_limit"], row
+        assert 1 <= row["max_requests_in_window"] <= row["limit"], row
+        assert row["rejected"] == 0
+        assert row["key"] == f"{row['key'][:4]}**********{row['key'][-4:]}"  # masked
+    assert sum(row["admitted"] for row in keys.values()) == total + tools
+    assert abs(sum(row["share"] for row in keys.values()) - 1.0) < 1e-9
+    models = summary["openai_models"]
+    assert summary["large_messages"] == load.large_messages == 12
+    assert (models["gpt-4o"]["admitted"], models["gpt-4o-mini"]["admitted"]) == (12, 36)
+    assert models["gpt-4o"]["limit"] == 6  # 3 per 2 s on each key
+    assert models["gpt-4o-mini"]["limit"] is None  # its keys' limits apply
+    assert models["gpt-4o"]["max_requests_in_window"] <= 6
+    for model in models.values():
+        assert model["rejected"] == 0
+    for name, per_key in models["gpt-4o"]["keys"].items():
+        assert per_key["limit"] == 3
+        assert per_key["max_requests_in_window"] <= 3, (name, per_key)
+        assert per_key["rejected"] == 0
+    assert sum(k["admitted"] for k in models["gpt-4o"]["keys"].values()) == 12
+    row = _line(text, "key-a ").split("│")
+    assert [cell.strip() for cell in row[2:8]] == [
+        str(keys["key-a"]["admitted"]),
+        f"{keys['key-a']['share']:.1%}",
+        f"{keys['key-a']['max_in_flight']}/2",
+        f"{keys['key-a']['max_requests_in_window']}/10",
+        "0",
+        "0",
+    ], row
+    assert 'gpt-4o answers the messages that ask for an answer "in detail" (12 answered)' in text
+    _no_key_in(text, json.dumps(summary), *logs)
 
     # Why OpenAI saw more requests than messages, counted by the fakes themselves.
     assert (load.tool_messages, load.tool_calls, report.zapier["executed"]) == (tools,) * 3
@@ -145,8 +224,8 @@ def test_report_explains_requests_waits_and_what_the_providers_saw_without_the_l
     assert c.without_seconds <= wl.elapsed < c.without_seconds + 1.0, wl.elapsed
     o429 = without.openai["rejected_total"]
     assert o429 > 0, without.openai["rejected"]
-    assert without.openai_sent_in_window > c.openai_per_window
-    assert without.openai["max_in_flight"] <= c.openai_concurrent  # the fake enforces it
+    assert without.openai_sent_in_window > c.openai_window_limit
+    assert without.openai["max_in_flight"] <= c.openai_in_flight_limit  # the fake enforces it
     for name, key in (("in flight full", "concurrency"), ("window full", "requests")):
         row = _line(text, f"OpenAI 429s, {name}").split("│")
         limit, shared, alone = (cell.strip() for cell in row[2:5])
@@ -271,6 +350,147 @@ def test_the_cache_flag_sets_the_replicas_ttl_and_the_common_questions(
             chatbot.cluster.main(["--cache", bad])
         assert info.value.code == 2
     assert len(seen) == 3
+
+
+def test_the_demo_runs_two_keys_and_two_models_and_tier_change_a_minute_window(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The command line's demo: two OpenAI keys (5 + 3 in flight, 50 + 30 per 10 s) and
+    two models (gpt-4o for every 4th message, 10 per 10 s on each key); ``--one-key`` the
+    demo of one key and one model; ``--tier-change`` windows of a real minute, the limiter
+    learning from the headers, key-a lowered from 300 to 60 a minute after a sixth of the
+    answers, and no phase without a shared limiter (which it refuses, as it refuses
+    --one-key, --kill-one and --noisy-user: exit 2)."""
+    seen: list[ClusterConfig] = []
+
+    class Stub:
+        def __init__(self, config: ClusterConfig) -> None:
+            seen.append(config)
+
+        def __enter__(self) -> Stub:
+            return self
+
+        def __exit__(self, *exc: object) -> None:
+            return None
+
+    monkeypatch.setattr(chatbot.cluster, "Cluster", Stub)
+    monkeypatch.setattr(
+        chatbot.cluster, "run_on", lambda cluster, **kw: SimpleNamespace(excess={"x": 0})
+    )
+    monkeypatch.setattr(chatbot.cluster, "print_report", lambda report, console: None)
+    assert chatbot.cluster.main([]) == 0
+    demo = seen[-1]
+    assert [(k.name, k.concurrent, k.per_window) for k in demo.openai_keys] == [
+        ("key-a", 5, 50),
+        ("key-b", 3, 30),
+    ]
+    assert (demo.openai_in_flight_limit, demo.openai_window_limit, demo.openai_window) == (
+        8,
+        80,
+        10.0,
+    )
+    assert (demo.large_model, demo.large_every, demo.large_per_window) == ("gpt-4o", 4, 10)
+    assert (demo.tier_change_after, demo.learn_from_headers, demo.without_seconds) == (0, False, 8)
+    limits = Settings.from_env(
+        {
+            "LIMITS_JSON": demo.limits_json(),
+            "OPENAI_API_KEYS": f"key-a={KEY_A},key-b={KEY_B}",
+        }
+    ).limits["openai"]
+    assert set(limits.deployments) == {"key-a", "key-b"}
+    assert limits.deployments["key-b"].max_concurrent == 3
+    assert limits.deployments["key-a"].models["gpt-4o"].windows[0].limit == 10
+    assert chatbot.cluster.main(["--one-key"]) == 0
+    assert (seen[-1].openai_keys, seen[-1].large_model) == ((), "")
+    assert chatbot.cluster.main(["--tier-change"]) == 0
+    tier = seen[-1]
+    assert [k.per_window for k in tier.openai_keys] == [300, 300]
+    assert (tier.openai_window, tier.learn_from_headers, tier.without_seconds) == (60, True, 0)
+    assert (tier.tier_change_after, tier.tier_change_per_window) == (40, 60)
+    for bad in (["--one-key"], ["--kill-one"], ["--noisy-user"], ["--without-seconds", "3"]):
+        with pytest.raises(SystemExit) as info:
+            chatbot.cluster.main(["--tier-change", *bad])
+        assert info.value.code == 2
+    assert len(seen) == 3
+
+
+def test_openai_keys_are_named_never_shown() -> None:
+    """``OPENAI_API_KEYS`` (``name=key,...``) must name exactly LIMITS_JSON's deployments
+    of openai; every error names the entry or the configured deployments, never a key, and
+    neither repr(Settings) nor str shows one."""
+    env = {"LIMITS_JSON": CONFIG.limits_json(), "OPENAI_API_KEYS": f"key-a={KEY_A},key-b={KEY_B}"}
+    settings = Settings.from_env(env)
+    assert dict(settings.openai_api_keys) == {"key-a": KEY_A, "key-b": KEY_B}
+    assert settings.openai_api_key == KEY_A  # the client's own: the first deployment's
+    _no_key_in(repr(settings), str(settings))
+    for bad in (KEY_A, f"key-a={KEY_A}", f"key-a={KEY_A},key-b=", f"key-a={KEY_A},{KEY_B}=key-b"):
+        with pytest.raises(ConfigError) as info:
+            Settings.from_env({**env, "OPENAI_API_KEYS": bad})
+        _no_key_in(str(info.value), repr(info.value.value))
+        assert info.value.field == "OPENAI_API_KEYS"
+
+
+#: ``--tier-change`` on the small demo: windows of a real minute (the limiter learns only
+#: per-minute limits), 60 a minute on each key (room for all 48 requests on either), and
+#: after 6 answers key-a lowered to 12 a minute at the fake.
+TIER_CONFIG = replace(
+    CONFIG,
+    openai_window=60.0,
+    openai_keys=(OpenAIKey("key-a", KEY_A, 2, 60), OpenAIKey("key-b", KEY_B, 2, 60)),
+    large_per_window=30,
+    learn_from_headers=True,
+    tier_change_after=6,
+    tier_change_per_window=12,
+    without_seconds=0.0,
+)
+
+
+def test_tier_change_the_limiter_learns_the_lower_limit_and_the_other_key_serves() -> None:
+    """Mid-run, the fake lowers key-a from 60 to 12 requests a minute: the limiter learns
+    12 for key-a from the headers (its stats), the fake refuses at most the key-a requests
+    in flight at the change, every key-a request admitted after it fits the new limit,
+    key-b serves the rest, every message is answered, and the report says so."""
+    out = StringIO()
+    console = Console(file=out, width=400)
+    started = time.monotonic()
+    with Cluster(TIER_CONFIG) as cluster:
+        report = run_on(cluster, console=console)
+        logs = [proc.output() for proc in cluster.procs]
+    print_report(report, console)
+    took = time.monotonic() - started
+    text = out.getvalue()
+    c, load = TIER_CONFIG, report.load
+    total = c.users * c.messages
+    assert (load.sent, load.answered, load.errors) == (total, total, {})
+    summary = _summary(report)
+    tier = summary["tier_change"]
+    assert (tier["key"], tier["configured"], tier["new_limit"]) == ("key-a", 60, 12)
+    assert tier["after_answers"] >= 6
+    assert tier["learned"]["rate:60s"] == 12, tier["learned"]
+    assert tier["learned"]["source"] == "provider"
+    assert tier["window_at_end"]["limit"] == 12
+    assert 0 <= tier["rejected_after"] <= tier["in_flight_at_change"] <= 2, tier
+    assert tier["max_in_window_after"] <= 12, tier
+    assert tier["others_admitted_after"]["key-b"] > 0, tier
+    assert set(summary["excess"].values()) == {0}, summary["excess"]
+    keys = summary["openai_keys"]
+    assert keys["key-a"]["admitted"] + keys["key-b"]["admitted"] == total + 12
+    assert keys["key-a"]["rejected"] == tier["rejected_after"]
+    assert keys["key-b"]["rejected"] == 0
+    assert (
+        f"Tier change after {tier['after_answers']} answers: OpenAI lowered key-a "
+        "(sk-f**********0001) from 60 to 12 requests per 60s" in text
+    ), text
+    assert "The limiter learned 12 per 60s for key-a from OpenAI's rate-limit headers" in text
+    assert f"OpenAI refused {tier['rejected_after']} key-a requests after the change" in text
+    assert text.rstrip().endswith("0 excess at the providers")
+    _no_key_in(text, json.dumps(summary), *logs)
+    print(
+        f"{took:.1f}s; at the change key-a had {tier['in_window_at_change']} in its window, "
+        f"{tier['in_flight_at_change']} in flight; 429s {tier['rejected_after']}; after: "
+        f"key-a {tier['admitted_after']} (max {tier['max_in_window_after']} in a window), "
+        f"key-b {tier['others_admitted_after']['key-b']}"
+    )
 
 
 # --------------------------------------------------------------------------- --keep
