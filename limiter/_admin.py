@@ -308,6 +308,23 @@ def learned_fields(
     return tuple(pairs)
 
 
+def learned_io_fields(end: str, limit: object, left: object) -> tuple[str, ...]:
+    """``learn.lua``'s tail for an input (``end`` "in") or output ("out") budget."""
+    name = f"{'input' if end == 'in' else 'output'}_tokens"
+    pairs: list[str] = []
+    if limit is not None:
+        positive_int(f"{name}_per_minute", limit)
+        pairs += [f"tokens:{end}", str(limit)]
+    if left is not None:
+        if isinstance(left, bool) or not isinstance(left, int) or left < 0:
+            field = f"{name}_remaining"
+            raise ConfigError(
+                f"{field}={show(left)}: must be an integer >= 0", field=field, value=left
+            )
+        pairs += [f"remaining:tokens:{end}", str(left)]
+    return tuple(pairs)
+
+
 def learned_view(plan: KeyPlan, flat: Sequence[Any], ttl_ms: int) -> dict[str, Any]:
     """The limits learned from the provider as ``override_view`` shows an override, with
     ``"source": "provider"`` (``{}`` when none stands): ``stats()["learned"]``."""
@@ -443,40 +460,40 @@ def stats_view(plan: KeyPlan, limits: APILimits, reply: Sequence[Any]) -> dict[s
         },
         "tenants": tenants_view(tenant_rows),
         "tenant_weights": weights_view(limits, weight_rows),
-        **sets_view(plan, reply[13] if len(reply) > 13 else (), windows),
+        **sets_view(plan, reply[13] if len(reply) > 13 else (), windows, learned),
     }
 
 
 def sets_view(
-    plan: KeyPlan, flat: Sequence[Any], windows: dict[str, Any]
+    plan: KeyPlan, flat: Sequence[Any], windows: dict[str, Any], learned: dict[str, Any]
 ) -> dict[str, dict[str, Any]]:
     """``stats()["deployments"]`` and ``["models"]`` from stats.lua's limit sets: each
     set's slots in flight, cooldown, windows (used, limit in force) and learned limits; a
     deployment's models under its ``"models"``. In configuration order. The input and
-    output budgets (``<id>#in``, ``#out``) join the windows of what they belong to (the
-    API's: ``windows``)."""
+    output budgets (``<id>#in``, ``#out``) join the windows and learned limits of what
+    they belong to (the API's: ``windows`` and ``learned``)."""
     read: dict[str, dict[str, Any]] = {}
     for i in range(0, len(flat), 6):
         id_, busy, pause_ms, used, learned_flat, learned_ms = flat[i : i + 6]
         limit_set = next(s for s in plan.sets if s.id == text(id_))
-        learned = learned_view(plan, learned_flat, int(learned_ms))
+        its = learned_view(plan, learned_flat, int(learned_ms))
         read[limit_set.id] = {
             # (a set without max_concurrent keeps no leases: nothing to count)
             "concurrent_requests": int(busy) if limit_set.max_concurrent else None,
             "max_concurrent": limit_set.max_concurrent or None,
             "cooldown_remaining": int(pause_ms) / 1000,
             "windows": {
-                w.name: {"used": int(u), "limit": min(w.limit, learned.get(w.name, math.inf))}
+                w.name: {"used": int(u), "limit": min(w.limit, its.get(w.name, math.inf))}
                 for w, u in zip(limit_set.windows, used, strict=True)
             },
-            "learned": learned,
+            "learned": its,
         }
     for id_, view in read.items():
         base, io, _ = id_.partition("#")
-        if io:
-            into = windows if not base else read.get(base, {}).get("windows")
-            if into is not None:
-                into.update(view["windows"])
+        owner = {"windows": windows, "learned": learned} if not base else read.get(base)
+        if io and owner is not None:
+            owner["windows"].update(view["windows"])
+            owner["learned"].update(view["learned"])
     deployments: dict[str, Any] = {}
     models: dict[str, Any] = {}
     for limit_set in plan.sets:

@@ -477,6 +477,19 @@ class KeyPlan:
                 return id_
         return ""
 
+    def io_scope(self, deployment: str | None, model: str | None, end: str) -> str | None:
+        """The input (``end`` "in") or output ("out") budget a report for ``deployment`` and
+        ``model`` applies to: the most specific one the API has, None when it has none."""
+        ids = {s.id for s in self.sets}
+        bases = []
+        if deployment is not None:
+            bases += [f"d:{deployment}:m:{model}", f"d:{deployment}"]
+        bases += [f"m:{model}", ""]
+        for base in bases:
+            if f"{base}#{end}" in ids:
+                return f"{base}#{end}"
+        return None
+
     def set_windows(self, id_: str) -> tuple[Window, ...] | None:
         """The windows of limit set ``id_``, None when the API has no such set."""
         for s in self.sets:

@@ -320,31 +320,29 @@ class Limiter:
         return await self._operators.set_limits(plan, ttl, *new)
 
     async def learn_limits(
-        self,
-        api: str,
-        *,
-        requests_per_minute: int | None = None,
-        tokens_per_minute: int | None = None,
-        requests_remaining: int | None = None,
-        tokens_remaining: int | None = None,
-        ttl: float = 600.0,
-        key: str | None = None,
-        deployment: str | None = None,
-        model: str | None = None,
-    ) -> dict[str, Any]:
+        self, api: str, *, requests_per_minute: int | None = None,
+        tokens_per_minute: int | None = None, requests_remaining: int | None = None,
+        tokens_remaining: int | None = None, input_tokens_per_minute: int | None = None,
+        output_tokens_per_minute: int | None = None, input_tokens_remaining: int | None = None,
+        output_tokens_remaining: int | None = None, ttl: float = 600.0,
+        key: str | None = None, deployment: str | None = None, model: str | None = None,
+    ) -> dict[str, Any]:  # fmt: skip
         """Apply limits the provider reported (its headers) for every replica: one below
         the configured limit lowers the limit in force (with an override: the least of
         both) for ``ttl`` seconds, renewed by each such report; one at or above it clears
         what was learned. ``requests_per_minute`` applies to the API's one-minute request
-        window, ``tokens_per_minute`` to its token budget, if it has them; a ``*_remaining``
-        below that window's room fills the difference in now. Called by
-        ``LimitedTransport`` for ``learn_from_headers=True``; with ``deployment`` and/or
-        ``model``, to the most specific limit set they name. Returns what stands learned.
+        window, ``tokens_per_minute`` to its token budget, ``input_``/``output_tokens_*``
+        to its input and output budgets, if it has them; a ``*_remaining`` below that
+        window's room fills the difference in now. Called by ``LimitedTransport`` for
+        ``learn_from_headers=True``; with ``deployment`` and/or ``model``, to the most
+        specific limit set they name. Returns what stands learned there.
         """
         reported = (requests_per_minute, tokens_per_minute, requests_remaining, tokens_remaining)
+        io = [input_tokens_per_minute, input_tokens_remaining]
+        io += [output_tokens_per_minute, output_tokens_remaining]
         plan = self._lookup(api, key)[0]
-        scope = plan.scope(deployment, model)
-        return await self._operators.learn_limits(plan, reported, ttl, scope)
+        where = (deployment, model)
+        return await self._operators.learn_limits(plan, reported, ttl, where, io)
 
     async def clear_limits(self, api: str) -> None:
         """Drop the runtime override of ``api``: its configured limits apply again."""

@@ -104,13 +104,32 @@ class Operators:
         return await _admin.set_override(self._runner, plan, fields, ttl, ttl_ms)
 
     async def learn_limits(
-        self, plan: KeyPlan, reported: Sequence[int | None], ttl: float, scope: str = ""
+        self,
+        plan: KeyPlan,
+        reported: Sequence[int | None],
+        ttl: float,
+        where: tuple[str | None, str | None] = (None, None),
+        io: Sequence[int | None] = (None, None, None, None),
     ) -> dict[str, Any]:
-        pairs = _admin.learned_fields(plan, reported, scope)
+        """learn.lua in the limit set ``where`` (deployment, model) names; ``io``: the input
+        budget's limit and remaining, then the output budget's, each in the most specific
+        input (output) budget that applies there."""
+        scope = plan.scope(*where)
+        calls = [(scope, _admin.learned_fields(plan, reported, scope))]
+        for end, (limit, left) in (("in", io[:2]), ("out", io[2:])):
+            io_scope = plan.io_scope(*where, end)
+            if io_scope is not None and (limit is not None or left is not None):
+                calls.append((io_scope, _admin.learned_io_fields(end, limit, left)))
         ttl_ms = max(1, math.ceil(check_seconds("ttl", ttl, 0.001) * 1000))
         await self.ready()
-        flat, left = await self._runner.run("learn", plan, ttl_ms, scope, tail=pairs, label="learn")
-        return _admin.learned_view(plan, flat, int(left))
+        view: dict[str, Any] = {}
+        for at, pairs in calls:
+            if pairs or at == scope:
+                flat, left_ms = await self._runner.run(
+                    "learn", plan, ttl_ms, at, tail=pairs, label="learn"
+                )
+                view.update(_admin.learned_view(plan, flat, int(left_ms)))
+        return view
 
     async def clear_limits(self, plan: KeyPlan) -> None:
         await self.ready()

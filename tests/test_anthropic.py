@@ -157,6 +157,27 @@ async def test_input_and_output_budgets_are_reserved_and_charged_apart(
     assert windows["output_tokens"] == {"used": message.usage.output_tokens, "limit": 900}
 
 
+async def test_input_and_output_limits_in_the_headers_lower_those_budgets(
+    limiters: LimiterMaker,
+) -> None:
+    """learn_from_headers: Anthropic's input-tokens and output-tokens limits, below the
+    configured budgets, become those budgets' limits in force (source "provider")."""
+    lim = limiters(
+        input_tokens_per_minute=80_000, output_tokens_per_minute=20_000, learn_from_headers=True
+    )
+    async with (
+        fake_anthropic(itpm=40_000, otpm=8_000) as (url, _fake),
+        anthropic_client(lim, base_url=url, api_key=KEY) as client,
+    ):
+        await client.messages.create(model=MODEL, max_tokens=50, messages=HELLO)
+    stats = await lim.stats(API)
+    assert stats["windows"]["input_tokens"]["limit"] == 40_000
+    assert stats["windows"]["output_tokens"]["limit"] == 8_000
+    learned = stats["learned"]
+    assert (learned["input_tokens"], learned["output_tokens"]) == (40_000, 8_000)
+    assert learned["source"] == "provider"
+
+
 async def test_streams_hold_their_slot_and_are_charged_their_usage(
     limiters: LimiterMaker,
 ) -> None:

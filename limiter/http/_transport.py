@@ -507,9 +507,10 @@ class LimitedTransport(httpx2.AsyncBaseTransport):
         if tokens.limit is None:
             split = [k for k in (parsed.input_tokens, parsed.output_tokens) if k.limit]
             tokens = min(split, key=lambda k: k.limit or 0) if split else tokens
-        kinds = (parsed.requests, tokens)
-        reported = (parsed.requests.limit, tokens.limit)
-        if reported == (None, None):
+        apart = (parsed.input_tokens, parsed.output_tokens)  # the input and output budgets
+        kinds = (parsed.requests, tokens, *apart)
+        reported = tuple(k.limit for k in kinds)
+        if not any(reported):
             return
         now = time.monotonic()
         low = any(
@@ -523,8 +524,10 @@ class LimitedTransport(httpx2.AsyncBaseTransport):
         try:
             learned = await self.limiter.learn_limits(
                 self.api, requests_per_minute=reported[0], tokens_per_minute=reported[1],
-                requests_remaining=left[0], tokens_remaining=left[1], ttl=LEARN_TTL,
-                deployment=where[0], model=where[1],
+                requests_remaining=left[0], tokens_remaining=left[1],
+                input_tokens_per_minute=reported[2], input_tokens_remaining=left[2],
+                output_tokens_per_minute=reported[3], output_tokens_remaining=left[3],
+                ttl=LEARN_TTL, deployment=where[0], model=where[1],
             )  # fmt: skip
         except (LimiterError, ValueError) as exc:  # the call goes on with what it has
             log.warning("could not apply %s's reported limits: %s", self.api, exc)
