@@ -46,6 +46,12 @@ What is measured (N, p50 and p99 per operation in µs, ops/s, for each):
 11. A response-cache hit through ``openai_client`` (the fake OpenAI on 127.0.0.1 filled it
     once) next to a ``PING``, in one loop; verified: one Redis round trip per hit, and no
     request reaches the fake after the first (``benchmarks.cache``).
+12. Limit sets: the pair of item 3 next to the same API with 2 deployments x 2 models
+    (``acquire(tokens=1500, model=)``, the model alternating), in one loop with
+    diagnostics (models only, deployments only, per-deployment models) and two no-op
+    EVALSHA; verified: 2 round trips / 2 script calls per pair, both deployments used;
+    Redis time and commands per pair, by command; target: at most 1.5x the plain pair's
+    p50 (``benchmarks.deployments``).
 
 All Redis clients use the socket timeouts of ``Limiter.from_url`` (2 s / 1 s), so the
 floors pay the same client overhead as the limiter.
@@ -60,9 +66,12 @@ saturation run (item 8)                   4.5 s        1.5 s
 waiters small / large (item 9)            10 / 1,000   10 / 1,000
 probes per queue length (item 9)          1,000        100
 cache iterations / hits verified (11)     1,000 / 200  200 / 100
+limit-set loop iterations (item 12)       10,000       400
+limit-set pairs verified, per operation   2,000        200
 ========================================  ===========  =========
 
-A full run takes about 45-60 s on a 2-core machine; ``--quick`` about 10 s. The
+A full run takes about 3 minutes on a 2-core machine (item 12 about 1 minute);
+``--quick`` about 20 s. The
 numbers move with other load on the machine: the report records the load average.
 The exit status is 1 when a section failed to run (listed under "Errors" in the
 report); a missed target is reported, not an error.
