@@ -367,3 +367,30 @@ async def test_a_deployments_output_budget_steers_the_choice(make_limiter: Limit
     assert stats["deployments"]["key-a"]["windows"]["output_tokens"]["used"] == 460
     assert stats["deployments"]["key-b"]["windows"]["output_tokens"]["used"] == 800
     await release_all([big, got])
+
+
+async def test_a_model_at_its_limit_holds_back_no_other_model(
+    make_limiter: LimiterFactory,
+) -> None:
+    """gpt-4o's one request a minute is used on both keys and a gpt-4o waiter heads the
+    queue: a gpt-4o-mini request still passes it at once (it fits either key), and so
+    does a queued one when room frees; the gpt-4o waiter keeps its place."""
+    each = APILimits(max_concurrent=2, models={"gpt-4o": APILimits(requests_per_minute=1)})
+    lim = make_limiter({"ai": APILimits(deployments={"key-a": each, "key-b": each})})
+    big = [await lim.acquire("ai", timeout=0, model="gpt-4o") for _ in range(2)]
+    waiter = asyncio.create_task(lim.acquire("ai", timeout=30, model="gpt-4o"))
+    await wait_for_waiters(lim, "ai", 1)
+    mini = await lim.acquire("ai", timeout=2, model="gpt-4o-mini")  # past the gpt-4o waiter
+    more = await lim.acquire("ai", timeout=2, model="gpt-4o-mini")
+    assert {mini.deployment, more.deployment} == {"key-a", "key-b"}  # both keys now full
+    queued = asyncio.create_task(lim.acquire("ai", timeout=10, model="gpt-4o-mini"))
+    await wait_for_waiters(lim, "ai", 2)
+    await mini.release()  # a slot frees: the gpt-4o-mini waiter, not gpt-4o's, takes it
+    got = await asyncio.wait_for(queued, 10)
+    assert got.deployment == mini.deployment
+    assert not waiter.done()
+    assert (await lim.stats("ai"))["waiting"] == 1
+    waiter.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await waiter
+    await release_all([*big, more, got])

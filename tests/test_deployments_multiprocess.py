@@ -7,7 +7,7 @@ The fake is the referee: its record (``GET /admin/record``) says, for each key a
 every request it refused. The workers (``tests._deployment_workers``) start on one go
 signal and stop on the test's stop signal, both through Redis; the fake runs in the
 test's event loop on 127.0.0.1, so its clock (``time.monotonic``) is the test's. Every
-bound below is exact. Two tests are strict xfails: each names what the limiter lacks.
+bound below is exact.
 """
 
 from __future__ import annotations
@@ -52,21 +52,6 @@ PER_KEY = 20
 BIG_PER_KEY = 6
 #: Loops per worker, half gpt-4o and half gpt-4o-mini: 18 callers for 8 slots.
 MIXED = [BIG, SMALL] * 3
-
-#: Why ``test_a_model_at_its_limit_holds_back_no_other_model`` fails.
-HEAD_OF_LINE = (
-    "one FIFO queue per API: a waiter whose model has no room anywhere (gpt-4o's window "
-    "full on both keys) stays at the head, and the drain admits nobody behind it, so "
-    "gpt-4o-mini calls that fit either key wait for gpt-4o's window (each key used to "
-    "about 12 of its 20 per window)"
-)
-#: Why ``test_a_429_costs_at_most_the_slots_in_flight_on_that_key`` fails.
-RELEASE_BEFORE_PAUSE = (
-    "LimitedTransport._attempt releases the slot of a 429 (Limiter.release, whose script "
-    "hands the freed key-a slot to the head waiter at once) before pause_if_asked sets "
-    "key-a's cooldown: that waiter is sent with key-a after the 429 and gets a 429 too, "
-    "so a deployment with max_concurrent=1 meets 2"
-)
 
 
 class DeploymentFleet(Fleet):
@@ -277,7 +262,6 @@ async def test_both_keys_are_used_to_their_limits(fleet: DeploymentFleet) -> Non
         assert math.ceil(0.85 * most) <= used[key] <= most, used
 
 
-@pytest.mark.xfail(strict=True, reason=HEAD_OF_LINE)
 async def test_a_model_at_its_limit_holds_back_no_other_model(fleet: DeploymentFleet) -> None:
     """The load of ``test_no_key_or_model_gets_more_than_its_limit`` (half the calls
     gpt-4o, limited to 6 of each key's 20 per 3 s): the gpt-4o-mini calls, which fit
@@ -325,7 +309,6 @@ async def test_a_429_on_one_key_leaves_the_other_serving(fleet: DeploymentFleet)
     assert stats["cooldown_remaining"] == 0  # the API as a whole never paused
 
 
-@pytest.mark.xfail(strict=True, reason=RELEASE_BEFORE_PAUSE)
 async def test_a_429_costs_at_most_the_slots_in_flight_on_that_key(
     fleet: DeploymentFleet,
 ) -> None:

@@ -388,10 +388,14 @@ class LimitedTransport(httpx2.AsyncBaseTransport):
         try:
             response = await inner.handle_async_request(self._route(request, slot.deployment))
         except BaseException as exc:
-            await self._release(slot, success=False)
-            if isinstance(exc, Exception):
-                verdict = classify_exception(exc, idempotent=idempotent)
-                await pause_if_asked(self.limiter, self.api, verdict, *where)
+            # Pause first (when asked), then free the slot: a slot freed first may be handed
+            # to a waiter at once, which would be sent where the pause was meant to stop it.
+            try:
+                if isinstance(exc, Exception):
+                    verdict = classify_exception(exc, idempotent=idempotent)
+                    await pause_if_asked(self.limiter, self.api, verdict, *where)
+            finally:
+                await self._release(slot, success=False)
             raise
         status = response.status_code
         if status < 400:
@@ -413,26 +417,31 @@ class LimitedTransport(httpx2.AsyncBaseTransport):
             stream_class = _stream_class(self._module(request))
             response.stream = stream_class(self.limiter, response.stream, slot, usage)
             return response
-        # An error: read it whole (it is small), free the slot, then decide. The provider
-        # processed nothing, so the reserved tokens come back.
+        # An error: read it whole (it is small), decide, pause where asked, then free the
+        # slot (freed first, it could be handed on to a waiter before the pause: sent where
+        # the pause was meant to stop it). The provider processed nothing, so the reserved
+        # tokens come back.
         if tokens:
             slot.report_tokens((0, 0) if isinstance(tokens, tuple) else 0)
-        try:
-            raw = b"".join([chunk async for chunk in response.stream])
-        finally:
-            await response.aclose()
-            await self._release(slot, success=False)
         mod = self._module(request)
         try:
-            decoded = mod.Response(status, headers=response.headers, content=raw).content
-        except mod.DecodingError:  # a content-encoding that lies: classify the raw bytes
-            decoded = raw
-        verdict = classify_response(status, response.headers, decoded, idempotent=idempotent)
-        if status == 429 and self._learn:  # a 429 reports the limits too
-            await self._learn_limits(parse_rate_limit_headers(response.headers), where)
-        if status in (401, 403):
-            self._auth_refused(status)
-        await pause_if_asked(self.limiter, self.api, verdict, *_paused(where, status, response))
+            try:
+                raw = b"".join([chunk async for chunk in response.stream])
+            finally:
+                await response.aclose()
+            try:
+                decoded = mod.Response(status, headers=response.headers, content=raw).content
+            except mod.DecodingError:  # a content-encoding that lies: classify the raw bytes
+                decoded = raw
+            verdict = classify_response(status, response.headers, decoded, idempotent=idempotent)
+            if status == 429 and self._learn:  # a 429 reports the limits too
+                await self._learn_limits(parse_rate_limit_headers(response.headers), where)
+            if status in (401, 403):
+                self._auth_refused(status)
+            where_paused = _paused(where, status, response)
+            await pause_if_asked(self.limiter, self.api, verdict, *where_paused)
+        finally:
+            await self._release(slot, success=False)
         fresh = mod.Response(
             status,
             headers=response.headers,

@@ -537,35 +537,51 @@ end
 -- deployment when it can be admitted now (deployment nil when the API has none):
 -- of the deployments that admit it, the least full (the largest fullness() of the
 -- deployment's sets), ties to the first in DEPS from a start that rotates with the
--- clock. Else reason, wait: the API's or the model's refusal, or, when every
--- deployment refuses, the refusal that ends first.
+-- clock. Else reason, wait, nil, by_model: the API's or the model's refusal, or,
+-- when every deployment refuses, the refusal that ends first; by_model is true when
+-- limits of its model refused it where others had room (the model's own, or a
+-- deployment's model set on a deployment that has room), so that requests for other
+-- models may pass it (see drain).
 local function check_all(cost, tokens, model, inp, outp)
   local reason, wait = check(cost, tokens)
   if reason or not SETS then return reason, wait end
-  local common = group('', {})
-  if model and model ~= '' then group('m:' .. model, common) end
-  reason, wait = check_list(common, cost, tokens, inp, outp)
+  local m = model and model ~= ''
+  reason, wait = check_list(group('', {}), cost, tokens, inp, outp)
+  if not reason and m then
+    reason, wait = check_list(group('m:' .. model, {}), cost, tokens, inp, outp)
+    if reason then
+      use(API_SET)
+      return reason, wait, nil, true
+    end
+  end
   use(API_SET)
   if reason then return reason, wait end
   if not DEPS then return nil end
   local n = #DEPS
   local start = NOW % n
-  local best, least
-  reason, wait = nil, nil
+  local best, least, by_model = nil, nil, false
   for i = 1, n do
     local dep = DEPS[(start + i - 1) % n + 1]
-    local list = group('d:' .. dep, {})
-    if model and model ~= '' then group('d:' .. dep .. ':m:' .. model, list) end
-    local r, x = check_list(list, cost, tokens, inp, outp)
+    local r, x = check_list(group('d:' .. dep, {}), cost, tokens, inp, outp)
+    local full, of_model = x, false
+    if not r and m then
+      local r2, x2 = check_list(group('d:' .. dep .. ':m:' .. model, {}), cost, tokens, inp, outp)
+      if r2 then
+        r, x, of_model = r2, x2, true
+      else
+        full = math.max(full, x2)
+      end
+    end
     if r then
+      if of_model then by_model = true end -- (other models may fit this deployment)
       if not reason or x < wait then reason, wait = r, x end
-    elseif not best or x < least then
-      best, least = dep, x
+    elseif not best or full < least then
+      best, least = dep, full
     end
   end
   use(API_SET)
   if best then return nil, nil, best end
-  return reason, wait
+  return reason, wait, nil, by_model
 end
 
 -- admit() in every set of the request (check_all() first: it measures).
@@ -1048,12 +1064,60 @@ contended = function()
     end
   end
 
+  -- Admit `ticket` (checked: it fits, in deployment `dep`), made by `slot`. A slot
+  -- handed to another process is leased only until its ticket would have expired,
+  -- until that process renews it: a process that died while waiting holds nothing
+  -- past its tickets' life (ticket_ttl after its death). Each admitted ticket other
+  -- than `own` is told on its process's channel, and its admission time (and
+  -- deployment) kept in `handed` until it is read or released. True when it was own.
+  local function hand(ticket, own, slot, cost, tokens, dep, model, inp, outp)
+    local lease = nil
+    if ticket ~= own then
+      local expires = tonumber(redis.call('ZSCORE', K_QEXP, ticket) or NOW)
+      lease = math.max(1, math.min(LEASE_US, expires - NOW))
+    end
+    admit_all(slot, cost, tokens, lease, dep, model, inp, outp)
+    if ticket == own then return true end
+    local at = dep and (NOW_S .. ' ' .. dep) or NOW_S
+    redis.call('HSET', K_HANDED, slot, at)
+    redis.call('PEXPIRE', K_HANDED, ttl_ms(LEASE_US))
+    tell(slot, 'A ' .. slot .. ' ' .. at)
+    return false
+  end
+
+  -- A head held back only by its model's limits does not hold back other models:
+  -- waiters for other models that fit now are admitted past it, in the order of
+  -- their tickets' expiry (at most 100 looked at), until one is refused by a limit
+  -- that is not its model's. Returns own_admitted, its deployment, others woken.
+  local function pass_by(own, model)
+    local blocked, own_admitted, own_dep, woken = {[model] = true}, false, nil, 0
+    local tickets = redis.call('ZRANGEBYSCORE', K_QEXP, '(' .. NOW_S, '+inf', 'LIMIT', 0, 100)
+    for _, ticket in ipairs(tickets) do
+      local slot, cost, tokens, _, _, _, m, inp, outp = parse_ticket(ticket)
+      if slot and not blocked[m] and not too_heavy_all(cost, tokens, m, inp, outp) then
+        local reason, _, dep, by_model = check_all(cost, tokens, m, inp, outp)
+        if reason and not by_model then break end
+        if reason then
+          blocked[m] = true
+        else
+          local mine = hand(ticket, own, slot, cost, tokens, dep, m, inp, outp)
+          drop_ticket(ticket) -- (after hand(): its lease is read from the ticket's expiry)
+          if mine then
+            own_admitted, own_dep = true, dep
+          else
+            woken = woken + 1
+          end
+        end
+      end
+    end
+    return own_admitted, own_dep, woken
+  end
+
   -- Admit waiting tickets in serving order (next_ticket) while they fit; the
   -- ticket to serve next blocks those after it, so a heavy request is not
-  -- starved by light ones. Each admitted ticket other than `own` is told on its
-  -- process's channel, and its admission time kept in `handed` until it is read
-  -- or released. Returns: own_admitted, head ticket left (or nil), its reason,
-  -- its wait, number of others woken.
+  -- starved by light ones (but not those for other models when only its model's
+  -- limits hold it: pass_by). Returns: own_admitted, head ticket left (or nil), its
+  -- reason, its wait, number of others woken, own's deployment.
   drain = function(own)
     local own_admitted, woken, own_dep = false, 0, nil
     while true do
@@ -1066,27 +1130,21 @@ contended = function()
         drop_ticket(ticket)
         if ticket ~= own then tell(slot, 'H ' .. slot .. ' 0') end
       else
-        local reason, wait, dep = check_all(cost, tokens, model, inp, outp)
-        if reason then return own_admitted, ticket, reason, wait, woken, own_dep end
-        -- A slot handed to another process is leased only until its ticket would
-        -- have expired, until that process renews it: a process that died while
-        -- waiting holds nothing past its tickets' life (ticket_ttl after its death).
-        local lease = nil
-        if ticket ~= own then
-          local expires = tonumber(redis.call('ZSCORE', K_QEXP, ticket) or NOW)
-          lease = math.max(1, math.min(LEASE_US, expires - NOW))
+        local reason, wait, dep, by_model = check_all(cost, tokens, model, inp, outp)
+        if reason then
+          if by_model then
+            local mine, mine_dep, others = pass_by(own, model)
+            if mine then own_admitted, own_dep = true, mine_dep end
+            woken = woken + others
+          end
+          return own_admitted, ticket, reason, wait, woken, own_dep
         end
-        admit_all(slot, cost, tokens, lease, dep, model, inp, outp)
-        served(ticket, slot, class, tenant, member, cost, tokens, weight)
-        if ticket == own then
+        if hand(ticket, own, slot, cost, tokens, dep, model, inp, outp) then
           own_admitted, own_dep = true, dep
         else
-          local at = dep and (NOW_S .. ' ' .. dep) or NOW_S
-          redis.call('HSET', K_HANDED, slot, at)
-          redis.call('PEXPIRE', K_HANDED, ttl_ms(LEASE_US))
-          tell(slot, 'A ' .. slot .. ' ' .. at)
           woken = woken + 1
         end
+        served(ticket, slot, class, tenant, member, cost, tokens, weight)
       end
     end
   end
