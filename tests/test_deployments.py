@@ -394,3 +394,28 @@ async def test_a_model_at_its_limit_holds_back_no_other_model(
     with pytest.raises(asyncio.CancelledError):
         await waiter
     await release_all([*big, more, got])
+
+
+async def test_other_models_pass_a_blocked_head_by_priority(make_limiter: LimiterFactory) -> None:
+    """Behind a gpt-4o waiter of priority 20 (the head) held by its model's limit, two
+    gpt-4o-mini waiters (priority 0 first, then priority 10) wait for the key's one slot:
+    when it frees, they pass the head, the priority 10 one first."""
+    each = APILimits(max_concurrent=1, models={"gpt-4o": APILimits(requests_per_minute=1)})
+    lim = make_limiter({"ai": APILimits(deployments={"key-a": each})})
+    big = await lim.acquire("ai", timeout=0, model="gpt-4o")
+    await big.release()  # gpt-4o's one request of the minute is used; the slot is free
+    holder = await lim.acquire("ai", timeout=0, model="gpt-4o-mini")
+    blocked = asyncio.create_task(lim.acquire("ai", timeout=30, model="gpt-4o", priority=20))
+    await wait_for_waiters(lim, "ai", 1)
+    low = asyncio.create_task(lim.acquire("ai", timeout=30, model="gpt-4o-mini", priority=0))
+    await wait_for_waiters(lim, "ai", 2)
+    high = asyncio.create_task(lim.acquire("ai", timeout=30, model="gpt-4o-mini", priority=10))
+    await wait_for_waiters(lim, "ai", 3)
+    await holder.release()
+    got = await asyncio.wait_for(high, 10)
+    assert not low.done()
+    await got.release()
+    await (await asyncio.wait_for(low, 10)).release()
+    blocked.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await blocked

@@ -1086,13 +1086,21 @@ contended = function()
   end
 
   -- A head held back only by its model's limits does not hold back other models:
-  -- waiters for other models that fit now are admitted past it, in the order of
-  -- their tickets' expiry (at most 100 looked at), until one is refused by a limit
-  -- that is not its model's. Returns own_admitted, its deployment, others woken.
+  -- waiters for other models that fit now are admitted past it, the highest
+  -- priority first, then in the order of their tickets' expiry (at most 100 looked
+  -- at), until one is refused by a limit that is not its model's. Returns
+  -- own_admitted, its deployment, others woken.
   local function pass_by(own, model)
     local blocked, own_admitted, own_dep, woken = {[model] = true}, false, nil, 0
     local tickets = redis.call('ZRANGEBYSCORE', K_QEXP, '(' .. NOW_S, '+inf', 'LIMIT', 0, 100)
-    for _, ticket in ipairs(tickets) do
+    local order = {}
+    for i, ticket in ipairs(tickets) do
+      local _, _, _, prio = parse_ticket(ticket)
+      order[i] = {-(tonumber(prio) or 0), i, ticket}
+    end
+    table.sort(order, function(a, b) return a[1] < b[1] or (a[1] == b[1] and a[2] < b[2]) end)
+    for _, entry in ipairs(order) do
+      local ticket = entry[3]
       local slot, cost, tokens, _, _, _, m, inp, outp = parse_ticket(ticket)
       if slot and not blocked[m] and not too_heavy_all(cost, tokens, m, inp, outp) then
         local reason, _, dep, by_model = check_all(cost, tokens, m, inp, outp)
