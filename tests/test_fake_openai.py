@@ -3,17 +3,22 @@
 The record at ``GET /admin/record`` (times are ``time.monotonic`` seconds)::
 
     {"clock": "time.monotonic", "started_at": float, "now": float, "window_seconds": float,
-     "limits": {"scope", "max_in_flight", "rpm", "tpm", "quota"},
+     "limits": {"scope", "max_in_flight", "rpm", "tpm", "quota", "model_limits",
+                "key_limits"},
      "requests_total": int, "admitted": int, "completed": int, "in_flight": int,
      "max_in_flight": int, "max_requests_in_window": int, "max_tokens_in_window": int,
      "max_charged_tokens_in_window": int, "tokens_charged": int, "tokens_used": int,
      "rejected": {"concurrency", "requests", "tokens", "request_too_large",
                   "insufficient_quota": int}, "rejected_total": int,
      "unauthorized": int, "bad_requests": int, "by_endpoint": {path: int},
-     "by_key": {masked key: {...}},
+     "by_key": {masked key: {...}}, "by_model": {model: {...}},
+     "by_key_model": {"<masked key>|<model>": {...}},
      # unless ?detail=false:
-     "arrivals": [float], "admissions": [{"t", "done", "key", "endpoint", "charged", "tokens"}],
-     "rejections": [{"t", "reason", "key", "endpoint"}]}
+     "arrivals": [float],
+     "admissions": [{"t", "done", "key", "endpoint", "charged", "tokens", "model"}],
+     "rejections": [{"t", "reason", "key", "endpoint", "model", "bucket"}]}
+
+(Per-model and per-key limits: ``tests/test_fake_openai_models.py``.)
 """
 
 from __future__ import annotations
