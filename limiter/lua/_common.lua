@@ -414,11 +414,18 @@ end
 -- above work on the set whose variables are current: use(set) swaps them, and
 -- every function below leaves the API's set current.
 
-local function save(t)
+-- Every variable of the current set into table t (begin(): the API's own set).
+local function save_all(t)
   t[1], t[2], t[3], t[4], t[5], t[6], t[7] =
     W, MAXC, LONGEST_R, LONGEST_T, K_HOLDERS, K_REQUESTS, K_TOKENS
   t[8], t[9], t[10], t[11], t[12], t[13], t[14], t[15] =
     SPEC, NREQ, FP, HOLD, LOADED, COOLDOWN, OVERRIDE_UNTIL, REFRESH_AT
+  t[16], t[17], t[18], t[19], t[20] = LEASES, MEASURED_R, MEASURED_T, FRESH_R, FRESH_T
+end
+
+-- Those that change during a call (the others, keys and window tables, do not).
+local function save(t)
+  t[2], t[12], t[13], t[14], t[15] = MAXC, LOADED, COOLDOWN, OVERRIDE_UNTIL, REFRESH_AT
   t[16], t[17], t[18], t[19], t[20] = LEASES, MEASURED_R, MEASURED_T, FRESH_R, FRESH_T
 end
 
@@ -433,14 +440,19 @@ use = function(s)
   CUR = s
 end
 
--- Call f() in every set this call loaded (the API's first); true when any was.
-each_set = function(f)
+-- Call refresh() in every set this call loaded whose refresh is due (the API's
+-- first); true when any set was loaded. (A set not due is not swapped in.)
+each_set = function(refresh_set)
   local any = false
   for _, s in ipairs(TOUCHED) do
-    use(s)
-    if LOADED then
-      f()
+    local loaded, at = s[12], s[15]
+    if s == CUR then loaded, at = LOADED, REFRESH_AT end
+    if loaded then
       any = true
+      if not at or at <= NOW then
+        use(s)
+        refresh_set()
+      end
     end
   end
   use(API_SET)
@@ -668,6 +680,7 @@ local function begin()
   MEASURED_R, MEASURED_T, FRESH_R, FRESH_T = false, false, false, false
   if SETS then
     API_SET, RUNTIME = {}, {}
+    save_all(API_SET)
     CUR, TOUCHED = API_SET, {API_SET}
   else
     CUR = nil
