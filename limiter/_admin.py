@@ -100,9 +100,13 @@ def _set_json(limits: APILimits) -> dict[str, Any]:
     return out
 
 
-def _set_from(raw: object) -> APILimits:
-    if not isinstance(raw, dict) or set(raw) - set(_SET_FIELDS):
-        raise ValueError("not a limit set's configuration")
+def _set_from(
+    raw: object, fields: tuple[str, ...] = _SET_FIELDS, what: str = "a limit set's", **more: Any
+) -> APILimits:
+    """The limits of a deployment or model from the registry's JSON; with ``fields`` and
+    ``more`` (the API's own settings), an API's."""
+    if not isinstance(raw, dict) or set(raw) - set(fields):
+        raise ValueError(f"not {what} configuration")
     return APILimits(
         max_concurrent=raw.get("max_concurrent"),
         rates=[Rate(int(limit), float(period)) for limit, period in raw.get("rates", [])],
@@ -110,32 +114,25 @@ def _set_from(raw: object) -> APILimits:
         input_tokens_per_minute=raw.get("input_tokens_per_minute"),
         output_tokens_per_minute=raw.get("output_tokens_per_minute"),
         models={m: _set_from(v) for m, v in dict(raw.get("models", {})).items()},
+        **more,
     )
 
 
 def config_json(limits: APILimits) -> str:
-    """The admission settings of ``limits`` as the registry stores them (stable JSON).
+    """The admission settings of ``limits`` as the registry stores them (stable JSON): a
+    limit set's (``_set_json``) and the API's own.
 
     The fair queue's settings appear only when set, so that a configuration without
     them is stored as it was before they existed."""
-    fields: dict[str, Any] = {
-        "max_concurrent": limits.max_concurrent,
-        "rates": [[r.limit, r.period] for r in limits.windows],
-        "tokens_per_minute": limits.tokens_per_minute,
-        "lease_ttl": limits.lease_ttl,
-        "window_margin": limits.window_margin,
-    }
+    fields = _set_json(limits)
+    fields["lease_ttl"] = limits.lease_ttl
+    fields["window_margin"] = limits.window_margin
     if limits.priority_aging is not None:
         fields["priority_aging"] = limits.priority_aging
     if limits.tenant_weights:
         fields["tenant_weights"] = dict(limits.tenant_weights)
-    for name in _IO_FIELDS:
-        if getattr(limits, name) is not None:
-            fields[name] = getattr(limits, name)
     if limits.deployments:
         fields["deployments"] = {d: _set_json(lim) for d, lim in limits.deployments.items()}
-    if limits.models:
-        fields["models"] = {m: _set_json(lim) for m, lim in limits.models.items()}
     return json.dumps(fields, sort_keys=True, separators=(",", ":"))
 
 
@@ -143,20 +140,17 @@ def limits_from_config(api: str, text: str | bytes) -> APILimits:
     """An :class:`APILimits` from the registry's JSON (ConfigError if it is not that)."""
     try:
         raw = json.loads(text)
-        if not isinstance(raw, dict) or set(raw) - set(_CONFIG_FIELDS):
+        if not isinstance(raw, dict):
             raise ValueError("not a limiter configuration")
-        return APILimits(
-            max_concurrent=raw.get("max_concurrent"),
-            rates=[Rate(int(limit), float(period)) for limit, period in raw.get("rates", [])],
-            tokens_per_minute=raw.get("tokens_per_minute"),
+        return _set_from(
+            raw,
+            _CONFIG_FIELDS,
+            "a limiter",
             lease_ttl=float(raw.get("lease_ttl", 30.0)),
             window_margin=float(raw.get("window_margin", 0.0)),
             priority_aging=raw.get("priority_aging"),
             tenant_weights=raw.get("tenant_weights", {}),
             deployments={d: _set_from(v) for d, v in dict(raw.get("deployments", {})).items()},
-            input_tokens_per_minute=raw.get("input_tokens_per_minute"),
-            output_tokens_per_minute=raw.get("output_tokens_per_minute"),
-            models={m: _set_from(v) for m, v in dict(raw.get("models", {})).items()},
         )
     except (ValueError, TypeError, OverflowError, RecursionError) as exc:
         raise ConfigError(

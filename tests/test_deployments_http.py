@@ -16,7 +16,7 @@ import pytest
 from chatbot.fakes.openai_server import FakeOpenAIConfig
 from limiter import APILimits, ConfigError
 from limiter.http import openai_client
-from tests._servers import serve_fake_openai
+from tests._servers import Running, serve_fake_openai
 from tests.conftest import LimiterFactory
 
 KA, KB = "sk-fake-key-a-0001", "sk-fake-key-b-0002"
@@ -27,6 +27,19 @@ async def ask(client: Any, model: str = "gpt-4o-mini") -> str:
         model=model, messages=[{"role": "user", "content": "hi"}]
     )
     return str(reply.choices[0].message.content)
+
+
+def two_servers(lim: Any, a: Running, b: Running) -> Any:
+    """``openai_client`` of API "ai" with key-a (KA) on server ``a`` and key-b (KB) on
+    server ``b``, each its own base URL."""
+    return openai_client(
+        lim,
+        "ai",
+        deployments={
+            "key-a": {"api_key": KA, "base_url": f"{a.url}/v1"},
+            "key-b": {"api_key": KB, "base_url": f"{b.url}/v1"},
+        },
+    )
 
 
 def admitted_by_key(record: dict[str, Any]) -> dict[str, int]:
@@ -65,14 +78,7 @@ async def test_a_deployment_may_have_its_own_base_url(make_limiter: LimiterFacto
         serve_fake_openai(FakeOpenAIConfig(api_keys=(KA,))) as a,
         serve_fake_openai(FakeOpenAIConfig(api_keys=(KB,))) as b,
     ):
-        client = openai_client(
-            lim,
-            "ai",
-            deployments={
-                "key-a": {"api_key": KA, "base_url": f"{a.url}/v1"},
-                "key-b": {"api_key": KB, "base_url": f"{b.url}/v1"},
-            },
-        )
+        client = two_servers(lim, a, b)
         async with client:
             for _ in range(6):
                 await ask(client)
@@ -94,14 +100,7 @@ async def test_a_429_on_one_key_leaves_the_other_serving(make_limiter: LimiterFa
         serve_fake_openai(FakeOpenAIConfig(api_keys=(KA,), rpm=100)) as a,
         serve_fake_openai(FakeOpenAIConfig(api_keys=(KB,), rpm=100)) as b,
     ):
-        client = openai_client(
-            lim,
-            "ai",
-            deployments={
-                "key-a": {"api_key": KA, "base_url": f"{a.url}/v1"},
-                "key-b": {"api_key": KB, "base_url": f"{b.url}/v1"},
-            },
-        )
+        client = two_servers(lim, a, b)
         async with client:
             for _ in range(2):  # the least used key each time: one call on each
                 await ask(client)
@@ -127,14 +126,7 @@ async def test_a_key_whose_headers_say_none_left_is_paused_alone(
         serve_fake_openai(FakeOpenAIConfig(api_keys=(KA,), rpm=1)) as a,
         serve_fake_openai(FakeOpenAIConfig(api_keys=(KB,), rpm=100)) as b,
     ):
-        client = openai_client(
-            lim,
-            "ai",
-            deployments={
-                "key-a": {"api_key": KA, "base_url": f"{a.url}/v1"},
-                "key-b": {"api_key": KB, "base_url": f"{b.url}/v1"},
-            },
-        )
+        client = two_servers(lim, a, b)
         async with client:
             for _ in range(6):
                 await ask(client)
@@ -181,14 +173,7 @@ async def test_a_keywide_429_pauses_the_whole_key_not_only_the_model(
         ) as a,
         serve_fake_openai(FakeOpenAIConfig(api_keys=(KB,), rpm=100)) as b,
     ):
-        client = openai_client(
-            lim,
-            "ai",
-            deployments={
-                "key-a": {"api_key": KA, "base_url": f"{a.url}/v1"},
-                "key-b": {"api_key": KB, "base_url": f"{b.url}/v1"},
-            },
-        )
+        client = two_servers(lim, a, b)
         async with client:
             for _ in range(2):  # one on each key
                 await ask(client, "gpt-4o")

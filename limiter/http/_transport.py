@@ -180,15 +180,16 @@ def _jsonrpc_refusal(mod: ModuleType, request: Any, exc: LimiterError) -> Any:
 
 
 def _paused(
-    where: tuple[str | None, str | None], status: int, response: Any
+    where: tuple[str | None, str | None], parsed: RateLimitHeaders | None
 ) -> tuple[str | None, str | None]:
     """Where a provider's refusal through ``where`` (deployment, model) pauses: there, but
-    a 429 whose headers say the model's own budget still has room (every ``remaining`` it
-    reports above 0) hit a limit of the key as a whole: the whole deployment pauses."""
+    a 429 (``parsed``: its headers) that says the model's own budget still has room (every
+    ``remaining`` it reports above 0) hit a limit of the key as a whole: the whole
+    deployment pauses."""
     deployment, model = where
-    if status != 429 or deployment is None or model is None:
+    if parsed is None or deployment is None or model is None:
         return where
-    left = [k.remaining for _, k in parse_rate_limit_headers(response.headers).kinds()]
+    left = [k.remaining for _, k in parsed.kinds()]
     known = [n for n in left if n is not None]
     if known and all(n > 0 for n in known):
         return deployment, None
@@ -434,11 +435,12 @@ class LimitedTransport(httpx2.AsyncBaseTransport):
             except mod.DecodingError:  # a content-encoding that lies: classify the raw bytes
                 decoded = raw
             verdict = classify_response(status, response.headers, decoded, idempotent=idempotent)
-            if status == 429 and self._learn:  # a 429 reports the limits too
-                await self._learn_limits(parse_rate_limit_headers(response.headers), where)
+            parsed = parse_rate_limit_headers(response.headers) if status == 429 else None
+            if parsed is not None and self._learn:  # a 429 reports the limits too
+                await self._learn_limits(parsed, where)
             if status in (401, 403):
                 self._auth_refused(status)
-            where_paused = _paused(where, status, response)
+            where_paused = _paused(where, parsed)
             await pause_if_asked(self.limiter, self.api, verdict, *where_paused)
         finally:
             await self._release(slot, success=False)

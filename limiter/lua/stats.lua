@@ -19,6 +19,33 @@
 --          Expired leases and tickets are not counted even when no script has
 --          pruned them yet.
 
+-- The current set's (the API's own, or a limit set's) use of each window, its
+-- learned limits (flat window id, limit list) and their ms left (-2: none), and
+-- its cooldown's ms left, from its state hash fields as read (`by`).
+local function read_set(by)
+  local used, learned, learned_ms = {}, {}, -2
+  for i, w in ipairs(W) do
+    local sum = 0
+    for _, m in ipairs(redis.call('ZRANGEBYSCORE', w.log, '(' .. int(NOW - w.period), '+inf')) do
+      sum = sum + weight_of(m)
+    end
+    used[i] = sum
+  end
+  local till = tonumber(by[FP .. 'p:until'])
+  if till and till > NOW then
+    learned_ms = math.ceil((till - NOW) / 1000)
+    for _, spec in ipairs(SPEC) do
+      local limit = by[FP .. 'p:' .. spec.id]
+      if limit then
+        learned[#learned + 1] = spec.id
+        learned[#learned + 1] = limit
+      end
+    end
+  end
+  local pause = math.max(0, (tonumber(by[FP .. 'cooldown']) or 0) - NOW)
+  return used, learned, learned_ms, math.ceil(pause / 1000)
+end
+
 OPS.stats = function()
   local after_now = '(' .. int(NOW)
   local in_flight = redis.call('ZCOUNT', K_HOLDERS, after_now, '+inf')
@@ -28,18 +55,6 @@ OPS.stats = function()
   for i = 1, #raw, 2 do by[raw[i]] = raw[i + 1] end
   local u = tonumber(by['o:until'])
   local active = u and (u == 0 or u > NOW)
-  local pu = tonumber(by['p:until'])
-  local learned, learned_ms = {}, -2
-  if pu and pu > NOW then
-    learned_ms = math.ceil((pu - NOW) / 1000)
-    for _, spec in ipairs(WINDOWS) do
-      local limit = by['p:' .. spec.id]
-      if limit then
-        learned[#learned + 1] = spec.id
-        learned[#learned + 1] = limit
-      end
-    end
-  end
   for i = 1, #raw, 2 do
     local field = raw[i]
     local name = string.match(field, '^o:(.*)$')
@@ -54,16 +69,7 @@ OPS.stats = function()
       totals[#totals + 1] = raw[i + 1]
     end
   end
-  local cooldown = math.max(0, (tonumber(by['cooldown']) or 0) - NOW)
-  local used = {}
-  for i, w in ipairs(W) do
-    local sum = 0
-    local cutoff = '(' .. int(NOW - w.period)
-    for _, m in ipairs(redis.call('ZRANGEBYSCORE', w.log, cutoff, '+inf')) do
-      sum = sum + weight_of(m)
-    end
-    used[i] = sum
-  end
+  local used, learned, learned_ms, cooldown_ms = read_set(by)
   local ttl = -2
   if active then ttl = (u == 0) and -1 or math.ceil((u - NOW) / 1000) end
   local by_prio, prios, tenants, names = {}, {}, {}, {}
@@ -124,32 +130,13 @@ OPS.stats = function()
   for id in pairs(SETS or {}) do
     use(set_of(id))
     local busy = HOLD and redis.call('ZCOUNT', K_HOLDERS, after_now, '+inf') or 0
-    local set_used, set_learned, set_ms = {}, {}, -2
-    for i, w in ipairs(W) do
-      local sum = 0
-      for _, m in ipairs(redis.call('ZRANGEBYSCORE', w.log, '(' .. int(NOW - w.period), '+inf')) do
-        sum = sum + weight_of(m)
-      end
-      set_used[i] = sum
-    end
-    local until_ = tonumber(by[FP .. 'p:until'])
-    if until_ and until_ > NOW then
-      set_ms = math.ceil((until_ - NOW) / 1000)
-      for _, spec in ipairs(SPEC) do
-        local limit = by[FP .. 'p:' .. spec.id]
-        if limit then
-          set_learned[#set_learned + 1] = spec.id
-          set_learned[#set_learned + 1] = limit
-        end
-      end
-    end
-    local pause = math.max(0, (tonumber(by[FP .. 'cooldown']) or 0) - NOW)
-    for _, v in ipairs({id, busy, math.ceil(pause / 1000), set_used, set_learned, set_ms}) do
+    local set_used, set_learned, set_ms, pause_ms = read_set(by)
+    for _, v in ipairs({id, busy, pause_ms, set_used, set_learned, set_ms}) do
       sets[#sets + 1] = v
     end
   end
   if CUR then use(API_SET) end
-  return {in_flight, waiting, math.ceil(cooldown / 1000), totals, used, override, ttl,
+  return {in_flight, waiting, cooldown_ms, totals, used, override, ttl,
           redis.call('EXISTS', K_CONFIG), prio_list, tenant_list, weights, learned,
           learned_ms, sets}
 end
