@@ -563,7 +563,7 @@ async def remove_old_layout(runner: ScriptRunner, plan: KeyPlan) -> int:
     Found with ``SCAN MATCH <prefix>*`` (scripts cannot scan). A user whom Redis refuses
     ``SCAN`` (the limiter's own ACL user needs none) gets a warning and 0.
     """
-    prefix = plan.keys[0].rpartition(b":")[0] + b":"
+    prefix = plan.prefix
     pattern = _GLOB.sub(rb"\\\1", prefix) + b"*"
     redis = runner.redis
     try:

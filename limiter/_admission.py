@@ -93,6 +93,8 @@ class Admission:
             while True:
                 res = await self._runner.run("acquire", plan, *args, retry_args=again)
                 args = again
+                if type(res) is int:  # admitted (the common reply: its time alone)
+                    res = (1, res)
                 if int(res[0]) == 1:
                     charged = waiter is not None or (len(res) > 2 and int(res[2]) == 1)
                     dep = text(res[3]) if len(res) > 3 else ""
@@ -241,7 +243,7 @@ class Admission:
             if self.on_outage is None or not self.on_outage(exc):
                 raise
             return
-        lost = int(res[0]) == 0 or state.lost
+        lost = (res if type(res) is int else int(res[0])) == 0 or state.lost
         if self._events.active:
             self._events.emit(
                 "released", state.plan.api, success=outcome == OUTCOME_SUCCESS, lost=lost

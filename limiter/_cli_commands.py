@@ -21,9 +21,10 @@ from redis.exceptions import RedisClusterException, RedisError
 
 from ._admin import apis_key, registered
 from ._connect import redact_url
-from ._contract import OPERATIONS, library_source, lua_source, text
+from ._contract import OPERATIONS, text
 from ._errors import ConfigError, LimiterUnavailable
 from ._limiter import Limiter
+from ._lua import library_source, lua_source
 from ._runner import NO_PASSWORD, needs_password
 
 __all__ = ["COMMANDS", "MIN_REDIS", "Failed", "Session", "scrub"]

@@ -1,13 +1,14 @@
 """The scripts' contract, written once: which KEYS and ARGV each Lua operation takes, by name.
 
 Owns: the key layout of an API (:data:`API_KEYS`), its configuration as the scripts read
-it (:data:`CONFIG`), the operations and their own arguments (:data:`OPERATIONS`), and the
-Lua text of each script. Both sides are built from these tuples: :meth:`KeyPlan.argv`
-lays out a call's ARGV, and :func:`lua_source` opens every script with generated lines
-that bind ``KEYS[i]`` to ``K_<NAME>`` and ``ARGV[i]`` to ``<NAME>`` (numbers through
-``tonumber``), so no index is written twice. Pure: no I/O (``_runner`` runs the scripts).
+it (:data:`CONFIG`), the operations and their own arguments (:data:`OPERATIONS`). Both
+sides are built from these tuples: :meth:`KeyPlan.argv` lays out a call's ARGV, and
+``_lua`` opens every script with generated lines that bind ``KEYS[1]`` and ``ARGV[i]``
+to named Lua variables, so no index is written twice. Pure: no I/O (``_runner`` runs the
+scripts).
 
-A field spelled ``"name:n"`` is a number; ``"name"`` a string.
+A field spelled ``"name:n"`` is a number, ``"name"`` a string; ``"name=default"`` may be
+left out at the end of ARGV when it has that default (:class:`Operation`).
 """
 
 from __future__ import annotations
@@ -16,9 +17,7 @@ import hashlib
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
-from functools import cache
-from importlib.resources import files
-from typing import Final
+from typing import Any, Final
 
 from ._checks import check_key
 from ._config import APILimits, check_api_name
@@ -32,17 +31,22 @@ __all__ = [
     "LimitSet",
     "Operation",
     "Planner",
-    "library_source",
-    "lua_source",
+    "field_default",
+    "field_name",
+    "full_reply",
     "safe_key",
     "text",
 ]
 
-#: The keys of one API (or one key of a keyed API), in KEYS order; all share the hash
-#: tag ``{api}``. What each holds: ``lua/_common.lua``.
+#: The keys of one API (or one key of a keyed API); all share the hash tag ``{api}``. What
+#: each holds: ``lua/_common.lua``. A per-API script is given one of them, the state hash
+#: (:data:`DECLARED_KEY`), as its only KEYS entry, and names the others from its prefix
+#: ``"<namespace>:{api}:"``: one slot, so Redis Cluster routes the call by that key.
 API_KEYS: Final = ("holders", "queue", "qexp", "state", "handed", "requests", "tokens")
+#: The one key a per-API script declares (KEYS[1]).
+DECLARED_KEY: Final = "state"
 
-#: The API's configuration, one ARGV field after each per-API call's own: these words,
+#: The API's configuration, ARGV[1] of every per-API call (its own fields follow): these words,
 #: separated by spaces, then three words per window (its id, its limit, its period in
 #: microseconds with the window margin): the request windows shortest first, then the
 #: token windows; then each limit set of the API (deployments, models, a deployment's
@@ -68,17 +72,21 @@ CONFIG: Final = (
 class Operation:
     """One Lua script: its own ARGV, and whether it works on one API's keys.
 
-    A per-API operation takes :data:`API_KEYS` and ARGV = its ``args``, then the
-    configuration (:data:`CONFIG`), then an optional variadic tail (``ARGS[TAIL_AT]``
-    on). Its file ``lua/<name>.lua`` defines ``OPS.<name>``, which uses the shared
-    functions of ``lua/_common.lua``.
+    A per-API operation takes KEYS = the API's :data:`DECLARED_KEY` and ARGV = the
+    configuration (:data:`CONFIG`), then its ``args``, then an optional variadic tail
+    (``ARGS[TAIL_AT]`` on). A field ``"name:n=default"`` may be left out at the end of
+    ARGV when it has its default (an operation with a tail sends every field): the Lua
+    binding gives it that default, or, when the default names an earlier field, that
+    field's value. Its file ``lua/<name>.lua`` defines ``OPS.<name>``, which uses the
+    shared functions of ``lua/_common.lua``.
     """
 
     name: str
     args: tuple[str, ...] = ()
     #: KEYS of an operation that is not per-API (then no configuration follows).
     keys: tuple[str, ...] | None = None
-    #: KEYS a per-API operation takes after :data:`API_KEYS` (in the API's hash tag).
+    #: Keys a per-API operation uses besides :data:`API_KEYS` (in the API's hash tag,
+    #: named from its prefix like them).
     extra_keys: tuple[str, ...] = ()
 
     @property
@@ -95,16 +103,16 @@ OPERATIONS: Final = {
             "acquire",
             (
                 "slot",
-                "cost:n",
-                "tokens:n",
-                "mode",
-                "first:n",
-                "priority",
-                "weight",
-                "tenant",
-                "model",
-                "in_tokens:n",
-                "out_tokens:n",
+                "cost:n=1",
+                "tokens:n=0",
+                "mode=wait",
+                "first:n=1",
+                "priority=0",
+                "weight=1.0",
+                "tenant=",
+                "model=",
+                "in_tokens:n=tokens",
+                "out_tokens:n=tokens",
             ),
         ),
         Operation(
@@ -113,16 +121,16 @@ OPERATIONS: Final = {
                 "slot",
                 "outcome:n",
                 "admitted_at:n",
-                "reserved:n",
-                "actual:n",
-                "handed:n",
-                "fair",
-                "deployment",
-                "model",
-                "reserved_in:n",
-                "actual_in:n",
-                "reserved_out:n",
-                "actual_out:n",
+                "reserved:n=0",
+                "actual:n=-1",
+                "handed:n=0",
+                "fair=",
+                "deployment=",
+                "model=",
+                "reserved_in:n=reserved",
+                "actual_in:n=actual",
+                "reserved_out:n=reserved",
+                "actual_out:n=actual",
             ),
         ),
         Operation("withdraw", ("slot", "ticket")),
@@ -144,137 +152,44 @@ def text(value: object) -> str:
     return value.decode() if isinstance(value, bytes) else str(value)
 
 
-def _lua_name(field: str) -> str:
-    return field.partition(":")[0].upper()
+def full_reply(op: str, reply: Any) -> Any:
+    """``reply`` of script ``op`` in its full form: acquire's bare admission time (its
+    common reply) as ``[1, time]``, release's bare ``held`` as ``[held, 0]``."""
+    if type(reply) is not int:
+        return reply
+    return [1, reply] if op == "acquire" else [reply, 0]
 
 
-def _values(names: tuple[str, ...], source: str, first: int = 1) -> str:
-    """``source[first], tonumber(source[first + 1]), ...`` for ``names`` in order."""
-    out = []
-    for i, field in enumerate(names, start=first):
-        out.append(f"tonumber({source}[{i}])" if field.endswith(":n") else f"{source}[{i}]")
-    return ", ".join(out)
+def field_name(field: str) -> str:
+    """The Lua name of an ARGV or KEYS field: ``"in_tokens:n=tokens"`` -> ``IN_TOKENS``."""
+    return field.partition("=")[0].partition(":")[0].upper()
 
 
-def _assign(names: list[str], values: str) -> str:
-    return f"  {', '.join(names)} = {values}"
+def field_default(field: str) -> str | None:
+    """The default of ``"name[:n]=default"`` (None: the field has none)."""
+    _, eq, default = field.partition("=")
+    return default if eq else None
 
 
-def _head(ops: list[Operation]) -> str:
-    """The generated start of a per-API script or of the library: the names every
-    operation binds, the configuration's parser, and one binder per operation."""
-    args: list[str] = []
-    extra: list[str] = []
-    for op in ops:
-        args += [_lua_name(f) for f in op.args if _lua_name(f) not in args]
-        extra += ["K_" + _lua_name(k) for k in op.extra_keys if "K_" + _lua_name(k) not in extra]
-    config = [_lua_name(f) for f in CONFIG]
-    lines = [
-        "-- Generated by limiter/_contract.py from the one definition of the scripts'",
-        "-- contract: every KEYS and ARGV field of an operation is bound to its name here.",
-        "-- No global is read while the code loads (a Functions library may not).",
-        "local function unpack_list(t, i, j)",
-        "  if table.unpack then return table.unpack(t, i, j) end",
-        "  return unpack(t, i, j)",
-        "end",
-        "local OPS = {}",
-        "local " + ", ".join(["K_" + _lua_name(k) for k in API_KEYS] + extra),
-    ]
-    if args:
-        lines.append("local " + ", ".join(args))
-    lines += [
-        "local " + ", ".join(config),
-        "local WINDOWS, SETS, DEPS, ARGS, TAIL_AT",
-        "",
-        "-- The configuration, parsed once per distinct text while the code is loaded.",
-        "local CONFIGS, CONFIG_COUNT = {}, 0",
-        "local function bind_config(text)",
-        "  local c = CONFIGS[text]",
-        "  if not c then",
-        "    local v = {}",
-        "    for word in string.gmatch(text, '%S+') do v[#v + 1] = word end",
-        f"    c = {{{_values(CONFIG, 'v')}}}",
-        "    local windows, sets, deps, list = {}, nil, nil, nil",
-        "    list = windows",
-        f"    local i = {len(CONFIG) + 1}",
-        "    while i <= #v do",
-        "      if v[i] == '@' then -- a limit set: '@ <id> <max_concurrent> <request windows>'",
-        "        local set = {id = v[i + 1], maxc = tonumber(v[i + 2]), nreq = tonumber(v[i + 3]),",
-        "                     windows = {}}",
-        "        sets = sets or {}",
-        "        sets[set.id] = set",
-        "        local dep = string.match(set.id, '^d:([^:#]+)$')",
-        "        if dep then",
-        "          deps = deps or {}",
-        "          deps[#deps + 1] = dep",
-        "        end",
-        "        list, i = set.windows, i + 4",
-        "      else",
-        "        list[#list + 1] = {id = v[i], limit = tonumber(v[i + 1]),",
-        "                           period = tonumber(v[i + 2])}",
-        "        i = i + 3",
-        "      end",
-        "    end",
-        "    c.windows, c.sets, c.deps = windows, sets or false, deps or false",
-        "    if CONFIG_COUNT >= 1000 then CONFIGS, CONFIG_COUNT = {}, 0 end",
-        "    CONFIGS[text], CONFIG_COUNT = c, CONFIG_COUNT + 1",
-        "  end",
-        _assign(config, ", ".join(f"c[{i}]" for i in range(1, len(config) + 1))),
-        "  WINDOWS, SETS, DEPS = c.windows, c.sets, c.deps",
-        "end",
-        "",
-        "local BIND = {}",
-    ]
-    for op in ops:
-        lines.append(f"BIND.{op.name} = function(keys, args)")
-        keys = API_KEYS + op.extra_keys
-        lines.append(_assign(["K_" + _lua_name(k) for k in keys], _values(keys, "keys")))
-        if op.args:
-            lines.append(_assign([_lua_name(f) for f in op.args], _values(op.args, "args")))
-        lines.append(f"  bind_config(args[{len(op.args) + 1}])")
-        lines.append(f"  ARGS, TAIL_AT = args, {len(op.args) + 2}")
-        lines.append("end")
-    return "\n".join(lines) + "\n"
+def _as_text(value: object) -> str:
+    if isinstance(value, bytes):
+        return value.decode()
+    return str(value)
 
 
-def _standalone(op: Operation) -> str:
-    keys = op.keys or ()
-    lines = [f"-- Bound from limiter/_contract.py, operation {op.name!r}."]
-    lines += [f"local K_{_lua_name(k)} = KEYS[{i}]" for i, k in enumerate(keys, start=1)]
-    for i, field in enumerate(op.args, start=1):
-        value = f"tonumber(ARGV[{i}])" if field.endswith(":n") else f"ARGV[{i}]"
-        lines.append(f"local {_lua_name(field)} = {value}")
-    return "\n".join(lines) + "\n"
-
-
-def _read(name: str) -> str:
-    return files("limiter").joinpath("lua").joinpath(f"{name}.lua").read_text(encoding="utf-8")
-
-
-@cache
-def lua_source(name: str) -> str:
-    """The EVAL text of script ``name``: bindings, shared functions, its own file, a call."""
-    op = OPERATIONS[name]
-    if not op.per_api:
-        return _standalone(op) + "\n" + _read(name)
-    entry = f"BIND.{name}(KEYS, ARGV)\nbegin()\nreturn OPS.{name}()\n"
-    return "\n".join([_head([op]), _read("_common"), _read(name), entry])
-
-
-@cache
-def library_source() -> tuple[str, str]:
-    """``(library name, code)`` of the Redis Functions library holding every per-API
-    operation; each is registered as ``<library name>_<operation>``. The name carries a
-    hash of the code, so that limiters of different versions never replace each other's."""
-    ops = [op for op in OPERATIONS.values() if op.per_api]
-    body = "\n".join([_head(ops), _read("_common"), *(_read(op.name) for op in ops)])
-    name = "fleetlimit_" + hashlib.sha1(body.encode(), usedforsecurity=False).hexdigest()[:12]
-    register = [
-        f"redis.register_function('{name}_{op.name}', function(keys, args)\n"
-        f"  BIND.{op.name}(keys, args)\n  begin()\n  return OPS.{op.name}()\nend)"
-        for op in ops
-    ]
-    return name, f"#!lua name={name}\n" + body + "\n" + "\n".join(register) + "\n"
+def _strip_defaults(fields: tuple[str, ...], args: tuple[object, ...]) -> tuple[object, ...]:
+    """``args`` without the trailing ones that have their field's default."""
+    named = {field_name(f): _as_text(a) for f, a in zip(fields, args, strict=True)}
+    end = len(args)
+    while end > 0:
+        default = field_default(fields[end - 1])
+        if default is None:
+            break
+        value = _as_text(args[end - 1])
+        if value != named.get(default.upper(), default):
+            break
+        end -= 1
+    return args[:end]
 
 
 _SAFE_KEY = re.compile(r"^[A-Za-z0-9_.:+@=\-]{1,64}$")
@@ -366,7 +281,8 @@ class KeyPlan:
     api: str
     #: The hash tag: the API name, or "<api>/<key>" for a keyed limit.
     tag: str
-    #: :data:`API_KEYS`, encoded once (redis-py sends bytes as they are).
+    #: The KEYS a per-API script takes: the API's :data:`DECLARED_KEY`, encoded once
+    #: (redis-py sends bytes as they are).
     keys: tuple[bytes, ...]
     #: :data:`CONFIG` and the windows as the one ARGV field the scripts take, encoded once.
     config: bytes
@@ -422,7 +338,7 @@ class KeyPlan:
         return cls(
             api=api,
             tag=tag,
-            keys=tuple(f"{prefix}{name}".encode() for name in API_KEYS),
+            keys=(f"{prefix}{DECLARED_KEY}".encode(),),
             config=packed,
             windows=tuple(windows),
             reasons=reasons,
@@ -431,23 +347,24 @@ class KeyPlan:
             deployments=tuple(limits.deployments),
         )
 
-    def key(self, name: str) -> bytes:
-        """The key named ``name`` in :data:`API_KEYS`."""
-        return self.keys[API_KEYS.index(name)]
+    @property
+    def prefix(self) -> bytes:
+        """``"<namespace>:{<tag>}:"``, the start of every key of the API."""
+        return self.keys[0][: -len(DECLARED_KEY)]
 
-    def keys_of(self, op: str) -> tuple[bytes, ...]:
-        """KEYS of per-API operation ``op``: :data:`API_KEYS`, then its extra keys."""
-        extra = OPERATIONS[op].extra_keys
-        if not extra:
-            return self.keys
-        prefix = self.keys[0].rpartition(b":")[0] + b":"
-        return self.keys + tuple(prefix + k.encode() for k in extra)
+    def key(self, name: str) -> bytes:
+        """The key named ``name`` (one of :data:`API_KEYS`, or an operation's extra key)."""
+        return self.prefix + name.encode()
 
     def argv(self, op: str, *args: object, tail: tuple[object, ...] = ()) -> tuple[object, ...]:
-        """ARGV of per-API operation ``op``: its own fields, the configuration, a tail."""
-        if len(args) != len(OPERATIONS[op].args):
-            raise TypeError(f"{op}: takes {OPERATIONS[op].args}, got {len(args)} arguments")
-        return (*args, self.config, *tail)
+        """ARGV of per-API operation ``op``: the configuration, its own fields (those
+        at the end that have their default left out, when there is no tail), a tail."""
+        fields = OPERATIONS[op].args
+        if len(args) != len(fields):
+            raise TypeError(f"{op}: takes {fields}, got {len(args)} arguments")
+        if not tail:
+            args = _strip_defaults(fields, args)
+        return (self.config, *args, *tail)
 
     def window(self, id_: str) -> Window:
         """The window the scripts call ``id_`` (the API's, else a limit set's)."""

@@ -21,7 +21,7 @@ from typing import Any
 
 from ._admission import Admission
 from ._config import APILimits
-from ._contract import KeyPlan, text
+from ._contract import KeyPlan, full_reply, text
 from ._errors import AcquireTimeout, LimiterUnavailable
 from ._events import Events
 from ._local import LocalGate
@@ -180,21 +180,24 @@ class FailOpen:
                 return
             if state.released:
                 continue
-            res = await self._runner.run(
+            res = full_reply(
                 "acquire",
-                state.plan,
-                state.id,
-                state.cost,
-                state.tokens,
-                b"try",
-                1,
-                0,
-                "1.0",
-                "",
-                "",
-                state.tokens_in,
-                state.tokens_out,
-                label="adopt",
+                await self._runner.run(
+                    "acquire",
+                    state.plan,
+                    state.id,
+                    state.cost,
+                    state.tokens,
+                    b"try",
+                    1,
+                    0,
+                    "1.0",
+                    "",
+                    "",
+                    state.tokens_in,
+                    state.tokens_out,
+                    label="adopt",
+                ),
             )
             if int(res[0]) != 1:
                 continue

@@ -34,8 +34,9 @@ from redis.exceptions import (
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from ._contract import OPERATIONS, KeyPlan, library_source, lua_source
+from ._contract import OPERATIONS, KeyPlan
 from ._errors import LimiterUnavailable
+from ._lua import library_source, lua_source
 
 __all__ = ["NO_PASSWORD", "REDIS_ERRORS", "ScriptRunner", "is_outage", "needs_password", "redact"]
 
@@ -196,7 +197,7 @@ class ScriptRunner:
         argv = plan.argv(op, *args, tail=tail)
         again = None if retry_args is None else plan.argv(op, *retry_args, tail=tail)
         # A coroutine returned, not awaited here: one frame less on the hot path.
-        return self.call(op, plan.keys_of(op), argv, plan.api, label or op, again)
+        return self.call(op, plan.keys, argv, plan.api, label or op, again)
 
     async def call(
         self,

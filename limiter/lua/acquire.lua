@@ -26,8 +26,9 @@
 -- and one refusal count on the request's first call.
 --
 -- Returns:
---   {1, admission time (microseconds, Redis TIME)}   admitted; the lease runs
---                                                    until admission + lease
+--   admission time (microseconds, Redis TIME), a bare integer: admitted; the
+--       lease runs until admission + lease (the common reply: a client reads an
+--       integer faster than an array)
 --   {1, admission time, 1}   admitted through the fair queue (its tenant was
 --                            charged: the release may correct the charge)
 --   {1, admission time, 0 or 1, deployment}   the same for an API with
@@ -78,7 +79,7 @@ local function acquire_now()
     drop_ticket(own_ticket())
     local at, dep = handed_at(SLOT)
     extend(SLOT, dep, MODEL)
-    if not DEPS then return {1, at} end
+    if not DEPS then return at end
     return {1, at, 1, dep}
   end
 
@@ -96,7 +97,7 @@ local function acquire_now()
     if not reason then
       admit_all(SLOT, COST, TOKENS, nil, dep, MODEL, IN_TOKENS, OUT_TOKENS)
       if dep then return {1, NOW, 0, dep} end
-      return {1, NOW}
+      return NOW
     end
     if FIRST == 1 then count_refusal(reason) end
     if MODE == 'wait' then enqueue(own_ticket()) end
@@ -115,7 +116,7 @@ local function acquire_now()
     if not r then
       admit_all(SLOT, COST, TOKENS, nil, dep, MODEL, IN_TOKENS, OUT_TOKENS)
       if dep then return {1, NOW, 0, dep} end
-      return {1, NOW}
+      return NOW
     end
     count_refusal(r)
     return {0, r, w, 1}

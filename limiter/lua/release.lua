@@ -26,8 +26,9 @@
 --
 -- Returns {held, woken}: held is 1 when the slot's lease was there and is now
 -- released, 0 when it was already gone (expired or lost: the caller raises
--- LeaseLost); woken is how many waiters this release admitted. The waiter
--- left at the head of the queue is told how long it must still wait.
+-- LeaseLost); woken is how many waiters this release admitted. When it woke
+-- nobody, held alone (a bare integer: the common reply). The waiter left at
+-- the head of the queue is told how long it must still wait.
 
 -- A lease that expired counts as lost even when no script pruned it yet.
 
@@ -103,5 +104,6 @@ OPS.release = function()
 
   local woken = move_queue()
   flush()
+  if woken == 0 then return held end
   return {held, woken}
 end
