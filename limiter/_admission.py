@@ -32,6 +32,13 @@ log = logging.getLogger("limiter")
 _WINDOW_WORDS = {"rate:60s": "minute", "rate:3600s": "hour", "rate:1s": "second"}
 
 
+def _ticket(args: tuple[Any, ...]) -> str:
+    """The ticket acquire.lua makes of acquire's ``args`` (its format: lua/_common.lua)."""
+    slot_id, cost, tokens, _mode, _first, priority, weight, tenant, model, inp, outp = args
+    held = f"{tokens}" if inp == outp == tokens else f"{tokens}/{inp}/{outp}"
+    return f"{slot_id}|{cost}|{held}|{priority}|{weight}|{model}|{tenant}"
+
+
 class Admission:
     """One process's admissions in Redis, in the cluster's one fair queue per API."""
 
@@ -80,9 +87,6 @@ class Admission:
         mode = b"try" if timeout == 0 else b"wait"
         weight = repr(fair.weight)
         inp, outp = split or (tokens, tokens)
-        # The ticket as acquire.lua makes it (its format: lua/_common.lua).
-        held = f"{tokens}" if inp == outp == tokens else f"{tokens}/{inp}/{outp}"
-        ticket = f"{slot_id}|{cost}|{held}|{fair.priority}|{weight}|{model}|{fair.tenant}"
         ask = (slot_id, cost, tokens, mode, 1, fair.priority, weight, fair.tenant, model)
         args: tuple[Any, ...] = (*ask, inp, outp)
         again = (*ask[:4], 0, *ask[5:], inp, outp)
@@ -132,7 +136,7 @@ class Admission:
                 if waiter is None:
                     # Listen before waiting, then ask again at once: a hand-off that
                     # happened before the subscription is then seen by the script.
-                    waiter = self._waiting.add_waiter(plan, slot_id, ticket)
+                    waiter = self._waiting.add_waiter(plan, slot_id, _ticket(args))
                     await self._waiting.ensure_listener()
                     if task is not None and task.cancelling() > cancels:
                         # A cancel redis-py swallowed while subscribing: honour it.
@@ -159,9 +163,10 @@ class Admission:
             # itself failed, do it in the background: the caller hears of it at once.
             if queued:
                 if isinstance(exc, LimiterUnavailable):
-                    self.keep(asyncio.ensure_future(self._withdraw(plan, slot_id, ticket)))
+                    withdraw = self._withdraw(plan, slot_id, _ticket(args))
+                    self.keep(asyncio.ensure_future(withdraw))
                 else:
-                    await self._withdraw(plan, slot_id, ticket)
+                    await self._withdraw(plan, slot_id, _ticket(args))
             raise
         finally:
             self._waiting.remove_waiter(slot_id)

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from typing import Any, Final
 
 from ._checks import check_key
-from ._config import APILimits, check_api_name
+from ._config import MAX_COUNT, APILimits, check_api_name
 from ._errors import ConfigError
 
 __all__ = [
@@ -171,25 +171,62 @@ def field_default(field: str) -> str | None:
     return default if eq else None
 
 
-def _as_text(value: object) -> str:
-    if isinstance(value, bytes):
-        return value.decode()
-    return str(value)
-
-
-def _strip_defaults(fields: tuple[str, ...], args: tuple[object, ...]) -> tuple[object, ...]:
-    """``args`` without the trailing ones that have their field's default."""
-    named = {field_name(f): _as_text(a) for f, a in zip(fields, args, strict=True)}
-    end = len(args)
-    while end > 0:
-        default = field_default(fields[end - 1])
+def _trailing(fields: tuple[str, ...]) -> tuple[tuple[int, frozenset[object], int], ...]:
+    """The fields that may be left out at the end, last first: (index, the values that
+    are its default as a caller passes them, index of the field whose value is its
+    default or -1)."""
+    names = [field_name(f) for f in fields]
+    out: list[tuple[int, frozenset[object], int]] = []
+    for i in range(len(fields) - 1, -1, -1):
+        default = field_default(fields[i])
         if default is None:
             break
-        value = _as_text(args[end - 1])
-        if value != named.get(default.upper(), default):
-            break
-        end -= 1
-    return args[:end]
+        if default.upper() in names[:i]:
+            out.append((i, frozenset(), names.index(default.upper())))
+            continue
+        same: set[object] = {default, default.encode()}
+        if default.lstrip("-").isdigit():  # a number, or a string a caller may give as one
+            same.add(int(default))
+        out.append((i, frozenset(same), -1))
+    return tuple(out)
+
+
+#: Each operation's :func:`_trailing` (made once: ARGV is laid out at every call).
+_TRAILING: Final = {name: _trailing(op.args) for name, op in OPERATIONS.items()}
+
+
+#: Each operation's first field that has a default (len(args): none).
+_FIRST_DEFAULT: Final = {
+    name: trailing[-1][0] if trailing else len(op.args)
+    for (name, op), trailing in zip(OPERATIONS.items(), _TRAILING.values(), strict=True)
+}
+for _name, _first in _FIRST_DEFAULT.items():  # a tail's values decide alone what is sent
+    if any(0 <= ref < _first for _i, _same, ref in _TRAILING[_name]):
+        raise AssertionError(f"{_name}: a default names a field that has none")
+#: How many of an operation's fields to send, by the values of those that have a
+#: default (a few distinct tails recur: made once each, at most 1,024 kept).
+_KEEP: dict[tuple[object, ...], int] = {}
+
+
+def _strip_defaults(op: str, args: tuple[object, ...]) -> tuple[object, ...]:
+    """``args`` of ``op`` without the trailing ones that have their field's default."""
+    first = _FIRST_DEFAULT[op]
+    tail = (op, *args[first:])
+    keep = _KEEP.get(tail)
+    if keep is None:
+        keep = len(args)
+        for i, same, ref in _TRAILING[op]:
+            value = args[i]
+            if ref >= 0:
+                if value != args[ref]:
+                    break
+            elif isinstance(value, bool) or value not in same:
+                break
+            keep = i
+        if len(_KEEP) >= 1024:
+            _KEEP.clear()
+        _KEEP[tail] = keep
+    return args[:keep]
 
 
 _SAFE_KEY = re.compile(r"^[A-Za-z0-9_.:+@=\-]{1,64}$")
@@ -296,6 +333,9 @@ class KeyPlan:
     sets: tuple[LimitSet, ...] = ()
     #: The deployments' names, in configuration order (empty: none).
     deployments: tuple[str, ...] = ()
+    #: The heaviest cost and tokens every configured limit admits (an API without limit
+    #: sets): a request within them needs no check of each window.
+    light: tuple[int, int] = (0, 0)
 
     @classmethod
     def build(
@@ -345,6 +385,10 @@ class KeyPlan:
             lease_ttl=limits.lease_ttl,
             sets=sets,
             deployments=tuple(limits.deployments),
+            light=(
+                0 if sets else min([w.limit for w in requests] or [MAX_COUNT]),
+                0 if sets else min([w.limit for w in windows if w.kind == "t"] or [MAX_COUNT]),
+            ),
         )
 
     @property
@@ -363,7 +407,7 @@ class KeyPlan:
         if len(args) != len(fields):
             raise TypeError(f"{op}: takes {fields}, got {len(args)} arguments")
         if not tail:
-            args = _strip_defaults(fields, args)
+            args = _strip_defaults(op, args)
         return (self.config, *args, *tail)
 
     def window(self, id_: str) -> Window:

@@ -195,7 +195,12 @@ class ScriptRunner:
         again as a waiter would, and finds its slot if the first run admitted it).
         """
         argv = plan.argv(op, *args, tail=tail)
-        again = None if retry_args is None else plan.argv(op, *retry_args, tail=tail)
+        again = None
+        if retry_args is not None:  # laid out only if a retry happens
+
+            def again() -> tuple[Any, ...]:
+                return plan.argv(op, *retry_args, tail=tail)
+
         # A coroutine returned, not awaited here: one frame less on the hot path.
         return self.call(op, plan.keys, argv, plan.api, label or op, again)
 
@@ -206,16 +211,17 @@ class ScriptRunner:
         args: Sequence[Any],
         api: str | None,
         label: str,
-        retry_args: Sequence[Any] | None = None,
+        retry_args: Callable[[], Sequence[Any]] | None = None,
     ) -> Any:
-        """EVALSHA script ``op``; LimiterUnavailable(api, label) when Redis fails."""
+        """EVALSHA script ``op``; LimiterUnavailable(api, label) when Redis fails.
+        ``retry_args()`` is the ARGV of a second try on a fresh connection."""
         task = asyncio.current_task()
         cancels = task.cancelling() if task is not None else 0
         try:
             try:
                 result = await self.eval(op, keys, args)
             except RedisConnectionError:
-                result = await self.eval(op, keys, retry_args or args)
+                result = await self.eval(op, keys, args if retry_args is None else retry_args())
         except REDIS_ERRORS as exc:
             raise LimiterUnavailable(api, label, redact(exc)) from exc
         self.answers += 1

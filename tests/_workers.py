@@ -18,6 +18,7 @@ clock for every process on Linux); ``acquired_at`` is the slot's Redis time.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
 import logging
 import os
@@ -31,6 +32,7 @@ from typing import Any
 import redis.asyncio as aioredis
 
 from limiter import AcquireTimeout, APILimits, LeaseLost, Limiter, Rate
+from limiter._lua import lua_source
 
 #: Longest any worker blocks on a signal from the test before giving up, seconds.
 SIGNAL_TIMEOUT = 30
@@ -328,6 +330,11 @@ async def role_cancel(cfg: Config, r: aioredis.Redis) -> Result:
     return report
 
 
+#: The acquire script's SHA1, as EVALSHA sends it (Redis without Functions).
+_ACQUIRE_SHA = hashlib.sha1(lua_source("acquire").encode(), usedforsecurity=False)
+_ACQUIRE_SHA_HEX = _ACQUIRE_SHA.hexdigest().encode()
+
+
 class _SendSignal(aioredis.Connection):
     """A connection that cancels the task sending an armed ``acquire`` (FCALL or EVALSHA)
     right after writing it (its reply not yet read), then sets :attr:`sent`."""
@@ -342,8 +349,8 @@ class _SendSignal(aioredis.Connection):
             return
         parts = [command] if isinstance(command, bytes | str) else list(command)
         packed = b"".join(p.encode() if isinstance(p, str) else bytes(p) for p in parts)
-        # Only acquire passes the mode "wait" as an argument of its own.
-        if (b"EVALSHA" in packed or b"FCALL" in packed) and b"\r\n$4\r\nwait\r\n" in packed:
+        # acquire: its Functions name (FCALL), or its script's SHA1 (EVALSHA).
+        if b"_acquire\r\n" in packed or _ACQUIRE_SHA_HEX in packed:
             cls.armed = False
             # Cancel the sending task itself, now: the cancel lands on its next await, the
             # read of the reply. (Cancelling from another task raced the reply on a loaded

@@ -177,6 +177,19 @@ local function ttl(life)
   return math.ceil((life + math.max(1000000, life / 4)) / 1000)
 end
 
+-- ttl(life) as PEXPIRE's argument, for the lives of a configuration (the lease,
+-- a window's period): made once each (a number argument costs Redis a float-to-text
+-- conversion at every call).
+local TTL_TEXT = {}
+local function ttl_arg(life)
+  local t = TTL_TEXT[life]
+  if not t then
+    t = string.format('%d', ttl(life))
+    TTL_TEXT[life] = t
+  end
+  return t
+end
+
 -- Give every key of the API a TTL covering its life from now, at most once a
 -- second: a busy API pays for it once a second, not at every admission. Entries
 -- added until the next refresh are covered by the slack. Expired leases and
@@ -190,7 +203,7 @@ local function refresh()
   set_state(FP .. 'e', int(REFRESH_AT))
   if HOLD then
     redis.call('ZREMRANGEBYSCORE', K_HOLDERS, '-inf', NOW)
-    redis.call('PEXPIRE', K_HOLDERS, ttl(LEASE_US))
+    redis.call('PEXPIRE', K_HOLDERS, ttl_arg(LEASE_US))
   end
   LEASES = nil
   -- Each log is measured before it is trimmed: the extra weight of what leaves a
@@ -198,12 +211,12 @@ local function refresh()
   if LONGEST_R then
     measure('r')
     redis.call('ZREMRANGEBYSCORE', K_REQUESTS, '-inf', NOW - LONGEST_R.period)
-    redis.call('PEXPIRE', K_REQUESTS, ttl(LONGEST_R.period))
+    redis.call('PEXPIRE', K_REQUESTS, ttl_arg(LONGEST_R.period))
   end
   if LONGEST_T then
     measure('t')
     redis.call('ZREMRANGEBYSCORE', K_TOKENS, '-inf', NOW - LONGEST_T.period)
-    redis.call('PEXPIRE', K_TOKENS, ttl(LONGEST_T.period))
+    redis.call('PEXPIRE', K_TOKENS, ttl_arg(LONGEST_T.period))
   end
   -- The state hash: its totals stats_ttl, its extras as long as the longest
   -- window, a cooldown or an override while in force; an override without end
@@ -238,7 +251,7 @@ local function flush()
   if STATE_TTL == -1 then
     redis.call('PERSIST', K_STATE)
   elseif STATE_TTL then
-    redis.call('PEXPIRE', K_STATE, STATE_TTL)
+    redis.call('PEXPIRE', K_STATE, int(STATE_TTL))
   end
 end
 
@@ -246,7 +259,7 @@ end
 -- then gives it its TTL.
 local function count(field, n)
   -- ('1' as text: a number argument costs Redis a float-to-text conversion)
-  if redis.call('HINCRBY', K_STATE, field, n == 1 and '1' or n) == n then load_state() end
+  if redis.call('HINCRBY', K_STATE, field, n == 1 and '1' or int(n)) == n then load_state() end
 end
 
 -- Leases ------------------------------------------------------------------
@@ -364,7 +377,7 @@ end
 local function log_entry(longest, slot, n, fresh)
   redis.call('ZADD', longest.log, NOW_S, slot .. (n == 1 and '|1' or '|' .. int(n)))
   add_weight(longest.kind, n)
-  if fresh then redis.call('PEXPIRE', longest.log, ttl(longest.period)) end
+  if fresh then redis.call('PEXPIRE', longest.log, ttl_arg(longest.period)) end
 end
 
 -- Record one admission: a lease and one weighted entry in each log. `lease`
@@ -373,7 +386,7 @@ local function admit(slot, cost, tokens, lease)
   if HOLD then
     local fresh = lease_count(0) == 0 -- an empty holders set is a new key
     redis.call('ZADD', K_HOLDERS, int(NOW + (lease or LEASE_US)), slot)
-    if fresh then redis.call('PEXPIRE', K_HOLDERS, ttl(LEASE_US)) end
+    if fresh then redis.call('PEXPIRE', K_HOLDERS, ttl_arg(LEASE_US)) end
     LEASES = LEASES + 1
   end
   if cost > 0 and LONGEST_R then
@@ -672,7 +685,7 @@ end
 local function begin()
   local t = redis.call('TIME')
   NOW = t[1] * 1000000 + t[2]
-  NOW_S = int(NOW)
+  NOW_S = t[1] .. string.sub('00000' .. t[2], -6) -- = int(NOW), without a format
   MAXC, SPEC, NREQ, FP, HOLD = MAX_CONCURRENT, WINDOWS, REQUEST_WINDOWS, '', true
   W, LONGEST_R, LONGEST_T = windows_of(WINDOWS, REQUEST_WINDOWS, K_REQUESTS, K_TOKENS)
   LOADED, COOLDOWN, OVERRIDE_UNTIL, REFRESH_AT, PENDING = false, 0, nil, nil, nil

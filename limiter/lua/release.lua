@@ -55,7 +55,7 @@ local function reconcile(reserved, actual)
       redis.call('ZADD', K_TOKENS, int(NOW), SLOT .. '+|' .. int(actual - reserved))
       add_weight('t', actual - reserved)
     end
-    redis.call('PEXPIRE', K_TOKENS, ttl(LONGEST_T.period))
+    redis.call('PEXPIRE', K_TOKENS, ttl_arg(LONGEST_T.period))
     -- The correction may have emptied the log (Redis then drops the key): an
     -- admission made by this call must give it a TTL again.
     if actual == 0 then FRESH_T = redis.call('EXISTS', K_TOKENS) == 0 end
