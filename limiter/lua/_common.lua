@@ -11,7 +11,8 @@
 --   K_QUEUE     ZSET  ticket -> arrival time, for tickets not yet aged (see
 --                     "Fair queue" below)
 --   K_QEXP      ZSET  ticket -> ticket expiry: every waiter of the API
---   K_STATE     HASH  the API's small state, read with one HMGET:
+--   K_STATE     HASH  the API's small state, read with one HMGET (two when an
+--                     override or learned limits are in force):
 --                       cooldown           until when the provider asked us to wait (us)
 --                       o:until            the runtime override's end (us; 0: no end)
 --                       o:<limit>          an overridden limit ("max_concurrent",
@@ -25,6 +26,9 @@
 --                       c:<window>         the cutoff that sum was taken at (us)
 --                       e                  when the keys' TTLs are next refreshed (us):
 --                                          at most once a second, not at every admission
+--                       q                  until when the API's tickets wait at least
+--                                          (us): the last queued or renewed ticket's
+--                                          expiry; past it, nobody waits
 --                       successful_requests, failed_requests, response_time_us,
 --                       refused:<reason>   totals for stats()
 --   K_HANDED    HASH  slot id -> admission time, for slots a release handed to a
@@ -103,7 +107,8 @@ local function windows_of(specs, nreq, log_r, log_t)
     specs.w = list
   end
   local longest_r, longest_t
-  for i, w in ipairs(list) do
+  for i = 1, #list do
+    local w = list[i]
     w.limit, w.extra, w.cut, w.used = specs[i].limit, 0, 0, 0
     if w.kind == 'r' then
       w.log = log_r
@@ -124,6 +129,8 @@ end
 
 -- The state hash as load_state() read it; fields to write back at the end.
 local LOADED, COOLDOWN, OVERRIDE_UNTIL, REFRESH_AT, PENDING
+-- When the API's tickets last waited until (see note_queued()); nil: never.
+local QUEUED_UNTIL
 -- Limit sets (see "Limit sets" below): the set whose variables are current (nil:
 -- the API has no sets), the API's own, those this call used, by id.
 local CUR, API_SET, TOUCHED, RUNTIME, use, each_set
@@ -134,41 +141,63 @@ local function set_state(field, value)
   PENDING[#PENDING + 1] = value
 end
 
--- Read the cooldown, the override, the learned limits, the extras and when TTLs
--- are next due in one HMGET; apply the override in force to MAXC and the windows'
--- limits, then a learned limit in force where it is lower.
+-- Read the cooldown, the extras, when TTLs are next due, whether an override or
+-- learned limits exist (and for the API's own set when tickets last waited) in one
+-- HMGET; only when an override or learned limits are in force, read those in a
+-- second one. Apply the override in force to MAXC and the windows' limits, then a
+-- learned limit in force where it is lower.
 local function load_state()
   if LOADED then return end
   LOADED = true
   local fields = SPEC.fields -- made once per configuration (see bind_config)
   if not fields then
     local f = FP
-    fields = {f .. 'cooldown', f .. 'o:until', f .. 'e', f .. 'o:max_concurrent', f .. 'p:until'}
+    fields = {f .. 'cooldown', f .. 'o:until', f .. 'e', f .. 'p:until'}
     for _, spec in ipairs(SPEC) do
-      fields[#fields + 1] = f .. 'o:' .. spec.id
       fields[#fields + 1] = f .. 'x:' .. spec.id
       fields[#fields + 1] = f .. 'c:' .. spec.id
-      fields[#fields + 1] = f .. 'p:' .. spec.id
     end
-    SPEC.fields = fields
+    if f == '' then fields[#fields + 1] = 'q' end
+    local limits = {f .. 'o:max_concurrent'}
+    for _, spec in ipairs(SPEC) do
+      limits[#limits + 1] = f .. 'o:' .. spec.id
+      limits[#limits + 1] = f .. 'p:' .. spec.id
+    end
+    SPEC.fields, SPEC.limit_fields = fields, limits
   end
   local v = redis.call('HMGET', K_STATE, unpack_list(fields))
   if v[1] then COOLDOWN = tonumber(v[1]) end
   if v[2] then OVERRIDE_UNTIL = tonumber(v[2]) end
   if v[3] then REFRESH_AT = tonumber(v[3]) end
+  for i = 1, #W do
+    local w = W[i]
+    local at = 3 + 2 * i
+    if v[at] then
+      w.extra = tonumber(v[at])
+      w.cut = tonumber(v[at + 1])
+    end
+  end
+  if FP == '' and v[#fields] then QUEUED_UNTIL = tonumber(v[#fields]) end
   local ends = OVERRIDE_UNTIL
   local override = ends and (ends == 0 or ends > NOW)
-  if override and v[4] then MAXC = tonumber(v[4]) end
-  local learned = v[5] and tonumber(v[5]) > NOW
-  for i, w in ipairs(W) do
-    local at = 6 + 4 * (i - 1)
-    if override and v[at] then w.limit = tonumber(v[at]) end
-    if v[at + 1] then
-      w.extra = tonumber(v[at + 1])
-      w.cut = tonumber(v[at + 2])
-    end
-    if learned and v[at + 3] then w.limit = math.min(w.limit, tonumber(v[at + 3])) end
+  local learned = v[4] and tonumber(v[4]) > NOW
+  if not (override or learned) then return end
+  v = redis.call('HMGET', K_STATE, unpack_list(SPEC.limit_fields))
+  if override and v[1] then MAXC = tonumber(v[1]) end
+  for i = 1, #W do
+    local w = W[i]
+    if override and v[2 * i] then w.limit = tonumber(v[2 * i]) end
+    if learned and v[2 * i + 1] then w.limit = math.min(w.limit, tonumber(v[2 * i + 1])) end
   end
+end
+
+-- Tickets wait until at least now + TICKET_US (a ticket was queued or renewed): an
+-- admission that finds that time past knows nobody waits without asking K_QEXP.
+-- (The API's own set must be current.)
+local function note_queued()
+  load_state()
+  QUEUED_UNTIL = NOW + TICKET_US
+  set_state('q', int(QUEUED_UNTIL))
 end
 
 -- A TTL in milliseconds for something that lives `life` us: the life plus a
@@ -300,7 +329,8 @@ measure = function(kind)
     MEASURED_T, longest = true, LONGEST_T
   end
   load_state()
-  for _, w in ipairs(W) do
+  for i = 1, #W do
+    local w = W[i]
     if w.kind == kind then
       local cutoff = NOW - w.period
       if w.extra > 0 and cutoff > w.cut then
@@ -330,7 +360,8 @@ end
 -- Add `n` weight units (n >= 1) admitted at `at` (default now) to the windows
 -- of log `kind` that hold that time.
 local function add_weight(kind, n, at)
-  for _, w in ipairs(W) do
+  for i = 1, #W do
+    local w = W[i]
     if w.kind == kind and (at == nil or at > w.cut) then
       w.used = w.used + n
       if n > 1 then
@@ -355,7 +386,8 @@ local function check(cost, tokens)
   if COOLDOWN > NOW then reason, wait = 'cooldown', COOLDOWN - NOW end
   if cost > 0 then measure('r') end
   if tokens > 0 then measure('t') end
-  for _, w in ipairs(W) do
+  for i = 1, #W do
+    local w = W[i]
     local n = (w.kind == 't') and tokens or cost
     if n > 0 and w.used + n > w.limit then
       contended()
@@ -408,7 +440,8 @@ end
 -- those above the configured limits); such a request can never pass.
 local function too_heavy(cost, tokens)
   load_state()
-  for _, w in ipairs(W) do
+  for i = 1, #W do
+    local w = W[i]
     if ((w.kind == 't') and tokens or cost) > w.limit then return w end
   end
   return nil
@@ -536,7 +569,8 @@ end
 local function fullness(cost, tokens)
   local f = 0
   if MAXC > 0 then f = (lease_count(MAXC) + 1) / MAXC end
-  for _, w in ipairs(W) do
+  for i = 1, #W do
+    local w = W[i]
     local n = (w.kind == 't') and tokens or cost
     if n > 0 then f = math.max(f, (w.used + n) / w.limit) end
   end
@@ -689,6 +723,7 @@ local function begin()
   MAXC, SPEC, NREQ, FP, HOLD = MAX_CONCURRENT, WINDOWS, REQUEST_WINDOWS, '', true
   W, LONGEST_R, LONGEST_T = windows_of(WINDOWS, REQUEST_WINDOWS, K_REQUESTS, K_TOKENS)
   LOADED, COOLDOWN, OVERRIDE_UNTIL, REFRESH_AT, PENDING = false, 0, nil, nil, nil
+  QUEUED_UNTIL = nil
   STATE_TTL, LEASES, PREFIX = false, nil, nil
   MEASURED_R, MEASURED_T, FRESH_R, FRESH_T = false, false, false, false
   if SETS then
@@ -1047,7 +1082,8 @@ contended = function()
   -- Take back `n` weight units of an entry admitted at `at` from the windows of
   -- log `kind` that still hold it.
   remove_weight = function(kind, n, at)
-    for _, w in ipairs(W) do
+    for i = 1, #W do
+      local w = W[i]
       if w.kind == kind and at > w.cut then
         w.used = w.used - n
         if n > 1 then

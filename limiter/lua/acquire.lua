@@ -52,6 +52,7 @@ end
 
 local function enqueue(ticket)
   contended()
+  note_queued()
   local new = false
   if not redis.call('ZSCORE', K_QEXP, ticket) then
     redis.call('ZADD', K_QUEUE, NOW_S, ticket)
@@ -67,7 +68,11 @@ local function enqueue(ticket)
 end
 
 local function acquire_now()
-  local waiting = redis.call('ZCARD', K_QEXP)
+  load_state()
+  local waiting = 0
+  if FIRST == 0 or (QUEUED_UNTIL and QUEUED_UNTIL > NOW) then
+    waiting = redis.call('ZCARD', K_QEXP) -- (else every ticket ended: nobody waits)
+  end
   if waiting > 0 or FIRST == 0 then contended() end
   if waiting > 0 then prune_tickets() end
 

@@ -70,6 +70,7 @@ OPS.renew = function()
     end
   end
   if queued then
+    note_queued()
     redis.call('PEXPIRE', K_QUEUE, ttl_ms(TICKET_US))
     redis.call('PEXPIRE', K_QEXP, ttl_ms(TICKET_US))
   end
