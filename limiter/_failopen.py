@@ -305,14 +305,12 @@ class FailOpen:
         first: str | None = None
         events = self._events
         while True:
-            now = loop.time()
+            now, wall_us = loop.time(), time.time_ns() // 1000  # (read together)
             reason, wait = gate.check(now, cost, tokens)
             if reason is None:
                 gate.take(now, cost, tokens)
                 slot_id = self._admission.new_slot_id()
-                state = SlotState(
-                    self, plan, slot_id, time.time_ns() // 1000, cost, tokens, local=True
-                )
+                state = SlotState(self, plan, slot_id, wall_us, cost, tokens, local=True)
                 state.gate = gate
                 state.tokens_in = state.tokens_out = tokens  # (not given apart here)
                 self._local_held[slot_id] = state
