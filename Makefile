@@ -5,7 +5,7 @@ BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.installed
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
-.PHONY: help venv test lint typecheck pytest bench soak fuzz demo demo-limiter clean
+.PHONY: help venv test lint typecheck pytest bench bench-instructions soak fuzz demo demo-limiter clean
 
 help:
 	@echo "make test   - install into .venv, then ruff + mypy --strict + the whole test suite"
@@ -16,6 +16,7 @@ help:
 	@echo "              mid-run: .venv/bin/python -m chatbot cluster --tier-change (~30 s)"
 	@echo "make demo-limiter - 4 processes: the old per-process semaphore vs. the Redis limiter"
 	@echo "make bench  - benchmarks side by side; figures go to benchmarks/results/"
+	@echo "make bench-instructions - instructions Redis runs per pair (callgrind; needs valgrind)"
 	@echo "make fuzz   - the hypothesis tests 5 times with new random examples each time"
 	@echo "make soak   - 16 processes x 64 tasks x 60 s on one Redis, refereed (not in make test)"
 
@@ -46,6 +47,9 @@ fuzz: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python -m benchmarks.run
+
+bench-instructions: $(STAMP)
+	$(BIN)/python -m benchmarks.instructions
 
 soak: $(STAMP)
 	$(BIN)/python -m benchmarks.soak

