@@ -133,7 +133,10 @@ local LOADED, COOLDOWN, OVERRIDE_UNTIL, REFRESH_AT, PENDING
 local QUEUED_UNTIL
 -- Limit sets (see "Limit sets" below): the set whose variables are current (nil:
 -- the API has no sets), the API's own, those this call used, by id.
-local CUR, API_SET, TOUCHED, RUNTIME, use, each_set
+local CUR, API_SET, RUNTIME, use, each_set
+-- The sets this call used, TOUCHED[1 .. TOUCHED_N]; CALL counts the calls (a set's
+-- per-call variables are reset when a call first uses it: see set_of()).
+local TOUCHED, TOUCHED_N, CALL = {}, 0, 0
 
 local function set_state(field, value)
   if not PENDING then PENDING = {} end
@@ -490,7 +493,8 @@ end
 -- first); true when any set was loaded. (A set not due is not swapped in.)
 each_set = function(refresh_set)
   local any = false
-  for _, s in ipairs(TOUCHED) do
+  for i = 1, TOUCHED_N do
+    local s = TOUCHED[i]
     local loaded, at = s[12], s[15]
     if s == CUR then loaded, at = LOADED, REFRESH_AT end
     if loaded then
@@ -508,36 +512,90 @@ end
 -- The set named `id` as this call sees it, or false when the API has none such.
 -- s[21] says what its token windows weigh: "in" a request's input tokens, "out"
 -- its output tokens (the sets "<base>#in" and "<base>#out" of input and output
--- token budgets), nil its tokens.
+-- token budgets), nil its tokens. The table is made once per API (or key) and
+-- configuration (RUNTIME: see begin()); its per-call variables are reset when a
+-- call first uses it.
 local function set_of(id)
   local s = RUNTIME[id]
-  if s ~= nil then return s end
-  local spec = SETS[id]
-  if not spec then
-    RUNTIME[id] = false
+  if s == nil then
+    local spec = SETS[id]
+    if not spec then
+      RUNTIME[id] = false
+      return false
+    end
+    local p = pfx() .. id .. ':'
+    s = {false, spec.maxc, false, false, p .. 'holders', p .. 'requests', p .. 'tokens',
+         spec.windows, spec.nreq, id .. ':', spec.maxc > 0, false, 0, nil, nil, nil,
+         false, false, false, false, string.match(id, '#(%a+)$'), spec = spec}
+    RUNTIME[id] = s
+  elseif not s then
     return false
   end
-  local p = pfx() .. id .. ':'
-  local kr, kt = p .. 'requests', p .. 'tokens'
-  local w, lr, lt = windows_of(spec.windows, spec.nreq, kr, kt)
-  s = {w, spec.maxc, lr, lt, p .. 'holders', kr, kt, spec.windows, spec.nreq, id .. ':',
-       spec.maxc > 0, false, 0, nil, nil, nil, false, false, false, false,
-       string.match(id, '#(%a+)$')}
-  RUNTIME[id] = s
-  TOUCHED[#TOUCHED + 1] = s
+  if s.call ~= CALL then
+    s.call = CALL
+    local spec = s.spec
+    s[1], s[3], s[4] = windows_of(spec.windows, spec.nreq, s[6], s[7])
+    s[2], s[12], s[13], s[14], s[15], s[16] = spec.maxc, false, 0, nil, nil, nil
+    s[17], s[18], s[19], s[20] = false, false, false, false
+    TOUCHED_N = TOUCHED_N + 1
+    TOUCHED[TOUCHED_N] = s
+  end
   return s
 end
 
--- Append to `list` the sets of `base` ("" the API, whose own set is API_SET and is
--- not appended; "m:<model>", "d:<name>", "d:<name>:m:<model>"): the set itself and
--- its input and output budgets, those that exist.
-local function group(base, list)
-  local s = base ~= '' and set_of(base)
-  if s then list[#list + 1] = s end
-  s = set_of(base .. '#in')
-  if s then list[#list + 1] = s end
-  s = set_of(base .. '#out')
-  if s then list[#list + 1] = s end
+-- The ids of the sets of `base` ("" the API, whose own set is API_SET and is not
+-- listed; "m:<model>", "d:<name>", "d:<name>:m:<model>"): the set itself and its
+-- input and output budgets, those that exist.
+local function base_ids(base)
+  local ids = {}
+  if base ~= '' and SETS[base] then ids[#ids + 1] = base end
+  if SETS[base .. '#in'] then ids[#ids + 1] = base .. '#in' end
+  if SETS[base .. '#out'] then ids[#ids + 1] = base .. '#out' end
+  return ids
+end
+
+-- base_ids() of the API (dep and model nil), of a model, of a deployment, or of a
+-- model within a deployment: made once per configuration (GROUPS, at most 1,000
+-- kept), not rebuilt from strings at every call. The list is shared: never change it.
+local function group_ids(dep, model)
+  local g
+  if not dep then
+    if not model then
+      g = GROUPS.api
+      if not g then
+        g = base_ids('')
+        GROUPS.api = g
+      end
+      return g
+    end
+    g = GROUPS.m[model]
+    if g then return g end
+    g = base_ids('m:' .. model)
+    GROUPS.m[model] = g
+  elseif not model then
+    g = GROUPS.d[dep]
+    if g then return g end
+    g = base_ids('d:' .. dep)
+    GROUPS.d[dep] = g
+  else
+    local t = GROUPS.dm[dep]
+    if not t then
+      t = {}
+      GROUPS.dm[dep] = t
+    end
+    g = t[model]
+    if g then return g end
+    g = base_ids('d:' .. dep .. ':m:' .. model)
+    t[model] = g
+  end
+  GROUPS.n = GROUPS.n + 1
+  if GROUPS.n > 1000 then GROUPS.m, GROUPS.d, GROUPS.dm, GROUPS.n = {}, {}, {}, 0 end
+  return g
+end
+
+-- Append to `list` the sets named in `ids`.
+local function append_sets(list, ids)
+  for i = 1, #ids do list[#list + 1] = set_of(ids[i]) end
   return list
 end
 
@@ -546,12 +604,13 @@ end
 local function sets_of(dep, model)
   local out = {}
   if not SETS then return out end
-  group('', out)
-  local m = model and model ~= ''
-  if m then group('m:' .. model, out) end
-  if dep and dep ~= '' then
-    group('d:' .. dep, out)
-    if m then group('d:' .. dep .. ':m:' .. model, out) end
+  if model == '' then model = nil end
+  if dep == '' then dep = nil end
+  append_sets(out, group_ids(nil, nil))
+  if model then append_sets(out, group_ids(nil, model)) end
+  if dep then
+    append_sets(out, group_ids(dep, nil))
+    if model then append_sets(out, group_ids(dep, model)) end
   end
   return out
 end
@@ -577,11 +636,12 @@ local function fullness(cost, tokens)
   return f
 end
 
--- check() in every set of `list`: reason, wait of the first that refuses, else
--- nil and the largest fullness().
-local function check_list(list, cost, tokens, inp, outp)
+-- check() in every set named in `ids`: reason, wait of the first that refuses,
+-- else nil and the largest fullness().
+local function check_list(ids, cost, tokens, inp, outp)
   local full = 0
-  for _, s in ipairs(list) do
+  for i = 1, #ids do
+    local s = set_of(ids[i])
     use(s)
     local t = weight_in(s, tokens, inp, outp)
     local r, wt = check(cost, t)
@@ -604,10 +664,10 @@ end
 local function check_all(cost, tokens, model, inp, outp)
   local reason, wait = check(cost, tokens)
   if reason or not SETS then return reason, wait end
-  local m = model and model ~= ''
-  reason, wait = check_list(group('', {}), cost, tokens, inp, outp)
+  local m = model ~= '' and model or nil
+  reason, wait = check_list(group_ids(nil, nil), cost, tokens, inp, outp)
   if not reason and m then
-    reason, wait = check_list(group('m:' .. model, {}), cost, tokens, inp, outp)
+    reason, wait = check_list(group_ids(nil, m), cost, tokens, inp, outp)
     if reason then
       use(API_SET)
       return reason, wait, nil, true
@@ -621,10 +681,10 @@ local function check_all(cost, tokens, model, inp, outp)
   local best, least, by_model = nil, nil, false
   for i = 1, n do
     local dep = DEPS[(start + i - 1) % n + 1]
-    local r, x = check_list(group('d:' .. dep, {}), cost, tokens, inp, outp)
+    local r, x = check_list(group_ids(dep, nil), cost, tokens, inp, outp)
     local full, of_model = x, false
     if not r and m then
-      local r2, x2 = check_list(group('d:' .. dep .. ':m:' .. model, {}), cost, tokens, inp, outp)
+      local r2, x2 = check_list(group_ids(dep, m), cost, tokens, inp, outp)
       if r2 then
         r, x, of_model = r2, x2, true
       else
@@ -667,9 +727,10 @@ local function extend(slot, dep, model)
   use(API_SET)
 end
 
--- too_heavy() in every set of `list`: the first window found, or nil.
-local function heavy_in(list, cost, tokens, inp, outp)
-  for _, s in ipairs(list) do
+-- too_heavy() in every set named in `ids`: the first window found, or nil.
+local function heavy_in(ids, cost, tokens, inp, outp)
+  for i = 1, #ids do
+    local s = set_of(ids[i])
     use(s)
     local h = too_heavy(cost, weight_in(s, tokens, inp, outp))
     if h then return h end
@@ -682,16 +743,15 @@ end
 local function too_heavy_all(cost, tokens, model, inp, outp)
   local heavy = too_heavy(cost, tokens)
   if heavy or not SETS then return heavy end
-  local common = group('', {})
-  if model and model ~= '' then group('m:' .. model, common) end
-  heavy = heavy_in(common, cost, tokens, inp, outp)
+  local m = model ~= '' and model or nil
+  heavy = heavy_in(group_ids(nil, nil), cost, tokens, inp, outp)
+  if not heavy and m then heavy = heavy_in(group_ids(nil, m), cost, tokens, inp, outp) end
   use(API_SET)
   if heavy or not DEPS then return heavy end
   local first
   for _, dep in ipairs(DEPS) do
-    local list = group('d:' .. dep, {})
-    if model and model ~= '' then group('d:' .. dep .. ':m:' .. model, list) end
-    local h = heavy_in(list, cost, tokens, inp, outp)
+    local h = heavy_in(group_ids(dep, nil), cost, tokens, inp, outp)
+    if not h and m then h = heavy_in(group_ids(dep, m), cost, tokens, inp, outp) end
     if not h then
       use(API_SET)
       return nil
@@ -727,9 +787,14 @@ local function begin()
   STATE_TTL, LEASES, PREFIX = false, nil, nil
   MEASURED_R, MEASURED_T, FRESH_R, FRESH_T = false, false, false, false
   if SETS then
-    API_SET, RUNTIME = {}, {}
+    -- The sets' tables of this API (or key) and configuration, kept between calls.
+    CALL = CALL + 1
+    local k = KEYSET
+    if k.sets_for ~= SETS then k.sets, k.sets_for, k.api_set = {}, SETS, {} end
+    RUNTIME, API_SET = k.sets, k.api_set
     save_all(API_SET)
-    CUR, TOUCHED = API_SET, {API_SET}
+    CUR, TOUCHED_N = API_SET, 1
+    TOUCHED[1] = API_SET
   else
     CUR = nil
   end

@@ -43,8 +43,8 @@ OPS.withdraw = function()
     if SETS then
       local sets = sets_of(nil, model)
       for _, dep in ipairs(DEPS or {}) do
-        group('d:' .. dep, sets)
-        if model ~= '' then group('d:' .. dep .. ':m:' .. model, sets) end
+        append_sets(sets, group_ids(dep, nil))
+        if model ~= '' then append_sets(sets, group_ids(dep, model)) end
       end
       for _, s in ipairs(sets) do
         use(s)
