@@ -28,6 +28,7 @@ from typing import Any
 import redis.asyncio as aioredis
 
 from limiter import APILimits, Limiter
+from limiter._contract import full_reply
 
 from ._util import CLIENT_TIMEOUTS, Check, Report, Row, Summary, summarize
 
@@ -73,7 +74,7 @@ class _Queue:
 
     async def fill(self, waiting: int) -> None:
         await self.lim._runner.ready()  # the Functions library where the server has them
-        res = await self.run("acquire", self.plan, *self._args(1))
+        res = full_reply("acquire", await self.run("acquire", self.plan, *self._args(1)))
         assert int(res[0]) == 1, res
         self.holder = f"{GHOST}.{self.n}"
         for _ in range(waiting):
@@ -93,6 +94,7 @@ class _Queue:
         )
         self.samples["hand-off"].append(clock() - t0)
         c2, u2 = await _redis_us(probe)
+        res = full_reply("release", res)
         assert [int(v) for v in res] == [1, 1], f"{self.name}: release did not hand off: {res}"
         # INFO itself is not a script call; each window holds exactly one script call.
         assert (c1 - c0, c2 - c1) == (1, 1), (c1 - c0, c2 - c1)
