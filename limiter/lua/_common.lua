@@ -337,12 +337,18 @@ measure = function(kind)
     if w.kind == kind then
       local cutoff = NOW - w.period
       if w.extra > 0 and cutoff > w.cut then
-        for _, m in ipairs(redis.call('ZRANGEBYSCORE', w.log, '(' .. int(w.cut), cutoff)) do
-          w.extra = w.extra - (weight_of(m) - 1)
+        local before = w.extra
+        local left = redis.call('ZRANGEBYSCORE', w.log, '(' .. int(w.cut), int(cutoff))
+        for j = 1, #left do
+          w.extra = w.extra - (weight_of(left[j]) - 1)
         end
         if w.extra < 0 then w.extra = 0 end
-        set_state(FP .. 'x:' .. w.id, int(w.extra))
-        set_state(FP .. 'c:' .. w.id, int(cutoff))
+        if w.extra ~= before then
+          -- (Unchanged, the stored sum still holds from the stored cutoff: nothing
+          -- of weight above 1 left between the two.)
+          set_state(FP .. 'x:' .. w.id, int(w.extra))
+          set_state(FP .. 'c:' .. w.id, int(cutoff))
+        end
       end
       w.cut = cutoff
       local n = redis.call('ZCOUNT', w.log, '(' .. int(cutoff), '+inf')
