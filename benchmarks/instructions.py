@@ -14,6 +14,8 @@ the script commands (``--toggle-collect`` of ``fcallCommand``, ``evalShaCommand`
 
 - ``noop``: two ``FCALL`` of a library function that returns at once, given the plain
   pair's own KEYS and ARGV: what any two script calls with these arguments cost;
+- ``floor``: the plain pair's own 14 commands, run by a minimal Lua function with no
+  decision logic: a floor for any exact design that runs them;
 - ``pair``: ``Limiter.acquire`` + ``release`` on ``APILimits(max_concurrent=1000,
   requests_per_minute=10**9, requests_per_hour=10**9)`` (``make bench`` item 3);
 - ``tenant``: the same with ``tenant="user-42", priority=10`` (item 3t);
@@ -51,6 +53,45 @@ RESULTS = Path(__file__).resolve().parent / "results"
 _NOOP_LIBRARY = (
     "#!lua name=fleetnoop\nredis.register_function('fleetnoop', function() return 1 end)\n"
 )
+#: The plain pair's own commands, run by a minimal Lua function with no decision logic:
+#: a floor for any exact design that runs these 14 commands (admits when under limits of
+#: 10**9 and 1000, as the pair's configuration).
+_FLOOR_LIBRARY = """#!lua name=fleetfloor
+local function keys_of(state)
+  local p = string.sub(state, 1, -6)
+  return p .. 'holders', p .. 'qexp', p .. 'requests'
+end
+redis.register_function('fleetfloor_acquire', function(keys, args)
+  local holders, _, requests = keys_of(keys[1])
+  local t = redis.call('TIME')
+  local now = t[1] * 1000000 + t[2]
+  redis.call('HMGET', keys[1], 'cooldown', 'o:until', 'e', 'p:until', 'x:w:60000000',
+             'c:w:60000000', 'x:w:3600000000', 'c:w:3600000000', 'q')
+  local a = redis.call('ZCOUNT', requests, '(' .. string.format('%d', now - 60000000), '+inf')
+  local b = redis.call('ZCOUNT', requests, '(' .. string.format('%d', now - 3600000000), '+inf')
+  local c = redis.call('ZCARD', holders)
+  if a >= 1000000000 or b >= 1000000000 or c >= 1000 then return 0 end
+  redis.call('ZADD', holders, string.format('%d', now + 30000000), args[2])
+  if c == 0 then redis.call('PEXPIRE', holders, '37500') end
+  redis.call('ZADD', requests, t[1] .. string.sub('00000' .. t[2], -6), args[2] .. '|1')
+  return now
+end)
+redis.register_function('fleetfloor_release', function(keys, args)
+  local holders, qexp = keys_of(keys[1])
+  local t = redis.call('TIME')
+  local now = t[1] * 1000000 + t[2]
+  local lease = redis.call('ZSCORE', holders, args[2])
+  local held = 0
+  if lease then
+    redis.call('ZREM', holders, args[2])
+    if tonumber(lease) > now then held = 1 end
+  end
+  redis.call('HINCRBY', keys[1], 'successful_requests', '1')
+  redis.call('HINCRBY', keys[1], 'response_time_us', string.format('%d', now - args[3]))
+  redis.call('ZCARD', qexp)
+  return held
+end)
+"""
 _BIG = 10**9
 
 
@@ -115,6 +156,7 @@ async def _measure(server: _Callgrind, pairs: int) -> dict[str, float]:
         except Exception:
             await asyncio.sleep(0.1)
     await client.function_load(_NOOP_LIBRARY, replace=True)
+    await client.function_load(_FLOOR_LIBRARY, replace=True)
     plain = Limiter(client, {"plain": _plain(), "tenant": _plain(), "fleet": _fleet()})
     scripts = Limiter(client, {"plain": _plain()}, namespace="scripts")
 
@@ -142,8 +184,18 @@ async def _measure(server: _Callgrind, pairs: int) -> dict[str, float]:
         for args in (acquire_args, release_args):
             await client.execute_command("FCALL", "fleetnoop", 1, *plan.keys, *args)
 
+    floor_key = (b"floor:{floor}:state",)
+    seq = [0]
+
+    async def floor() -> None:
+        seq[0] += 1
+        slot = f"f.{seq[0]}"
+        at = await client.execute_command("FCALL", "fleetfloor_acquire", 1, *floor_key, "c", slot)
+        await client.execute_command("FCALL", "fleetfloor_release", 1, *floor_key, "c", slot, at)
+
     cases: list[tuple[str, Callable[[], Awaitable[None]]]] = [
         ("noop", noop),
+        ("floor", floor),
         ("pair", pair),
         ("tenant", tenant),
         ("deployments", fleet),
@@ -171,6 +223,7 @@ async def _measure(server: _Callgrind, pairs: int) -> dict[str, float]:
 
 _WHAT = {
     "noop": "two FCALL of a function that returns at once, with the pair's KEYS and ARGV",
+    "floor": "the pair's 14 commands run by a minimal Lua function: no decision logic",
     "pair": "acquire + release (concurrency + 1 min + 1 h; `make bench` item 3)",
     "tenant": "the same with tenant= and priority= (item 3t)",
     "deployments": "2 deployments x 2 models, tokens, the model alternating (item 12)",
