@@ -370,13 +370,8 @@ def cache_key(namespace: str, api: str, name: str) -> str:
 
 async def cache_counts(runner: ScriptRunner, namespace: str, api: str) -> dict[str, int]:
     """The response cache's hits and misses of ``api``, every replica's (one ``HMGET``)."""
-    try:
-        async with runner.connection_cap:
-            hits, misses = await runner.redis.hmget(
-                cache_key(namespace, api, "stats"), "hits", "misses"
-            )
-    except REDIS_ERRORS as exc:
-        raise LimiterUnavailable(api, "stats", redact(exc)) from exc
+    key = cache_key(namespace, api, "stats")
+    hits, misses = await runner.command(api, "stats", "HMGET", key, "hits", "misses")
     return {"hits": int(hits or 0), "misses": int(misses or 0)}
 
 

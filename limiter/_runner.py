@@ -102,6 +102,14 @@ def _function_missing(exc: BaseException) -> bool:
     return "function not found" in str(exc).lower()
 
 
+def _honour_swallowed_cancel(task: asyncio.Task[Any] | None, cancels: int) -> None:
+    """Raise CancelledError when ``task`` was cancelled since it counted ``cancels``:
+    redis-py (8.1, on Python 3.11) can swallow a cancellation that arrives while a command
+    is being sent; honoured here, the caller's cleanup runs."""
+    if task is not None and task.cancelling() > cancels:
+        raise asyncio.CancelledError
+
+
 class ScriptRunner:
     """Runs the operations of ``limiter/_contract.py`` on one Redis client."""
 
@@ -225,10 +233,22 @@ class ScriptRunner:
         except REDIS_ERRORS as exc:
             raise LimiterUnavailable(api, label, redact(exc)) from exc
         self.answers += 1
-        if task is not None and task.cancelling() > cancels:
-            # redis-py (8.1, on Python 3.11) can swallow a cancellation that arrives while
-            # a command is being sent; honour it here, so that the caller's cleanup runs.
-            raise asyncio.CancelledError
+        _honour_swallowed_cancel(task, cancels)
+        return result
+
+    async def command(self, api: str | None, label: str, *args: Any) -> Any:
+        """One plain Redis command (``args``: its name, then its arguments) as the scripts
+        go: under the connection cap, Redis errors as LimiterUnavailable(api, label), and a
+        cancellation redis-py swallowed raised again."""
+        task = asyncio.current_task()
+        cancels = task.cancelling() if task is not None else 0
+        try:
+            async with self.connection_cap:
+                result = await self.redis.execute_command(*args)
+        except REDIS_ERRORS as exc:
+            raise LimiterUnavailable(api, label, redact(exc)) from exc
+        self.answers += 1
+        _honour_swallowed_cancel(task, cancels)
         return result
 
     async def eval(self, op: str, keys: Sequence[bytes], args: Sequence[Any]) -> Any:

@@ -293,7 +293,7 @@ async def role_cancel_handed(cfg: Config, r: aioredis.Redis) -> Result:
 
     api = cfg["api"]
     lim = Limiter.from_url(cfg["url"], limits_of(cfg["limits"]) or {}, ticket_ttl=cfg["ticket_ttl"])
-    blocking = sync_redis.Redis.from_url(cfg["url"])
+    blocking = sync_redis.Redis.from_url(cfg["url"], socket_timeout=None)  # BLPOP waits
     try:
         await lim.stats(api)
         await barrier(r, cfg)

@@ -291,7 +291,7 @@ async def role_cancel(cfg: Config, r: aioredis.Redis) -> Result:
     completes (the task is then admitted instead); that is a separate issue, and this
     role checks what the limiter does with cancellations it does receive.
     """
-    client = aioredis.from_url(cfg["url"])
+    client = aioredis.from_url(cfg["url"], socket_timeout=None)  # (redis-py 8's default: 5 s)
     lim = make_limiter(cfg, client)
     api = cfg["api"]
     forever, all_held = asyncio.Event(), asyncio.Event()
@@ -370,7 +370,9 @@ async def role_cancel_in_flight(cfg: Config, r: aioredis.Redis) -> Result:
     """
     _SendSignal.sent = asyncio.Event()
     # No socket timeout, as in role_cancel: Python 3.11's wait_for could lose the cancel.
-    pool = aioredis.ConnectionPool.from_url(cfg["url"], connection_class=_SendSignal)
+    pool = aioredis.ConnectionPool.from_url(
+        cfg["url"], connection_class=_SendSignal, socket_timeout=None
+    )
     client = aioredis.Redis(connection_pool=pool)
     lim = make_limiter(cfg, client)
     api = cfg["api"]
@@ -412,7 +414,8 @@ Roles = dict[str, Callable[[Config, aioredis.Redis], Awaitable[Result]]]
 
 
 async def run(role: str, cfg: Config, roles: Roles = ROLES) -> Result:
-    r = aioredis.from_url(cfg["url"])  # no socket timeout: BLPOP waits on it
+    # No socket timeout (redis-py 8 sets 5 s unless told None): BLPOP waits on it.
+    r = aioredis.from_url(cfg["url"], socket_timeout=None)
     try:
         return await roles[role](cfg, r)
     finally:
