@@ -469,303 +469,335 @@ end
 -- above work on the set whose variables are current: use(set) swaps them, and
 -- every function below leaves the API's set current.
 
--- Every variable of the current set into table t (begin(): the API's own set).
-local function save_all(t)
-  t[1], t[2], t[3], t[4], t[5], t[6], t[7] =
-    W, MAXC, LONGEST_R, LONGEST_T, K_HOLDERS, K_REQUESTS, K_TOKENS
-  t[8], t[9], t[10], t[11], t[12], t[13], t[14], t[15] =
-    SPEC, NREQ, FP, HOLD, LOADED, COOLDOWN, OVERRIDE_UNTIL, REFRESH_AT
-  t[16], t[17], t[18], t[19], t[20] = LEASES, MEASURED_R, MEASURED_T, FRESH_R, FRESH_T
-end
+-- The functions of this section are made on first use (begin() calls
+-- limit_sets() for an API that has sets): a script makes its closures at every
+-- call, and an API without limit sets needs none of them.
+local save_all, save, set_of, base_ids, group_ids, append_sets, sets_in, weight_in, fullness, check_list, check_sets, admit_sets, extend_sets, heavy_in, too_heavy_sets
+local function limit_sets()
+  if set_of then return end
 
--- Those that change during a call (the others, keys and window tables, do not).
-local function save(t)
-  t[2], t[12], t[13], t[14], t[15] = MAXC, LOADED, COOLDOWN, OVERRIDE_UNTIL, REFRESH_AT
-  t[16], t[17], t[18], t[19], t[20] = LEASES, MEASURED_R, MEASURED_T, FRESH_R, FRESH_T
-end
+  -- Every variable of the current set into table t (begin(): the API's own set).
+  save_all = function(t)
+    t[1], t[2], t[3], t[4], t[5], t[6], t[7] =
+      W, MAXC, LONGEST_R, LONGEST_T, K_HOLDERS, K_REQUESTS, K_TOKENS
+    t[8], t[9], t[10], t[11], t[12], t[13], t[14], t[15] =
+      SPEC, NREQ, FP, HOLD, LOADED, COOLDOWN, OVERRIDE_UNTIL, REFRESH_AT
+    t[16], t[17], t[18], t[19], t[20] = LEASES, MEASURED_R, MEASURED_T, FRESH_R, FRESH_T
+  end
 
-use = function(s)
-  if s == CUR then return end
-  save(CUR)
-  W, MAXC, LONGEST_R, LONGEST_T, K_HOLDERS, K_REQUESTS, K_TOKENS =
-    s[1], s[2], s[3], s[4], s[5], s[6], s[7]
-  SPEC, NREQ, FP, HOLD, LOADED, COOLDOWN, OVERRIDE_UNTIL, REFRESH_AT =
-    s[8], s[9], s[10], s[11], s[12], s[13], s[14], s[15]
-  LEASES, MEASURED_R, MEASURED_T, FRESH_R, FRESH_T = s[16], s[17], s[18], s[19], s[20]
-  CUR = s
-end
+  -- Those that change during a call (the others, keys and window tables, do not).
+  save = function(t)
+    t[2], t[12], t[13], t[14], t[15] = MAXC, LOADED, COOLDOWN, OVERRIDE_UNTIL, REFRESH_AT
+    t[16], t[17], t[18], t[19], t[20] = LEASES, MEASURED_R, MEASURED_T, FRESH_R, FRESH_T
+  end
 
--- Call refresh() in every set this call loaded whose refresh is due (the API's
--- first); true when any set was loaded. (A set not due is not swapped in.)
-each_set = function(refresh_set)
-  local any = false
-  for i = 1, TOUCHED_N do
-    local s = TOUCHED[i]
-    local loaded, at = s[12], s[15]
-    if s == CUR then loaded, at = LOADED, REFRESH_AT end
-    if loaded then
-      any = true
-      if not at or at <= NOW then
-        use(s)
-        refresh_set()
+  use = function(s)
+    if s == CUR then return end
+    save(CUR)
+    W, MAXC, LONGEST_R, LONGEST_T, K_HOLDERS, K_REQUESTS, K_TOKENS =
+      s[1], s[2], s[3], s[4], s[5], s[6], s[7]
+    SPEC, NREQ, FP, HOLD, LOADED, COOLDOWN, OVERRIDE_UNTIL, REFRESH_AT =
+      s[8], s[9], s[10], s[11], s[12], s[13], s[14], s[15]
+    LEASES, MEASURED_R, MEASURED_T, FRESH_R, FRESH_T = s[16], s[17], s[18], s[19], s[20]
+    CUR = s
+  end
+
+  -- Call refresh() in every set this call loaded whose refresh is due (the API's
+  -- first); true when any set was loaded. (A set not due is not swapped in.)
+  each_set = function(refresh_set)
+    local any = false
+    for i = 1, TOUCHED_N do
+      local s = TOUCHED[i]
+      local loaded, at = s[12], s[15]
+      if s == CUR then loaded, at = LOADED, REFRESH_AT end
+      if loaded then
+        any = true
+        if not at or at <= NOW then
+          use(s)
+          refresh_set()
+        end
       end
     end
+    use(API_SET)
+    return any
   end
-  use(API_SET)
-  return any
-end
 
--- The set named `id` as this call sees it, or false when the API has none such.
--- s[21] says what its token windows weigh: "in" a request's input tokens, "out"
--- its output tokens (the sets "<base>#in" and "<base>#out" of input and output
--- token budgets), nil its tokens. The table is made once per API (or key) and
--- configuration (RUNTIME: see begin()); its per-call variables are reset when a
--- call first uses it.
-local function set_of(id)
-  local s = RUNTIME[id]
-  if s == nil then
-    local spec = SETS[id]
-    if not spec then
-      RUNTIME[id] = false
+  -- The set named `id` as this call sees it, or false when the API has none such.
+  -- s[21] says what its token windows weigh: "in" a request's input tokens, "out"
+  -- its output tokens (the sets "<base>#in" and "<base>#out" of input and output
+  -- token budgets), nil its tokens. The table is made once per API (or key) and
+  -- configuration (RUNTIME: see begin()); its per-call variables are reset when a
+  -- call first uses it.
+  set_of = function(id)
+    local s = RUNTIME[id]
+    if s == nil then
+      local spec = SETS[id]
+      if not spec then
+        RUNTIME[id] = false
+        return false
+      end
+      local p = pfx() .. id .. ':'
+      s = {false, spec.maxc, false, false, p .. 'holders', p .. 'requests', p .. 'tokens',
+           spec.windows, spec.nreq, id .. ':', spec.maxc > 0, false, 0, nil, nil, nil,
+           false, false, false, false, string.match(id, '#(%a+)$'), spec = spec}
+      RUNTIME[id] = s
+    elseif not s then
       return false
     end
-    local p = pfx() .. id .. ':'
-    s = {false, spec.maxc, false, false, p .. 'holders', p .. 'requests', p .. 'tokens',
-         spec.windows, spec.nreq, id .. ':', spec.maxc > 0, false, 0, nil, nil, nil,
-         false, false, false, false, string.match(id, '#(%a+)$'), spec = spec}
-    RUNTIME[id] = s
-  elseif not s then
-    return false
+    if s.call ~= CALL then
+      s.call = CALL
+      local spec = s.spec
+      s[1], s[3], s[4] = windows_of(spec.windows, spec.nreq, s[6], s[7])
+      s[2], s[12], s[13], s[14], s[15], s[16] = spec.maxc, false, 0, nil, nil, nil
+      s[17], s[18], s[19], s[20] = false, false, false, false
+      TOUCHED_N = TOUCHED_N + 1
+      TOUCHED[TOUCHED_N] = s
+    end
+    return s
   end
-  if s.call ~= CALL then
-    s.call = CALL
-    local spec = s.spec
-    s[1], s[3], s[4] = windows_of(spec.windows, spec.nreq, s[6], s[7])
-    s[2], s[12], s[13], s[14], s[15], s[16] = spec.maxc, false, 0, nil, nil, nil
-    s[17], s[18], s[19], s[20] = false, false, false, false
-    TOUCHED_N = TOUCHED_N + 1
-    TOUCHED[TOUCHED_N] = s
+
+  -- The ids of the sets of `base` ("" the API, whose own set is API_SET and is not
+  -- listed; "m:<model>", "d:<name>", "d:<name>:m:<model>"): the set itself and its
+  -- input and output budgets, those that exist.
+  base_ids = function(base)
+    local ids = {}
+    if base ~= '' and SETS[base] then ids[#ids + 1] = base end
+    if SETS[base .. '#in'] then ids[#ids + 1] = base .. '#in' end
+    if SETS[base .. '#out'] then ids[#ids + 1] = base .. '#out' end
+    return ids
   end
-  return s
-end
 
--- The ids of the sets of `base` ("" the API, whose own set is API_SET and is not
--- listed; "m:<model>", "d:<name>", "d:<name>:m:<model>"): the set itself and its
--- input and output budgets, those that exist.
-local function base_ids(base)
-  local ids = {}
-  if base ~= '' and SETS[base] then ids[#ids + 1] = base end
-  if SETS[base .. '#in'] then ids[#ids + 1] = base .. '#in' end
-  if SETS[base .. '#out'] then ids[#ids + 1] = base .. '#out' end
-  return ids
-end
-
--- base_ids() of the API (dep and model nil), of a model, of a deployment, or of a
--- model within a deployment: made once per configuration (GROUPS, at most 1,000
--- kept), not rebuilt from strings at every call. The list is shared: never change it.
-local function group_ids(dep, model)
-  local g
-  if not dep then
-    if not model then
-      g = GROUPS.api
-      if not g then
-        g = base_ids('')
-        GROUPS.api = g
+  -- base_ids() of the API (dep and model nil), of a model, of a deployment, or of a
+  -- model within a deployment: made once per configuration (GROUPS, at most 1,000
+  -- kept), not rebuilt from strings at every call. The list is shared: never change it.
+  group_ids = function(dep, model)
+    local g
+    if not dep then
+      if not model then
+        g = GROUPS.api
+        if not g then
+          g = base_ids('')
+          GROUPS.api = g
+        end
+        return g
       end
-      return g
+      g = GROUPS.m[model]
+      if g then return g end
+      g = base_ids('m:' .. model)
+      GROUPS.m[model] = g
+    elseif not model then
+      g = GROUPS.d[dep]
+      if g then return g end
+      g = base_ids('d:' .. dep)
+      GROUPS.d[dep] = g
+    else
+      local t = GROUPS.dm[dep]
+      if not t then
+        t = {}
+        GROUPS.dm[dep] = t
+      end
+      g = t[model]
+      if g then return g end
+      g = base_ids('d:' .. dep .. ':m:' .. model)
+      t[model] = g
     end
-    g = GROUPS.m[model]
-    if g then return g end
-    g = base_ids('m:' .. model)
-    GROUPS.m[model] = g
-  elseif not model then
-    g = GROUPS.d[dep]
-    if g then return g end
-    g = base_ids('d:' .. dep)
-    GROUPS.d[dep] = g
-  else
-    local t = GROUPS.dm[dep]
-    if not t then
-      t = {}
-      GROUPS.dm[dep] = t
+    GROUPS.n = GROUPS.n + 1
+    if GROUPS.n > 1000 then GROUPS.m, GROUPS.d, GROUPS.dm, GROUPS.n = {}, {}, {}, 0 end
+    return g
+  end
+
+  -- Append to `list` the sets named in `ids`.
+  append_sets = function(list, ids)
+    for i = 1, #ids do list[#list + 1] = set_of(ids[i]) end
+    return list
+  end
+
+  -- The sets besides the API's own that a slot of deployment `dep` (nil or "":
+  -- none) and `model` ("" or nil: none) counts in.
+  sets_in = function(dep, model)
+    local out = {}
+    if model == '' then model = nil end
+    if dep == '' then dep = nil end
+    append_sets(out, group_ids(nil, nil))
+    if model then append_sets(out, group_ids(nil, model)) end
+    if dep then
+      append_sets(out, group_ids(dep, nil))
+      if model then append_sets(out, group_ids(dep, model)) end
     end
-    g = t[model]
-    if g then return g end
-    g = base_ids('d:' .. dep .. ':m:' .. model)
-    t[model] = g
+    return out
   end
-  GROUPS.n = GROUPS.n + 1
-  if GROUPS.n > 1000 then GROUPS.m, GROUPS.d, GROUPS.dm, GROUPS.n = {}, {}, {}, 0 end
-  return g
-end
 
--- Append to `list` the sets named in `ids`.
-local function append_sets(list, ids)
-  for i = 1, #ids do list[#list + 1] = set_of(ids[i]) end
-  return list
-end
-
--- The sets besides the API's own that a slot of deployment `dep` (nil or "":
--- none) and `model` ("" or nil: none) counts in.
-local function sets_of(dep, model)
-  local out = {}
-  if not SETS then return out end
-  if model == '' then model = nil end
-  if dep == '' then dep = nil end
-  append_sets(out, group_ids(nil, nil))
-  if model then append_sets(out, group_ids(nil, model)) end
-  if dep then
-    append_sets(out, group_ids(dep, nil))
-    if model then append_sets(out, group_ids(dep, model)) end
+  -- What a request weighs in set s's token windows.
+  weight_in = function(s, tokens, inp, outp)
+    local w = s[21]
+    if w == 'in' then return inp end
+    if w == 'out' then return outp end
+    return tokens
   end
-  return out
-end
 
--- What a request weighs in set s's token windows.
-local function weight_in(s, tokens, inp, outp)
-  local w = s[21]
-  if w == 'in' then return inp end
-  if w == 'out' then return outp end
-  return tokens
-end
-
--- How full the current set would be with this request: the largest used
--- fraction of its limits (leases of max_concurrent, each window's weight).
-local function fullness(cost, tokens)
-  local f = 0
-  if MAXC > 0 then f = (lease_count(MAXC) + 1) / MAXC end
-  for i = 1, #W do
-    local w = W[i]
-    local n = (w.kind == 't') and tokens or cost
-    if n > 0 then f = math.max(f, (w.used + n) / w.limit) end
+  -- How full the current set would be with this request: the largest used
+  -- fraction of its limits (leases of max_concurrent, each window's weight).
+  fullness = function(cost, tokens)
+    local f = 0
+    if MAXC > 0 then f = (lease_count(MAXC) + 1) / MAXC end
+    for i = 1, #W do
+      local w = W[i]
+      local n = (w.kind == 't') and tokens or cost
+      if n > 0 then f = math.max(f, (w.used + n) / w.limit) end
+    end
+    return f
   end
-  return f
-end
 
--- check() in every set named in `ids`: reason, wait of the first that refuses,
--- else nil and the largest fullness().
-local function check_list(ids, cost, tokens, inp, outp)
-  local full = 0
-  for i = 1, #ids do
-    local s = set_of(ids[i])
-    use(s)
-    local t = weight_in(s, tokens, inp, outp)
-    local r, wt = check(cost, t)
-    if r then return r, wt end
-    full = math.max(full, fullness(cost, t))
+  -- check() in every set named in `ids`: reason, wait of the first that refuses,
+  -- else nil and the largest fullness().
+  check_list = function(ids, cost, tokens, inp, outp)
+    local full = 0
+    for i = 1, #ids do
+      local s = set_of(ids[i])
+      use(s)
+      local t = weight_in(s, tokens, inp, outp)
+      local r, wt = check(cost, t)
+      if r then return r, wt end
+      full = math.max(full, fullness(cost, t))
+    end
+    return nil, full
   end
-  return nil, full
+
+  -- check() across every set a request of `model` passes (with `inp` input and
+  -- `outp` output tokens for the input and output budgets). Returns nil, nil,
+  -- deployment when it can be admitted now (deployment nil when the API has none):
+  -- of the deployments that admit it, the least full (the largest fullness() of the
+  -- deployment's sets), ties to the first in DEPS from a start that rotates with the
+  -- clock. Else reason, wait, nil, by_model: the API's or the model's refusal, or,
+  -- when every deployment refuses, the refusal that ends first; by_model is true when
+  -- limits of its model refused it where others had room (the model's own, or a
+  -- deployment's model set on a deployment that has room), so that requests for other
+  -- models may pass it (see drain).
+  check_sets = function(cost, tokens, model, inp, outp)
+    local reason, wait
+    local m = model ~= '' and model or nil
+    reason, wait = check_list(group_ids(nil, nil), cost, tokens, inp, outp)
+    if not reason and m then
+      reason, wait = check_list(group_ids(nil, m), cost, tokens, inp, outp)
+      if reason then
+        use(API_SET)
+        return reason, wait, nil, true
+      end
+    end
+    use(API_SET)
+    if reason then return reason, wait end
+    if not DEPS then return nil end
+    local n = #DEPS
+    local start = NOW % n
+    local best, least, by_model = nil, nil, false
+    for i = 1, n do
+      local dep = DEPS[(start + i - 1) % n + 1]
+      local r, x = check_list(group_ids(dep, nil), cost, tokens, inp, outp)
+      local full, of_model = x, false
+      if not r and m then
+        local r2, x2 = check_list(group_ids(dep, m), cost, tokens, inp, outp)
+        if r2 then
+          r, x, of_model = r2, x2, true
+        else
+          full = math.max(full, x2)
+        end
+      end
+      if r then
+        if of_model then by_model = true end -- (other models may fit this deployment)
+        if not reason or x < wait then reason, wait = r, x end
+      elseif not best or full < least then
+        best, least = dep, full
+      end
+    end
+    use(API_SET)
+    if best then return nil, nil, best end
+    return reason, wait, nil, by_model
+  end
+
+  -- admit() in every set of the request (check_sets() first: it measures).
+  admit_sets = function(slot, cost, tokens, lease, dep, model, inp, outp)
+    for _, s in ipairs(sets_in(dep, model)) do
+      use(s)
+      admit(slot, cost, weight_in(s, tokens, inp, outp), lease)
+    end
+    use(API_SET)
+  end
+
+  -- A held slot's full lease again in the sets besides the API's (never made anew).
+  extend_sets = function(slot, dep, model)
+    for _, s in ipairs(sets_in(dep, model)) do
+      use(s)
+      if HOLD then
+        load_state() -- flush() then keeps the holders' TTL ahead of the lease
+        redis.call('ZADD', K_HOLDERS, 'XX', int(NOW + LEASE_US), slot)
+      end
+    end
+    use(API_SET)
+  end
+
+  -- too_heavy() in every set named in `ids`: the first window found, or nil.
+  heavy_in = function(ids, cost, tokens, inp, outp)
+    for i = 1, #ids do
+      local s = set_of(ids[i])
+      use(s)
+      local h = too_heavy(cost, weight_in(s, tokens, inp, outp))
+      if h then return h end
+    end
+    return nil
+  end
+
+  -- too_heavy() across the sets: the API's, the model's, and every deployment (a
+  -- request that one deployment can take is not too heavy).
+  too_heavy_sets = function(cost, tokens, model, inp, outp)
+    local heavy
+    local m = model ~= '' and model or nil
+    heavy = heavy_in(group_ids(nil, nil), cost, tokens, inp, outp)
+    if not heavy and m then heavy = heavy_in(group_ids(nil, m), cost, tokens, inp, outp) end
+    use(API_SET)
+    if heavy or not DEPS then return heavy end
+    local first
+    for _, dep in ipairs(DEPS) do
+      local h = heavy_in(group_ids(dep, nil), cost, tokens, inp, outp)
+      if not h and m then h = heavy_in(group_ids(dep, m), cost, tokens, inp, outp) end
+      if not h then
+        use(API_SET)
+        return nil
+      end
+      first = first or h
+    end
+    use(API_SET)
+    return first
+  end
 end
 
--- check() across every set a request of `model` passes (with `inp` input and
--- `outp` output tokens for the input and output budgets). Returns nil, nil,
--- deployment when it can be admitted now (deployment nil when the API has none):
--- of the deployments that admit it, the least full (the largest fullness() of the
--- deployment's sets), ties to the first in DEPS from a start that rotates with the
--- clock. Else reason, wait, nil, by_model: the API's or the model's refusal, or,
--- when every deployment refuses, the refusal that ends first; by_model is true when
--- limits of its model refused it where others had room (the model's own, or a
--- deployment's model set on a deployment that has room), so that requests for other
--- models may pass it (see drain).
+-- The entry points of the admission path, with the case of an API without
+-- limit sets done here (see the functions of the same meaning above).
 local function check_all(cost, tokens, model, inp, outp)
   local reason, wait = check(cost, tokens)
   if reason or not SETS then return reason, wait end
-  local m = model ~= '' and model or nil
-  reason, wait = check_list(group_ids(nil, nil), cost, tokens, inp, outp)
-  if not reason and m then
-    reason, wait = check_list(group_ids(nil, m), cost, tokens, inp, outp)
-    if reason then
-      use(API_SET)
-      return reason, wait, nil, true
-    end
-  end
-  use(API_SET)
-  if reason then return reason, wait end
-  if not DEPS then return nil end
-  local n = #DEPS
-  local start = NOW % n
-  local best, least, by_model = nil, nil, false
-  for i = 1, n do
-    local dep = DEPS[(start + i - 1) % n + 1]
-    local r, x = check_list(group_ids(dep, nil), cost, tokens, inp, outp)
-    local full, of_model = x, false
-    if not r and m then
-      local r2, x2 = check_list(group_ids(dep, m), cost, tokens, inp, outp)
-      if r2 then
-        r, x, of_model = r2, x2, true
-      else
-        full = math.max(full, x2)
-      end
-    end
-    if r then
-      if of_model then by_model = true end -- (other models may fit this deployment)
-      if not reason or x < wait then reason, wait = r, x end
-    elseif not best or full < least then
-      best, least = dep, full
-    end
-  end
-  use(API_SET)
-  if best then return nil, nil, best end
-  return reason, wait, nil, by_model
+  return check_sets(cost, tokens, model, inp, outp)
 end
 
--- admit() in every set of the request (check_all() first: it measures).
 local function admit_all(slot, cost, tokens, lease, dep, model, inp, outp)
   admit(slot, cost, tokens, lease)
-  if not SETS then return end
-  for _, s in ipairs(sets_of(dep, model)) do
-    use(s)
-    admit(slot, cost, weight_in(s, tokens, inp, outp), lease)
-  end
-  use(API_SET)
+  if SETS then admit_sets(slot, cost, tokens, lease, dep, model, inp, outp) end
 end
 
--- A held slot's full lease again in the sets besides the API's (never made anew).
 local function extend(slot, dep, model)
-  if not SETS then return end
-  for _, s in ipairs(sets_of(dep, model)) do
-    use(s)
-    if HOLD then
-      load_state() -- flush() then keeps the holders' TTL ahead of the lease
-      redis.call('ZADD', K_HOLDERS, 'XX', int(NOW + LEASE_US), slot)
-    end
-  end
-  use(API_SET)
+  if SETS then extend_sets(slot, dep, model) end
 end
 
--- too_heavy() in every set named in `ids`: the first window found, or nil.
-local function heavy_in(ids, cost, tokens, inp, outp)
-  for i = 1, #ids do
-    local s = set_of(ids[i])
-    use(s)
-    local h = too_heavy(cost, weight_in(s, tokens, inp, outp))
-    if h then return h end
-  end
-  return nil
-end
-
--- too_heavy() across the sets: the API's, the model's, and every deployment (a
--- request that one deployment can take is not too heavy).
 local function too_heavy_all(cost, tokens, model, inp, outp)
   local heavy = too_heavy(cost, tokens)
   if heavy or not SETS then return heavy end
-  local m = model ~= '' and model or nil
-  heavy = heavy_in(group_ids(nil, nil), cost, tokens, inp, outp)
-  if not heavy and m then heavy = heavy_in(group_ids(nil, m), cost, tokens, inp, outp) end
-  use(API_SET)
-  if heavy or not DEPS then return heavy end
-  local first
-  for _, dep in ipairs(DEPS) do
-    local h = heavy_in(group_ids(dep, nil), cost, tokens, inp, outp)
-    if not h and m then h = heavy_in(group_ids(dep, m), cost, tokens, inp, outp) end
-    if not h then
-      use(API_SET)
-      return nil
-    end
-    first = first or h
-  end
-  use(API_SET)
-  return first
+  return too_heavy_sets(cost, tokens, model, inp, outp)
+end
+
+-- The sets besides the API's own that a slot of deployment `dep` and `model`
+-- counts in (none for an API without limit sets).
+local function sets_of(dep, model)
+  if not SETS then return {} end
+  return sets_in(dep, model)
 end
 
 -- Move the queue: drop dead leases and tickets, admit the waiters that fit now,
@@ -793,6 +825,7 @@ local function begin()
   STATE_TTL, LEASES, PREFIX = false, nil, nil
   MEASURED_R, MEASURED_T, FRESH_R, FRESH_T = false, false, false, false
   if SETS then
+    limit_sets()
     -- The sets' tables of this API (or key) and configuration, kept between calls.
     CALL = CALL + 1
     local k = KEYSET
