@@ -292,10 +292,8 @@ def learned_fields(
             continue
         if i < 2:
             positive_int(field, value)
-        elif isinstance(value, bool) or not isinstance(value, int) or value < 0:
-            raise ConfigError(
-                f"{field}={show(value)}: must be an integer >= 0", field=field, value=value
-            )
+        else:
+            _check_remaining(field, value)
         id_ = ("w:60000000", "tokens")[i % 2]
         if id_ in ids:
             pairs += [id_ if i < 2 else f"remaining:{id_}", str(value)]
@@ -310,13 +308,17 @@ def learned_io_fields(end: str, limit: object, left: object) -> tuple[str, ...]:
         positive_int(f"{name}_per_minute", limit)
         pairs += [f"tokens:{end}", str(limit)]
     if left is not None:
-        if isinstance(left, bool) or not isinstance(left, int) or left < 0:
-            field = f"{name}_remaining"
-            raise ConfigError(
-                f"{field}={show(left)}: must be an integer >= 0", field=field, value=left
-            )
+        _check_remaining(f"{name}_remaining", left)
         pairs += [f"remaining:tokens:{end}", str(left)]
     return tuple(pairs)
+
+
+def _check_remaining(field: str, value: object) -> None:
+    """What a provider says is left (``field``): an integer >= 0, else a ConfigError."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ConfigError(
+            f"{field}={show(value)}: must be an integer >= 0", field=field, value=value
+        )
 
 
 def learned_view(plan: KeyPlan, flat: Sequence[Any], ttl_ms: int) -> dict[str, Any]:
