@@ -111,13 +111,13 @@ def _head(ops: list[Operation], library: bool) -> str:
         "local WINDOWS, SETS, DEPS, GROUPS, ARGS, TAIL_AT",
         "",
         f"-- The API's keys, named from the prefix of the one declared ({DECLARED_KEY!r});",
-        "-- made once per distinct API while the code is loaded.",
+        "-- made once per distinct API while the code is loaded (k.prefix: pfx()).",
         "local KEYSETS, KEYSET_COUNT, KEYSET = {}, 0, nil",
         "local function bind_keys(declared)",
         "  local k = KEYSETS[declared]",
         "  if not k then",
         f"    local p = string.sub(declared, 1, -{len(DECLARED_KEY) + 1})",
-        "    k = {" + ", ".join(f"p .. '{name}'" for name in API_KEYS) + "}",
+        "    k = {" + ", ".join(f"p .. '{name}'" for name in API_KEYS) + ", prefix = p}",
         "    if KEYSET_COUNT >= 1000 then KEYSETS, KEYSET_COUNT = {}, 0 end",
         "    KEYSETS[declared], KEYSET_COUNT = k, KEYSET_COUNT + 1",
         "  end",
@@ -178,8 +178,7 @@ def _head(ops: list[Operation], library: bool) -> str:
         lines.append("  enter()")
         lines.append("  bind_keys(keys[1])")
         for k in op.extra_keys:
-            cut = len(DECLARED_KEY) + 1
-            lines.append(f"  K_{field_name(k)} = string.sub(keys[1], 1, -{cut}) .. '{k}'")
+            lines.append(f"  K_{field_name(k)} = KEYSET.prefix .. '{k}'")
         lines.append("  bind_config(args[1])")
         # One statement each: a default may name an earlier field, bound just before.
         earlier: set[str] = set()

@@ -38,7 +38,7 @@
 --                     count with ZCOUNT
 --   K_TOKENS    ZSET  "<slot id>|<tokens>" -> admission time: the token window
 --
--- The fair queue: keys named after the API's prefix (PREFIX: "<ns>:{api}:"),
+-- The fair queue: keys named after the API's prefix (pfx(): "<ns>:{api}:"),
 -- in the same hash tag, made and dropped as tenants come and go:
 --   classes        ZSET  class -> -priority: the classes with waiters, highest
 --                        first. A class is a priority ("10", "-5") or "aged"
@@ -74,11 +74,9 @@ local contended, ttl_ms, parse_ticket, lease_of, drop_ticket, prune_tickets
 local remove_weight, window_wait, tell, hint_head, drain, handed_at
 local join, keep_queued, fair_key, correct_charge, weights_in_force
 
--- The API's key prefix "<ns>:{api}:", for the fair queue's keys; per call.
-local PREFIX
+-- The API's key prefix "<ns>:{api}:", for the fair queue's and the limit sets' keys.
 local function pfx()
-  if not PREFIX then PREFIX = string.sub(K_QUEUE, 1, -6) end -- K_QUEUE ends "queue"
-  return PREFIX
+  return KEYSET.prefix -- (bind_keys() names every key of the API from it)
 end
 
 -- Integers (below 2^53) as strings without exponent.
@@ -463,7 +461,7 @@ end
 -- their names in order), per model "m:<model>", and per model within a
 -- deployment "d:<name>:m:<model>". A request passes the API's limits, its
 -- model's and those of one deployment with that deployment's model set: all of
--- them, or none records anything. Each set has its own keys (PREFIX .. id ..
+-- them, or none records anything. Each set has its own keys (pfx() .. id ..
 -- ":holders", ":requests", ":tokens": the API's hash tag) and its fields in the
 -- API's state hash (id .. ":cooldown", id .. ":x:<window>", ...). The functions
 -- above work on the set whose variables are current: use(set) swaps them, and
@@ -822,7 +820,7 @@ local function begin()
   W, LONGEST_R, LONGEST_T = windows_of(WINDOWS, REQUEST_WINDOWS, K_REQUESTS, K_TOKENS)
   LOADED, COOLDOWN, OVERRIDE_UNTIL, REFRESH_AT, PENDING = false, 0, nil, nil, nil
   QUEUED_UNTIL = nil
-  STATE_TTL, LEASES, PREFIX = false, nil, nil
+  STATE_TTL, LEASES = false, nil
   MEASURED_R, MEASURED_T, FRESH_R, FRESH_T = false, false, false, false
   if SETS then
     limit_sets()
