@@ -17,7 +17,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from ._contract import KeyPlan, text
+from ._contract import KeyPlan, full_reply, text
 from ._errors import AcquireTimeout, ConfigError, LeaseLost, LimiterUnavailable
 from ._events import Events
 from ._runner import ScriptRunner
@@ -95,10 +95,10 @@ class Admission:
         queued = True  # a ticket or slot of ours may exist in Redis
         try:
             while True:
-                res = await self._runner.run("acquire", plan, *args, retry_args=again)
+                res = full_reply(
+                    "acquire", await self._runner.run("acquire", plan, *args, retry_args=again)
+                )
                 args = again
-                if type(res) is int:  # admitted (the common reply: its time alone)
-                    res = (1, res)
                 if int(res[0]) == 1:
                     charged = waiter is not None or (len(res) > 2 and int(res[2]) == 1)
                     dep = text(res[3]) if len(res) > 3 else ""
@@ -248,7 +248,7 @@ class Admission:
             if self.on_outage is None or not self.on_outage(exc):
                 raise
             return
-        lost = (res if type(res) is int else int(res[0])) == 0 or state.lost
+        lost = int(full_reply("release", res)[0]) == 0 or state.lost
         if self._events.active:
             self._events.emit(
                 "released", state.plan.api, success=outcome == OUTCOME_SUCCESS, lost=lost
