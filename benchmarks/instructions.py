@@ -19,8 +19,8 @@ the script commands (``--toggle-collect`` of ``fcallCommand``, ``evalShaCommand`
 - ``pair``: ``Limiter.acquire`` + ``release`` on ``APILimits(max_concurrent=1000,
   requests_per_minute=10**9, requests_per_hour=10**9)`` (``make bench`` item 3);
 - ``tenant``: the same with ``tenant="user-42", priority=10`` (item 3t);
-- ``deployments``: 2 deployments x 2 models with a token budget, the model alternating
-  (item 12);
+- ``deployments``: item 12's API, 2 deployments x 2 models (each with a token budget)
+  on item 3's limits, ``tokens=1500``, the model alternating;
 - ``scripts``: ``pair`` run as ``EVALSHA`` scripts, as on Redis 6.2 or for a user
   without the ``FUNCTION`` right (item 3s).
 
@@ -44,8 +44,11 @@ from pathlib import Path
 
 import redis.asyncio as aioredis
 
-from limiter import APILimits, Limiter
+from limiter import Limiter
 from limiter.testing import find_redis_server, free_port, stop_process
+
+from .deployments import CONFIGS, MODELS, TOKENS
+from .single import LIMITS
 
 __all__ = ["main"]
 
@@ -92,21 +95,6 @@ redis.register_function('fleetfloor_release', function(keys, args)
   return held
 end)
 """
-_BIG = 10**9
-
-
-def _plain() -> APILimits:
-    return APILimits(max_concurrent=1000, requests_per_minute=_BIG, requests_per_hour=_BIG)
-
-
-def _fleet() -> APILimits:
-    each = {"requests_per_minute": _BIG, "tokens_per_minute": 10**12}
-    return APILimits(
-        max_concurrent=1000,
-        **each,
-        deployments={d: APILimits(max_concurrent=1000, **each) for d in ("a", "b")},
-        models={m: APILimits(**each) for m in ("m1", "m2")},
-    )
 
 
 def _total(dump: Path) -> int:
@@ -157,8 +145,9 @@ async def _measure(server: _Callgrind, pairs: int) -> dict[str, float]:
             await asyncio.sleep(0.1)
     await client.function_load(_NOOP_LIBRARY, replace=True)
     await client.function_load(_FLOOR_LIBRARY, replace=True)
-    plain = Limiter(client, {"plain": _plain(), "tenant": _plain(), "fleet": _fleet()})
-    scripts = Limiter(client, {"plain": _plain()}, namespace="scripts")
+    fleet_limits = CONFIGS["sets"][0]  # item 12's API: item 3's limits, 2 deployments x 2 models
+    plain = Limiter(client, {"plain": LIMITS, "tenant": LIMITS, "fleet": fleet_limits})
+    scripts = Limiter(client, {"plain": LIMITS}, namespace="scripts")
 
     async def pair() -> None:
         await (await plain.acquire("plain")).release()
@@ -170,7 +159,7 @@ async def _measure(server: _Callgrind, pairs: int) -> dict[str, float]:
 
     async def fleet() -> None:
         flip[0] ^= 1
-        slot = await plain.acquire("fleet", tokens=1500, model=f"m{1 + flip[0]}")
+        slot = await plain.acquire("fleet", tokens=TOKENS, model=MODELS[flip[0]])
         await slot.release()
 
     async def scripted() -> None:
@@ -226,7 +215,7 @@ _WHAT = {
     "floor": "the pair's 14 commands run by a minimal Lua function: no decision logic",
     "pair": "acquire + release (concurrency + 1 min + 1 h; `make bench` item 3)",
     "tenant": "the same with tenant= and priority= (item 3t)",
-    "deployments": "2 deployments x 2 models, tokens, the model alternating (item 12)",
+    "deployments": "the pair's API with 2 deployments x 2 models, the model alternating (item 12)",
     "scripts": "the pair as EVALSHA scripts (Redis 6.2, no FUNCTION right; item 3s)",
 }
 
